@@ -1,0 +1,250 @@
+"""The contract between a pruning method and the model adapters.
+
+A method never touches a model. It is a frozen dataclass of hyperparameters that
+
+1. turns a budget into a :class:`Plan` (`plan`): whether it acts before the LLM (vision stage)
+   and at which decoder layers it drops visual tokens (layer stages), with the signals each
+   stage needs;
+2. chooses tokens from those signals (`select_vision`, `select_layer`): pure tensor math.
+
+The adapter computes only the signals a plan asks for, calls the method, and applies the
+selection (see ``prunelab.workers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+__all__ = [
+    "Budget",
+    "HyperparameterError",
+    "LayerSignals",
+    "LayerStep",
+    "Plan",
+    "PlanContext",
+    "PruningMethod",
+    "VisionSelection",
+    "VisionSignals",
+]
+
+QueryRows = Literal["last", "text", "visual", "all"]
+VisionSignalName = Literal["cls_attention", "key_metric"]
+
+
+class HyperparameterError(ValueError):
+    """A method hyperparameter has the wrong name, type or range."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many visual tokens to keep: a ratio of those entering the LLM, or an absolute count."""
+
+    keep_ratio: float | None = None
+    keep_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.keep_ratio is None) == (self.keep_tokens is None):
+            raise ValueError("give exactly one of keep_ratio and keep_tokens")
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio={self.keep_ratio}: must be in (0, 1]")
+        if self.keep_tokens is not None and self.keep_tokens < 1:
+            raise ValueError(f"keep_tokens={self.keep_tokens}: must be >= 1")
+
+    def tokens(self, n_visual: int) -> int:
+        """Visual tokens to keep out of ``n_visual`` (at least 1, at most ``n_visual``)."""
+        if self.keep_tokens is not None:
+            return min(self.keep_tokens, n_visual)
+        assert self.keep_ratio is not None
+        return max(1, min(n_visual, round(self.keep_ratio * n_visual)))
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a method knows when it plans one sample."""
+
+    n_visual: int  # visual tokens the model would feed its LLM unpruned
+    n_layers: int  # decoder layers of the LLM
+    budget: Budget | None  # None for methods that do not prune
+    prune_layer: int | None  # the trial's prune_layer axis (None: the method's default)
+    seed: int
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """Drop visual tokens at the input of decoder layer ``layer`` (0-based), keeping ``keep``.
+
+    The signals are taken from the previous layer (``layer - 1``): attention rows of the queries
+    named by ``queries`` over the whole current sequence, and/or that layer's output hidden states.
+    """
+
+    layer: int
+    keep: int
+    queries: QueryRows | None = "last"
+    needs_hidden: bool = False
+    positions: Literal["original", "renumber"] = "original"
+
+
+@dataclass(frozen=True)
+class Plan:
+    vision_keep: int | None = None  # tokens kept by the vision stage; None: no vision stage
+    vision_signals: frozenset[VisionSignalName] = frozenset()
+    layers: tuple[LayerStep, ...] = ()
+
+    def __post_init__(self) -> None:
+        layers = [s.layer for s in self.layers]
+        if layers != sorted(set(layers)):
+            raise ValueError(f"layer steps must be strictly increasing, got {layers}")
+
+    @property
+    def prunes(self) -> bool:
+        return self.vision_keep is not None or bool(self.layers)
+
+
+@dataclass
+class VisionSignals:
+    """Signals of the vision stage for one image; N = visual tokens entering the LLM."""
+
+    tokens: torch.Tensor  # (N, D) projected visual tokens (LLM embedding space)
+    grid: tuple[int, int]  # (rows, cols) of the token grid, rows * cols == N
+    cls_attention: torch.Tensor | None = None  # (N,) CLS attention at the encoder feature layer
+    key_metric: torch.Tensor | None = None  # (N, d_k) encoder keys (head mean) for merging
+    generator: torch.Generator | None = None  # seeded per sample, for stochastic methods
+
+
+@dataclass
+class VisionSelection:
+    """The result of a vision stage."""
+
+    tokens: torch.Tensor  # (M, D) tokens that replace the N visual tokens, in sequence order
+    kept: torch.Tensor  # (M,) index into the N inputs of the token each output is anchored on
+    assignment: torch.Tensor | None = None  # (N,) output index each input was merged into, -1: dropped
+
+
+@dataclass
+class LayerSignals:
+    """Signals of one layer stage; S = current sequence length, V = current visual tokens."""
+
+    visual: torch.Tensor  # (V,) positions of the visual tokens in the current sequence
+    text: torch.Tensor  # (S - V,) positions of the text tokens in the current sequence
+    attention: torch.Tensor | None = None  # (H, Q, S) softmax rows of the requested queries
+    query_positions: torch.Tensor | None = None  # (Q,) sequence positions of those queries
+    hidden: torch.Tensor | None = None  # (S, D) hidden states entering the layer
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """Base of every method: hyperparameters are the dataclass fields of a subclass.
+
+    Class attributes describe the method to the sweep machinery:
+    ``uses_budget`` / ``uses_layer`` / ``uses_seed`` say which trial axes it reads (the others are
+    dropped from its trials); ``default_prune_layer`` is used when the grid has no prune_layer;
+    ``min_prune_layer`` is the first layer it can act at; ``stages`` is shown by
+    ``prunelab methods``.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    stages: ClassVar[str] = ""
+    uses_budget: ClassVar[bool] = True
+    uses_layer: ClassVar[bool] = False
+    uses_seed: ClassVar[bool] = False
+    default_prune_layer: ClassVar[int | None] = None
+    min_prune_layer: ClassVar[int] = 0
+    paper: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+
+    # -- planning -------------------------------------------------------------------------
+    def plan(self, ctx: PlanContext) -> Plan:
+        raise NotImplementedError
+
+    # -- selection ------------------------------------------------------------------------
+    def select_vision(self, signals: VisionSignals, keep: int) -> VisionSelection:
+        raise NotImplementedError(f"{self.name} has no vision stage")
+
+    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+        """Return the sorted (step.keep,) indices into ``signals.visual`` to keep."""
+        raise NotImplementedError(f"{self.name} has no layer stage")
+
+    # -- hyperparameters ------------------------------------------------------------------
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        """Hyperparameter names and defaults."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_hparams(cls, hparams: dict[str, Any] | None = None) -> PruningMethod:
+        """Build from a mapping, rejecting unknown names and wrong types."""
+        hparams = dict(hparams or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(hparams) - known)
+        if unknown:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise HyperparameterError(
+                f"unknown hyperparameter(s) {', '.join(unknown)} for method {cls.name} "
+                f"(allowed: {allowed})"
+            )
+        return cls(**hparams)
+
+
+def _check_field_types(obj: Any) -> None:
+    """Validate dataclass field values against their annotations (int, float, bool, str, Literal)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        expected = hints[f.name]
+        if not _matches(value, expected):
+            raise HyperparameterError(
+                f"{type(obj).name}.{f.name}={value!r}: expected {_describe(expected)}"
+            )
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list)) and all(
+            _matches(v, typing.get_args(tp)[0]) for v in value
+        )
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``scores`` (V,), returned in increasing index order (k,)."""
+    k = min(k, scores.shape[-1])
+    return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
+
+

@@ -1,0 +1,77 @@
+"""The worker: holds one loaded model across trials and runs trials on it.
+
+Plain Python; the orchestrator wraps it with ``ray.remote`` (Ray appears only where actors are
+created). A worker loads a model the first time a trial asks for it and keeps it until a trial
+for another model arrives.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+
+from prunelab.workers.adapters import adapter_for
+from prunelab.workers.models import load_model
+from prunelab.workers.runner import ReferenceCache, run_trial
+
+__all__ = ["TrialFailure", "Worker"]
+
+
+class TrialFailure(RuntimeError):
+    """A trial failed for a reason worth recording (e.g. out of memory); the worker is fine."""
+
+
+class Worker:
+    def __init__(self, worker_id: str, threads: int | None = None) -> None:
+        self.worker_id = worker_id
+        if threads:
+            torch.set_num_threads(threads)
+        self.loaded = None
+        self.adapter = None
+        self.model_key: str | None = None
+        self.model_loads = 0
+        self.references = ReferenceCache()
+
+    def identity(self) -> dict[str, Any]:
+        return {"worker": self.worker_id, "node": socket.gethostname(), "pid": os.getpid()}
+
+    def holds(self) -> str | None:
+        return self.model_key
+
+    def _ensure_model(self, model_name: str, model_config: dict[str, Any]) -> float:
+        if self.model_key == model_name and self.loaded is not None:
+            return 0.0
+        self.loaded = self.adapter = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        start = time.perf_counter()
+        self.loaded = load_model(model_config)
+        self.adapter = adapter_for(self.loaded)
+        self.model_key = model_name
+        self.model_loads += 1
+        return time.perf_counter() - start
+
+    def run(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Run one trial config; returns metrics, predictions and where it ran."""
+        load_s = self._ensure_model(config["model"], config["model_config"])
+        start = time.perf_counter()
+        try:
+            output = run_trial(self.loaded, self.adapter, config, self.references)
+        except torch.cuda.OutOfMemoryError as exc:
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise TrialFailure(f"out of memory: {exc}") from None
+        return {
+            "metrics": output.metrics,
+            "predictions": output.predictions,
+            "run_s": time.perf_counter() - start,
+            "load_s": load_s,
+            "model_loads": self.model_loads,
+            **self.identity(),
+        }

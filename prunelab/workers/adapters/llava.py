@@ -1,0 +1,246 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP encoder with CLS, MLP projector, Llama.
+
+Visual tokens are the N = (image_size / patch_size)^2 patch features of the encoder layer
+``vision_feature_layer`` (CLS dropped by the ``default`` strategy), projected into the LLM's
+embedding space and scattered over N ``<image>`` placeholders in the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    CLIPVisionConfig,
+    DynamicCache,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from prunelab.methods.base import VisionSignals
+from prunelab.workers.adapters.base import Generation, Prepared, greedy_generate
+from prunelab.workers.attention import wrap_attention
+from prunelab.workers.benchmarks.base import Sample
+from prunelab.workers.benchmarks.shapes import shapes_vocabulary
+from prunelab.workers.models import ModelInfo, ModelSpec
+from prunelab.workers.pruning import LayerPruner
+from prunelab.workers.text import IMAGE_TOKEN, build_word_tokenizer
+
+__all__ = ["LlavaAdapter", "build_tiny", "from_pretrained", "model_info", "tiny_config"]
+
+TINY_DEFAULTS: dict[str, Any] = {
+    "vision": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "image_size": 48,
+        "patch_size": 4,
+    },
+    "text": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    },
+}
+
+
+def _image_processor(image_size: int):
+    try:
+        from transformers import CLIPImageProcessorPil as processor_cls
+    except ImportError:  # older transformers
+        from transformers import CLIPImageProcessor as processor_cls
+    return processor_cls(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
+def tiny_config(overrides: dict[str, Any]) -> LlavaConfig:
+    vision = {**TINY_DEFAULTS["vision"], **overrides.get("vision", {})}
+    text = {**TINY_DEFAULTS["text"], **overrides.get("text", {})}
+    tokenizer = build_word_tokenizer(shapes_vocabulary())
+    text.setdefault("vocab_size", len(tokenizer))
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(
+            **text,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=overrides.get("vision_feature_layer", -2),
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+def model_info(config: LlavaConfig, revision: str) -> ModelInfo:
+    vision, text = config.vision_config, config.text_config
+    per_side = vision.image_size // vision.patch_size
+    n_visual = per_side * per_side
+    if config.vision_feature_select_strategy == "full":
+        n_visual += 1
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return ModelInfo(
+        family="llava",
+        n_layers=text.num_hidden_layers,
+        n_visual=n_visual,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        n_heads=text.num_attention_heads,
+        n_kv_heads=text.num_key_value_heads or text.num_attention_heads,
+        head_dim=head_dim,
+        vocab_size=text.vocab_size,
+        revision=revision,
+    )
+
+
+def build_tiny(spec: ModelSpec, config: LlavaConfig) -> tuple[torch.nn.Module, LlavaProcessor]:
+    """A randomly initialised LLaVA from ``config`` (seeded) and its word-level processor."""
+    torch.manual_seed(spec.seed)
+    config.text_config._attn_implementation = spec.attn_implementation
+    config.vision_config._attn_implementation = spec.attn_implementation
+    model = LlavaForConditionalGeneration(config)
+    tokenizer = build_word_tokenizer(shapes_vocabulary())
+    processor = LlavaProcessor(
+        image_processor=_image_processor(config.vision_config.image_size),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    """Load weights and processor from a hub id or a local directory."""
+    model = LlavaForConditionalGeneration.from_pretrained(
+        spec.path, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation
+    ).to(device)
+    processor = LlavaProcessor.from_pretrained(spec.path, revision=spec.revision)
+    return model, processor
+
+
+class LlavaAdapter:
+    family = "llava"
+
+    def __init__(self, loaded) -> None:
+        self.loaded = loaded
+        self.model: LlavaForConditionalGeneration = loaded.model
+        self.processor = loaded.processor
+        self.device = loaded.device
+        self.spec: ModelSpec = loaded.spec
+        self.info: ModelInfo = loaded.info
+        # the LLM reads attention rows through a probing wrapper of its own kernel
+        self.model.model.language_model.config._attn_implementation = wrap_attention(
+            self.spec.attn_implementation
+        )
+        self.layers = list(self.model.model.language_model.layers)
+        self.attention_modules = frozenset(id(layer.self_attn) for layer in self.layers)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def prepare(self, sample: Sample) -> Prepared:
+        prompt = self.spec.prompt_template.format(question=sample.question)
+        batch = self.processor(
+            images=Image.fromarray(np.asarray(sample.image)), text=prompt, return_tensors="pt"
+        )
+        input_ids = batch["input_ids"].to(self.device)
+        positions = (input_ids[0] == self.model.config.image_token_id).nonzero().squeeze(-1)
+        if positions.numel() != self.info.n_visual:
+            raise RuntimeError(
+                f"prompt has {positions.numel()} image tokens, the model makes "
+                f"{self.info.n_visual} visual tokens"
+            )
+        side = int(round(self.info.n_visual**0.5))
+        return Prepared(
+            input_ids=input_ids,
+            pixel_values=batch["pixel_values"].to(self.device, self.model.dtype),
+            visual_positions=positions,
+            grid=(side, self.info.n_visual // side),
+        )
+
+    def vision_signals(self, prepared: Prepared, wanted: frozenset[str]) -> VisionSignals:
+        unsupported = sorted(wanted - {"tokens"})
+        if unsupported:
+            raise ValueError(f"llava adapter cannot provide {', '.join(unsupported)} yet")
+        features = self.model.model.get_image_features(
+            pixel_values=prepared.pixel_values,
+            vision_feature_layer=self.model.config.vision_feature_layer,
+            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
+        ).pooler_output
+        tokens = features[0] if isinstance(features, (list, tuple)) else features[0]
+        return VisionSignals(tokens=tokens, grid=prepared.grid)
+
+    def generate(
+        self,
+        prepared: Prepared,
+        visual_tokens: torch.Tensor,
+        make_pruner: Callable[[int, torch.Tensor], LayerPruner],
+        max_new_tokens: int,
+        clock: Callable[[], float],
+    ) -> tuple[Generation, float]:
+        """Generate with ``visual_tokens`` (M, D) in place of the N placeholders.
+
+        ``make_pruner(seq_len, visual_positions)`` builds the layer-stage pruner for the
+        resulting sequence. Returns the generation and the clock time of the first logits.
+        """
+        ids = prepared.input_ids[0]
+        placeholders = prepared.visual_positions
+        m = visual_tokens.shape[0]
+        # keep the first m placeholders: the sequence shrinks when a vision stage merged/dropped
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        keep[placeholders[m:]] = False
+        ids = ids[keep]
+        visual_positions = placeholders[:m]
+        embeddings = self.model.get_input_embeddings()
+        inputs_embeds = embeddings(ids[None]).clone()  # (1, L, D)
+        inputs_embeds[0, visual_positions] = visual_tokens.to(inputs_embeds.dtype)
+        pruner = make_pruner(inputs_embeds.shape[1], visual_positions)
+
+        def forward(**kwargs: Any) -> torch.Tensor:
+            return self.model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+
+        tokens, first_logprobs, first_ready = greedy_generate(
+            forward=forward,
+            embed=embeddings,
+            inputs_embeds=inputs_embeds,
+            pruner=pruner,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            cache=DynamicCache(config=self.model.config.text_config),
+            clock=clock,
+        )
+        generation = Generation(
+            token_ids=tokens,
+            first_logprobs=first_logprobs,
+            lengths=pruner.lengths,
+            visual_in=self.info.n_visual,
+            prefill_s=0.0,
+            decode_s=0.0,
+        )
+        return generation, first_ready
+
+    def layer_pruner(self, seq_len: int, visual_positions: torch.Tensor, **kwargs) -> LayerPruner:
+        rotary = self.model.model.language_model.rotary_emb
+        return LayerPruner(
+            self.layers,
+            seq_len,
+            visual_positions,
+            rotary=lambda hidden, ids: rotary(hidden, position_ids=ids),
+            **kwargs,
+        )
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

@@ -1,0 +1,126 @@
+"""Attention rows for chosen queries, without switching the model to eager attention.
+
+transformers calls attention through ``AttentionInterface``: each layer hands the registered
+function its post-RoPE query and key states. We register wrappers around SDPA and
+FlashAttention-2 (``prunelab_sdpa``, ``prunelab_flash_attention_2``) that run the original kernel
+and, when a probe asks for a layer, also compute ``softmax(q_rows k^T * scale + mask)`` for the
+requested query rows only: O(Q * S) extra work instead of materialising the S x S matrix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+__all__ = ["PROBED_IMPLEMENTATIONS", "AttentionProbe", "attention_rows", "probe_attention", "wrap_attention"]
+
+_PREFIX = "prunelab_"
+PROBED_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
+
+
+@dataclass
+class AttentionProbe:
+    """Which layers to read, which query positions, and where the rows land.
+
+    ``queries`` maps a layer index to a (Q,) tensor of query positions in that layer's current
+    sequence (or a callable of the sequence length that returns one). ``rows[layer]`` is filled
+    with (H, Q, S) attention probabilities of batch element 0.
+    """
+
+    modules: frozenset[int]  # id() of the attention modules the probe applies to (one model)
+    queries: dict[int, torch.Tensor | object] = field(default_factory=dict)
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    query_positions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+_ACTIVE: contextvars.ContextVar[AttentionProbe | None] = contextvars.ContextVar(
+    "prunelab_attention_probe", default=None
+)
+
+
+@contextlib.contextmanager
+def probe_attention(probe: AttentionProbe) -> Iterator[AttentionProbe]:
+    token = _ACTIVE.set(probe)
+    try:
+        yield probe
+    finally:
+        _ACTIVE.reset(token)
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Softmax attention rows for chosen queries.
+
+    query: (B, H, L, hd) post-RoPE queries of the current forward (L new tokens).
+    key: (B, Hkv, S, hd) post-RoPE keys over the whole context (cache included), H % Hkv == 0.
+    query_positions: (Q,) indices into the L new tokens.
+    attention_mask: None (causal) or (B, 1|H, L, S) boolean (True = attend) or additive float.
+    Returns (H, Q, S) float32 probabilities for batch element 0.
+    """
+    q = query[0, :, query_positions].float()  # (H, Q, hd)
+    k = key[0].float()  # (Hkv, S, hd)
+    groups = q.shape[0] // k.shape[0]
+    k = k.repeat_interleave(groups, dim=0)  # (H, S, hd)  GQA: each kv head serves `groups` heads
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (H, Q, S)
+    length, total = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        # causal: new token i sits at absolute index total - length + i
+        absolute = query_positions.to(scores.device) + (total - length)
+        allowed = torch.arange(total, device=scores.device)[None, :] <= absolute[:, None]
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+    else:
+        mask = attention_mask[0, :, query_positions, :total]  # (1|H, Q, S)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    return torch.softmax(scores, dim=-1)
+
+
+def _make_wrapper(inner_name: str):
+    def prunelab_attention(module, query, key, value, attention_mask, **kwargs):
+        probe = _ACTIVE.get()
+        if probe is not None and id(module) in probe.modules:
+            layer = module.layer_idx
+            wanted = probe.queries.get(layer)
+            if wanted is not None:
+                positions = wanted(query.shape[2]) if callable(wanted) else wanted
+                positions = positions.to(query.device)
+                probe.rows[layer] = attention_rows(
+                    query, key, positions, kwargs.get("scaling") or module.scaling, attention_mask
+                )
+                probe.query_positions[layer] = positions
+        return ALL_ATTENTION_FUNCTIONS[inner_name](
+            module, query, key, value, attention_mask, **kwargs
+        )
+
+    prunelab_attention.__name__ = f"{_PREFIX}{inner_name}"
+    return prunelab_attention
+
+
+def wrap_attention(implementation: str) -> str:
+    """Register the probing wrapper of ``implementation``; return the name to set on the model."""
+    if implementation.startswith(_PREFIX):
+        return implementation
+    if implementation not in PROBED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={implementation!r}: prunelab reads attention rows through "
+            f"{' or '.join(PROBED_IMPLEMENTATIONS)}"
+        )
+    name = f"{_PREFIX}{implementation}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_wrapper(implementation))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    return name

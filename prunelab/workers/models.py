@@ -1,0 +1,158 @@
+"""Model configs, tiny random builders, and loading through ``from_pretrained``.
+
+A model config (``sweeps/model/<name>.yaml``) is a mapping:
+
+``name``: how sweeps refer to it. ``family``: adapter family (``llava``, ...). ``source``:
+``tiny`` (built from ``tiny`` config overrides with random weights, seeded, no download) or
+``pretrained`` (``path`` = hub id or local directory, optional ``revision``). ``dtype``,
+``attn_implementation`` (``sdpa`` or ``flash_attention_2``), ``device`` (``auto``: CUDA when
+present), ``prompt_template`` with ``{question}`` and the image placeholder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FAMILIES",
+    "LoadedModel",
+    "ModelInfo",
+    "ModelSpec",
+    "describe_model",
+    "load_model",
+]
+
+FAMILIES = ("llava",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    source: str = "tiny"
+    path: str | None = None
+    revision: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    device: str = "auto"
+    seed: int = 0
+    prompt_template: str = "USER: <image>\n{question} ASSISTANT:"
+    tiny: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown model key(s) {', '.join(unknown)}")
+        spec = cls(**cfg)
+        if spec.family not in FAMILIES:
+            raise ValueError(f"family={spec.family!r}: expected one of {', '.join(FAMILIES)}")
+        if spec.source not in ("tiny", "pretrained"):
+            raise ValueError(f"source={spec.source!r}: expected 'tiny' or 'pretrained'")
+        if spec.source == "pretrained" and not spec.path:
+            raise ValueError("source=pretrained needs `path` (hub id or local directory)")
+        if spec.dtype not in DTYPES:
+            raise ValueError(f"dtype={spec.dtype!r}: expected one of {', '.join(DTYPES)}")
+        return spec
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation and cost accounting need, read without loading weights."""
+
+    family: str
+    n_layers: int
+    n_visual: int  # visual tokens entering the LLM for one image (unpruned)
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    revision: str  # identifies the weights: part of the trial key
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    info: ModelInfo
+    model: torch.nn.Module
+    processor: Any
+    device: torch.device
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _family_module(family: str):
+    if family == "llava":
+        from prunelab.workers.adapters import llava
+
+        return llava
+    raise ValueError(f"family={family!r}: expected one of {', '.join(FAMILIES)}")
+
+
+def _config(spec: ModelSpec):
+    family = _family_module(spec.family)
+    if spec.source == "tiny":
+        return family.tiny_config(spec.tiny)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec.path, revision=spec.revision)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the config of {spec.path!r}: {exc}") from None
+
+
+def describe_model(cfg: dict[str, Any] | ModelSpec) -> ModelInfo:
+    """Shapes of the model named by ``cfg`` from its config alone (no weights loaded)."""
+    spec = cfg if isinstance(cfg, ModelSpec) else ModelSpec.from_config(cfg)
+    config = _config(spec)
+    family = _family_module(spec.family)
+    if spec.source == "tiny":
+        revision = "tiny-" + _hash({"tiny": spec.tiny, "seed": spec.seed})
+    elif spec.revision:
+        revision = spec.revision
+    else:
+        revision = "local-" + _hash(_local_fingerprint(spec.path))
+    return family.model_info(config, revision)
+
+
+def _local_fingerprint(path: str | None) -> Any:
+    """Names, sizes and mtimes of a local model directory (a hub id fingerprints as itself)."""
+    if path is None or not Path(path).is_dir():
+        return path
+    return sorted(
+        (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(path).iterdir()
+    )
+
+
+def load_model(cfg: dict[str, Any] | ModelSpec) -> LoadedModel:
+    """Build (tiny) or ``from_pretrained`` (pretrained) the model, its processor and info."""
+    spec = cfg if isinstance(cfg, ModelSpec) else ModelSpec.from_config(cfg)
+    family = _family_module(spec.family)
+    info = describe_model(spec)
+    device = _resolve_device(spec.device)
+    dtype = DTYPES[spec.dtype]
+    if spec.source == "tiny":
+        model, processor = family.build_tiny(spec, _config(spec))
+        model = model.to(device=device, dtype=dtype)
+    else:
+        model, processor = family.from_pretrained(spec, dtype=dtype, device=device)
+    model.eval()
+    return LoadedModel(spec=spec, info=info, model=model, processor=processor, device=device)

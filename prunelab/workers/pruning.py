@@ -1,0 +1,203 @@
+"""Layer-stage pruning inside a decoder-only LLM, through forward pre-hooks.
+
+One :class:`LayerPruner` serves one generation (prefill + greedy decode) of one sample. It
+
+- records the sequence length and visual-token count every decoder layer sees (cost accounting);
+- asks the attention probe for the rows a :class:`~prunelab.methods.LayerStep` needs at layer
+  ``step.layer - 1``;
+- at the input of ``step.layer`` lets the method choose which visual tokens stay, then drops the
+  others from the hidden states, and from the per-layer inputs every later layer receives
+  (rotary embeddings, position ids, attention mask). Keys and values of dropped tokens are never
+  computed for later layers, so the KV cache holds only kept tokens there and decoding is exact
+  for the pruned model.
+
+All hooks are removed when the context exits; the model is untouched afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunelab.methods.base import LayerSignals, LayerStep, PruningMethod
+from prunelab.workers.attention import AttentionProbe
+
+__all__ = ["LayerLengths", "LayerPruner"]
+
+
+@dataclass
+class LayerLengths:
+    """Sequence length and visual-token count each decoder layer saw in the prefill."""
+
+    tokens: list[int] = field(default_factory=list)  # (n_layers,)
+    visual: list[int] = field(default_factory=list)  # (n_layers,)
+
+
+class LayerPruner:
+    """Pre-hooks on every decoder layer; see the module docstring.
+
+    layers: the LLM's decoder layers, in order, each with an attention module at ``self_attn``
+        carrying ``layer_idx``.
+    visual_positions: (V0,) positions of the visual tokens in the prefill sequence (batch 0).
+    rotary: called as ``rotary(hidden, position_ids)`` to rebuild (cos, sin) when a step
+        renumbers positions; unused otherwise.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        seq_len: int,
+        visual_positions: torch.Tensor,
+        method: PruningMethod | None = None,
+        steps: Sequence[LayerStep] = (),
+        probe: AttentionProbe | None = None,
+        rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.layers = list(layers)
+        self.method = method
+        self.steps = {s.layer: s for s in steps}
+        self.probe = probe
+        self.rotary = rotary
+        self.generator = generator
+        device = visual_positions.device
+        self.seq_len = seq_len
+        self.is_visual = torch.zeros(seq_len, dtype=torch.bool, device=device)
+        self.is_visual[visual_positions] = True
+        # original indices (into the prefill sequence) of the tokens currently in the sequence
+        self.current = torch.arange(seq_len, device=device)
+        self.renumbered = False
+        self.lengths = LayerLengths()
+        self.kept_visual: torch.Tensor = visual_positions  # original positions still present
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._prefill_done = False
+        for step in steps:
+            if not 1 <= step.layer < len(self.layers):
+                raise ValueError(
+                    f"layer step at {step.layer}: must be in [1, {len(self.layers) - 1}]"
+                )
+            if step.queries is not None or step.needs_hidden:
+                if probe is None and step.queries is not None:
+                    raise ValueError("a layer step asks for attention rows but no probe is given")
+                if step.queries is not None:
+                    probe.queries[step.layer - 1] = self._query_positions(step)
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> LayerPruner:
+        try:
+            for layer in self.layers:
+                self._handles.append(
+                    layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+                )
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def end_prefill(self) -> None:
+        """Call after the prefill forward: later forwards are decode steps (no probing)."""
+        self._prefill_done = True
+        if self.probe is not None:
+            self.probe.queries.clear()
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _query_positions(self, step: LayerStep) -> Callable[[int], torch.Tensor]:
+        def positions(length: int) -> torch.Tensor:
+            visual = self.is_visual[self.current]
+            if step.queries == "last":
+                return torch.tensor([length - 1], device=self.current.device)
+            if step.queries == "text":
+                return (~visual).nonzero().squeeze(-1)
+            if step.queries == "visual":
+                return visual.nonzero().squeeze(-1)
+            return torch.arange(length, device=self.current.device)
+
+        return positions
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        index = self._layer_index(module)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self._prefill_done:
+            return args, kwargs
+        step = self.steps.get(index)
+        if step is not None:
+            hidden = self._apply_step(step, index, hidden)
+        visual_now = int(self.is_visual[self.current].sum())
+        self.lengths.tokens.append(int(hidden.shape[1]))
+        self.lengths.visual.append(visual_now)
+        if self.current.shape[0] != self.seq_len:
+            kwargs = self._slice_kwargs(kwargs, hidden)
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _layer_index(self, module: nn.Module) -> int:
+        return self.layers.index(module)
+
+    def _apply_step(self, step: LayerStep, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.method is not None
+        visual_flags = self.is_visual[self.current]
+        visual = visual_flags.nonzero().squeeze(-1)  # (V,) positions in the current sequence
+        text = (~visual_flags).nonzero().squeeze(-1)
+        attention = positions = None
+        if step.queries is not None:
+            assert self.probe is not None
+            attention = self.probe.rows.get(index - 1)
+            positions = self.probe.query_positions.get(index - 1)
+            if attention is None:
+                raise RuntimeError(f"no attention rows were recorded at layer {index - 1}")
+        signals = LayerSignals(
+            visual=visual,
+            text=text,
+            attention=attention,
+            query_positions=positions,
+            hidden=hidden[0] if step.needs_hidden else None,
+            generator=self.generator,
+        )
+        keep = self.method.select_layer(step, signals)  # (k,) indices into `visual`
+        if keep.numel() != min(step.keep, visual.numel()):
+            raise RuntimeError(
+                f"{self.method.name} kept {keep.numel()} visual tokens at layer {index}, "
+                f"planned {step.keep}"
+            )
+        selected = torch.cat([text, visual[keep.to(visual.device)]]).sort().values  # (S',)
+        self.current = self.current[selected]
+        self.kept_visual = self.current[self.is_visual[self.current]]
+        if step.positions == "renumber":
+            self.renumbered = True
+        return hidden[:, selected]
+
+    def _slice_kwargs(self, kwargs: dict, hidden: torch.Tensor) -> dict:
+        current = self.current
+        kwargs = dict(kwargs)
+        if self.renumbered and self.rotary is not None:
+            ids = torch.arange(current.shape[0], device=current.device)[None]
+            kwargs["position_embeddings"] = self.rotary(hidden, ids)
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = ids
+        else:
+            cos_sin = kwargs.get("position_embeddings")
+            if cos_sin is not None:
+                kwargs["position_embeddings"] = tuple(t[..., current, :] for t in cos_sin)
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"][..., current]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            kwargs["attention_mask"] = mask[:, :, current][:, :, :, current]
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = kwargs["cache_position"][current]
+        return kwargs

@@ -1,0 +1,280 @@
+"""Run one trial on a loaded model: plan, prune, generate, score, measure. No Ray, no MLflow."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import prunelab.methods as methods
+from prunelab.methods.base import Plan, PlanContext, PruningMethod
+from prunelab.workers.adapters import Adapter, Prepared
+from prunelab.workers.attention import AttentionProbe, probe_attention
+from prunelab.workers.benchmarks import build_benchmark
+from prunelab.workers.benchmarks.base import Sample
+from prunelab.workers.cost import decode_flops, kv_cache_bytes, prefill_flops
+from prunelab.workers.models import LoadedModel
+
+__all__ = ["ReferenceCache", "SampleResult", "TrialOutput", "build_method", "run_trial"]
+
+
+def build_method(config: dict[str, Any]) -> tuple[PruningMethod, methods.Budget | None]:
+    """The method instance and budget a trial config asks for."""
+    method = methods.get(config["method"]).from_hparams(config.get("hparams") or {})
+    budget = None
+    if method.uses_budget:
+        budget = methods.Budget(
+            keep_ratio=config.get("keep_ratio"), keep_tokens=config.get("keep_tokens")
+        )
+    return method, budget
+
+
+class ReferenceCache:
+    """First-token log-probabilities of the unpruned model, kept by a worker across trials.
+
+    Keyed by (model revision, benchmark identity, sample id), stored as float32 on the CPU (a
+    lower precision would flip near-tied argmaxes); least recently used entries go first once
+    ``max_bytes`` is exceeded.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[tuple[str, str, str], torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple[str, str, str]) -> torch.Tensor | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, str, str], logprobs: torch.Tensor) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        value = logprobs.detach().to("cpu", torch.float32)
+        self._entries[key] = value
+        self.nbytes += value.nbytes
+        while self.nbytes > self.max_bytes and len(self._entries) > 1:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+
+@dataclass
+class SampleResult:
+    id: str
+    category: str
+    question: str
+    answers: list[str]
+    prediction: str
+    score: float
+    visual_in: int
+    visual_kept: int
+    avg_visual: float
+    tokens_per_layer: list[int]
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    fidelity_kl: float | None = None
+    fidelity_top1: float | None = None
+    selection: list[int] | None = None  # visual tokens (input indices) still present at the end
+
+
+@dataclass
+class TrialOutput:
+    metrics: dict[str, float]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    if device.type == "cuda":
+
+        def clock() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return clock
+    return time.perf_counter
+
+
+def _sample_generator(seed: int | None, sample_id: str) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{sample_id}".encode()))
+
+
+def _run_sample(
+    adapter: Adapter,
+    prepared: Prepared,
+    method: PruningMethod,
+    plan: Plan,
+    generator: torch.Generator,
+    max_new_tokens: int,
+    clock: Callable[[], float],
+):
+    """Vision stage (if any), then generation with the layer stages. Returns timings too."""
+    start = clock()
+    signals = adapter.vision_signals(prepared, plan.vision_signals)
+    signals.generator = generator
+    if plan.vision_keep is not None:
+        selection = method.select_vision(signals, plan.vision_keep)
+        tokens, kept_inputs = selection.tokens, selection.kept
+    else:
+        tokens, kept_inputs = signals.tokens, None
+    probe = AttentionProbe(modules=adapter.attention_modules)
+    pruner_kwargs = {"method": method, "steps": plan.layers, "probe": probe, "generator": generator}
+    with probe_attention(probe):
+        generation, first_ready = adapter.generate(
+            prepared,
+            tokens,
+            lambda seq_len, visual: adapter.layer_pruner(seq_len, visual, **pruner_kwargs),
+            max_new_tokens,
+            clock,
+        )
+    end = clock()
+    generation.prefill_s = first_ready - start
+    generation.decode_s = end - first_ready
+    return generation, kept_inputs
+
+
+def run_trial(
+    loaded: LoadedModel,
+    adapter: Adapter,
+    config: dict[str, Any],
+    references: ReferenceCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrialOutput:
+    """Evaluate one trial config (see ``TrialSpec.config``) and measure its costs."""
+    method, budget = build_method(config)
+    eval_cfg = config["eval"]
+    benchmark = build_benchmark(config["benchmark_config"])
+    bench_id = str(sorted(benchmark.describe().items()))
+    samples: list[Sample] = benchmark.samples(eval_cfg["limit"], eval_cfg.get("sample_seed", 0))
+    info = loaded.info
+    clock = _clock(loaded.device)
+    max_new = int(eval_cfg.get("max_new_tokens", 4))
+    convention = eval_cfg.get("flops_convention", "pdrop")
+    references = references if references is not None else ReferenceCache()
+    unpruned = methods.get("none")()
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+
+    results: list[SampleResult] = []
+    with torch.inference_mode():
+        for index, sample in enumerate(samples):
+            prepared = adapter.prepare(sample)
+            ctx = PlanContext(
+                n_visual=prepared.visual_positions.numel(),
+                n_layers=info.n_layers,
+                budget=budget,
+                prune_layer=config.get("prune_layer"),
+                seed=config.get("seed") or 0,
+            )
+            plan = method.plan(ctx)
+            if index == 0:
+                for _ in range(int(eval_cfg.get("warmup", 0))):
+                    _run_sample(
+                        adapter, prepared, method, plan,
+                        _sample_generator(config.get("seed"), sample.id), max_new, clock,
+                    )  # fmt: skip
+            generation, _ = _run_sample(
+                adapter, prepared, method, plan,
+                _sample_generator(config.get("seed"), sample.id), max_new, clock,
+            )  # fmt: skip
+            prediction = adapter.decode(generation.token_ids)
+            result = SampleResult(
+                id=sample.id,
+                category=sample.category,
+                question=sample.question,
+                answers=sample.answers,
+                prediction=prediction,
+                score=benchmark.score(prediction, sample),
+                visual_in=generation.visual_in,
+                visual_kept=generation.lengths.visual[-1],
+                avg_visual=statistics.fmean(generation.lengths.visual),
+                tokens_per_layer=list(generation.lengths.tokens),
+                new_tokens=len(generation.token_ids),
+                prefill_s=generation.prefill_s,
+                decode_s=generation.decode_s,
+            )
+            if eval_cfg.get("fidelity", True):
+                key = (info.revision, bench_id, sample.id)
+                if not plan.prunes:
+                    references.put(key, generation.first_logprobs)
+                reference = references.get(key)
+                if reference is None:
+                    reference_gen, _ = _run_sample(
+                        adapter, prepared, unpruned, Plan(),
+                        _sample_generator(0, sample.id), 1, clock,
+                    )  # fmt: skip
+                    reference = reference_gen.first_logprobs
+                    references.put(key, reference)
+                result.fidelity_kl, result.fidelity_top1 = first_token_fidelity(
+                    reference, generation.first_logprobs
+                )
+            results.append(result)
+            if progress is not None:
+                progress(index + 1, len(samples))
+
+    metrics = aggregate(results, info, convention, loaded)
+    predictions = [
+        {
+            k: getattr(r, k)
+            for k in ("id", "category", "question", "answers", "prediction", "score",
+                      "visual_kept", "fidelity_top1", "fidelity_kl")
+        }  # fmt: skip
+        for r in results
+    ]
+    return TrialOutput(metrics=metrics, predictions=predictions)
+
+
+def first_token_fidelity(reference: torch.Tensor, pruned: torch.Tensor) -> tuple[float, float]:
+    """KL(unpruned || pruned) of first-token distributions (V,) log-probs, and top-1 agreement."""
+    kl = torch.sum(reference.exp() * (reference - pruned)).clamp_min(0.0)
+    return float(kl), float(reference.argmax() == pruned.argmax())
+
+
+def aggregate(
+    results: list[SampleResult], info, convention: str, loaded: LoadedModel
+) -> dict[str, float]:
+    """Trial metrics: means over samples, medians for latency."""
+    d, m = info.hidden_size, info.intermediate_size
+    flops = [
+        prefill_flops(r.tokens_per_layer, d, m, convention)
+        + decode_flops(r.tokens_per_layer, r.new_tokens, d, m, convention)
+        for r in results
+    ]
+    itemsize = next(loaded.model.parameters()).element_size()
+    kv = [
+        kv_cache_bytes(r.tokens_per_layer, r.new_tokens, info.n_kv_heads, info.head_dim, itemsize)
+        for r in results
+    ]
+    decode_per_token = [r.decode_s / (r.new_tokens - 1) for r in results if r.new_tokens > 1]
+    metrics: dict[str, float] = {
+        "score": 100.0 * statistics.fmean(r.score for r in results),
+        "visual_tokens_in": statistics.fmean(r.visual_in for r in results),
+        "visual_tokens_kept": statistics.fmean(r.visual_kept for r in results),
+        "avg_visual_tokens": statistics.fmean(r.avg_visual for r in results),
+        "tflops": statistics.fmean(flops) / 1e12,
+        "prefill_ms": 1000 * statistics.median(r.prefill_s for r in results),
+        "latency_ms": 1000 * statistics.median(r.prefill_s + r.decode_s for r in results),
+        "kv_cache_mb": statistics.fmean(kv) / 2**20,
+        "samples": float(len(results)),
+    }
+    if decode_per_token:
+        metrics["decode_ms_per_token"] = 1000 * statistics.median(decode_per_token)
+    categories = sorted({r.category for r in results if r.category})
+    for category in categories:
+        scores = [r.score for r in results if r.category == category]
+        metrics[f"score.{category}"] = 100.0 * statistics.fmean(scores)
+    fidelity = [r for r in results if r.fidelity_kl is not None]
+    if fidelity:
+        metrics["fidelity_kl"] = statistics.fmean(r.fidelity_kl for r in fidelity)  # type: ignore[misc]
+        metrics["fidelity_top1"] = statistics.fmean(r.fidelity_top1 for r in fidelity)  # type: ignore[misc]
+    if loaded.device.type == "cuda":
+        metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(loaded.device) / 2**20
+    return metrics
