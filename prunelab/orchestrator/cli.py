@@ -1,0 +1,343 @@
+"""``prunelab``: submit, resume, inspect and report sweeps.
+
+Exit status: 0 when every trial finished, 1 when some failed, 2 on bad input (one line per
+problem on stderr, before any worker starts and before anything is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """Bad input: each line of ``problems`` is printed on stderr and the exit status is 2."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def _stores(args: argparse.Namespace):
+    from prunelab.db.engine import default_db_url
+    from prunelab.orchestrator.sweep import Stores
+    from prunelab.orchestrator.tracking import default_artifact_root, default_tracking_uri
+
+    return Stores(
+        db_url=args.db_url or default_db_url(),
+        tracking_uri=args.tracking_uri or default_tracking_uri(),
+        artifact_root=args.artifact_root or default_artifact_root(),
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
+    )
+
+
+def _check_stores(stores) -> None:
+    """Reject unusable store URLs before anything runs."""
+    from prunelab.db.engine import DatabaseUnavailableError, check_db_url
+
+    problems = []
+    try:
+        check_db_url(stores.db_url)
+    except DatabaseUnavailableError as exc:
+        problems.append(f"--db-url / PRUNELAB_DB_URL: {exc}")
+    scheme = stores.tracking_uri.split(":", 1)[0]
+    if scheme not in ("sqlite", "postgresql", "postgresql+psycopg", "http", "https", "file"):
+        problems.append(
+            f"--tracking-uri / PRUNELAB_TRACKING_URI={stores.tracking_uri!r}: expected a "
+            "sqlite://, postgresql://, http(s):// or file: URI"
+        )
+    if problems:
+        raise UsageError(problems)
+
+
+def _engine_if_exists(db_url: str):
+    """An engine on an existing database, or None (read-only commands never create one)."""
+    from sqlalchemy import inspect
+
+    from prunelab.db.engine import make_engine, normalize_db_url
+
+    url = normalize_db_url(db_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        return None
+    engine = make_engine(db_url)
+    if not inspect(engine).has_table("trials"):
+        return None
+    return engine
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from prunelab.orchestrator.spec import SpecError, load_sweep
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        if args.workers < 1:
+            raise UsageError([f"--workers={args.workers}: must be >= 1"])
+        overrides.append(f"workers.count={args.workers}")
+    try:
+        plan = load_sweep(args.spec, overrides)
+    except SpecError as exc:
+        raise UsageError(exc.problems) from None
+    stores = _stores(args)
+    _check_stores(stores)
+    if args.dry_run:
+        return _dry_run(plan, stores)
+    from prunelab.orchestrator.sweep import submit_sweep
+
+    return submit_sweep(plan, stores, rerun=args.rerun)
+
+
+def _dry_run(plan: Any, stores) -> int:
+    from prunelab.db import repo, session_factory
+    from prunelab.orchestrator.estimate import estimate_tflops
+    from prunelab.orchestrator.results import budget_label
+
+    done: set[str] = set()
+    engine = _engine_if_exists(stores.db_url)
+    if engine is not None:
+        with session_factory(engine)() as session:
+            found = repo.trials_by_keys(session, [t.key for t in plan.trials])
+            done = {k for k, t in found.items() if t.status == "finished"}
+    print(f"sweep {plan.name}: {len(plan.trials)} trials, {len(done)} already finished")
+    header = f"{'key':10}  {'model':16} {'benchmark':10} {'method':12} {'budget':7} {'layer':5} {'seed':4}  hparams"
+    print(header)
+    total_tflops = 0.0
+    for trial in plan.trials:
+        config = trial.config()
+        tflops = estimate_tflops(config)
+        total_tflops += 0.0 if trial.key in done else tflops
+        mark = " (done)" if trial.key in done else ""
+        print(
+            f"{trial.key[:10]}  {trial.model:16} {trial.benchmark:10} {trial.method:12} "
+            f"{budget_label(config):7} {'' if trial.prune_layer is None else trial.prune_layer!s:5} "
+            f"{'' if trial.seed is None else trial.seed!s:4}  {json.dumps(trial.hparams)}{mark}"
+        )
+    todo = [t for t in plan.trials if t.key not in done]
+    samples = sum(int(plan.eval["limit"]) for _ in todo)
+    print(
+        f"to run: {len(todo)} trials, {samples} samples, about {total_tflops:.3g} TFLOPs of LLM "
+        f"compute ({plan.eval.get('flops_convention', 'pdrop')} convention)"
+    )
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from prunelab.orchestrator.sweep import resume_sweep
+
+    stores = _stores(args)
+    _check_stores(stores)
+    if _engine_if_exists(stores.db_url) is None:
+        raise UsageError([f"no prunelab database at {stores.db_url}"])
+    try:
+        return resume_sweep(args.sweep, stores)
+    except LookupError as exc:
+        raise UsageError([str(exc.args[0])]) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from prunelab.db import repo, session_factory
+
+    stores = _stores(args)
+    engine = _engine_if_exists(stores.db_url)
+    if engine is None:
+        if args.sweep:
+            raise UsageError([f"no prunelab database at {stores.db_url}"])
+        print("[]" if args.json else "no sweeps yet")
+        return 0
+    with session_factory(engine)() as session:
+        if not args.sweep:
+            sweeps = [
+                {
+                    "id": s.id,
+                    "name": s.name,
+                    "created": s.created.isoformat(timespec="seconds"),
+                    "status": s.status,
+                    "trials": repo.trial_status_counts(session, s.id),
+                }
+                for s in repo.list_sweeps(session)
+            ]
+            if args.json:
+                print(json.dumps(sweeps, indent=2))
+            else:
+                for s in sweeps:
+                    counts = ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items()))
+                    print(f"{s['id']}  {s['name']:20} {s['created']}  {s['status']:11} {counts}")
+            return 0
+        sweep = repo.get_sweep(session, args.sweep)
+        if sweep is None:
+            raise UsageError([f"no sweep with id or name {args.sweep!r}"])
+        trials = [
+            {
+                "id": t.id,
+                "trial_key": t.trial_key,
+                "method": t.config["method"],
+                "model": t.config["model"],
+                "benchmark": t.config["benchmark"],
+                "keep_ratio": t.config.get("keep_ratio"),
+                "keep_tokens": t.config.get("keep_tokens"),
+                "prune_layer": t.config.get("prune_layer"),
+                "status": t.status,
+                "attempts": t.attempts,
+                "worker": t.worker,
+                "error": t.error,
+                "score": (t.metrics or {}).get("score"),
+                "mlflow_run_id": t.mlflow_run_id,
+            }
+            for t in repo.sweep_trials(session, sweep.id)
+        ]
+    if args.json:
+        print(json.dumps({"id": sweep.id, "name": sweep.name, "status": sweep.status,
+                          "trials": trials}, indent=2))  # fmt: skip
+        return 0
+    print(f"sweep {sweep.name} ({sweep.id}): {sweep.status}")
+    for t in trials:
+        budget = t["keep_tokens"] or t["keep_ratio"] or ""
+        score = "" if t["score"] is None else f"{t['score']:.1f}"
+        error = f"  {t['error'].splitlines()[0][:80]}" if t["error"] else ""
+        print(
+            f"{t['id']:5} {t['trial_key'][:10]} {t['method']:12} {budget!s:6} "
+            f"{'' if t['prune_layer'] is None else t['prune_layer']!s:3} {t['status']:9} "
+            f"attempts={t['attempts']} {score}{error}"
+        )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from prunelab.db import repo, session_factory
+    from prunelab.orchestrator.results import results_rows, table_csv, table_latex, table_markdown
+
+    stores = _stores(args)
+    engine = _engine_if_exists(stores.db_url)
+    if engine is None:
+        raise UsageError([f"no prunelab database at {stores.db_url}"])
+    with session_factory(engine)() as session:
+        sweep = repo.get_sweep(session, args.sweep)
+        if sweep is None:
+            raise UsageError([f"no sweep with id or name {args.sweep!r}"])
+        rows = results_rows(
+            (t.config, t.status, t.metrics) for t in repo.sweep_trials(session, sweep.id)
+        )
+    render = {"md": table_markdown, "csv": table_csv, "latex": table_latex}[args.format]
+    text = render(rows)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import prunelab.methods as methods
+
+    rows = []
+    for name in methods.available():
+        cls = methods.get(name)
+        axes = [a for a, used in (("budget", cls.uses_budget), ("prune_layer", cls.uses_layer),
+                                  ("seed", cls.uses_seed)) if used]  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "version": cls.version,
+                "stages": cls.stages,
+                "axes": axes,
+                "default_prune_layer": cls.default_prune_layer,
+                "hyperparameters": cls.hyperparameters(),
+                "paper": cls.paper,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        hps = ", ".join(f"{k}={v!r}" for k, v in row["hyperparameters"].items()) or "-"
+        layer = row["default_prune_layer"]
+        print(f"{row['name']:10} v{row['version']}  stage: {row['stages']}")
+        print(f"{'':12}axes: {', '.join(row['axes']) or '-'}"
+              + (f" (default prune_layer={layer})" if layer is not None else ""))  # fmt: skip
+        print(f"{'':12}hyperparameters: {hps}")
+        if row["paper"]:
+            print(f"{'':12}paper: {row['paper']}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    stores = _stores(args)
+    command = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", stores.tracking_uri,
+        "--host", args.host, "--port", str(args.port),
+    ]  # fmt: skip
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {stores.tracking_uri})")
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+# -- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tracking-uri", help="MLflow store (env PRUNELAB_TRACKING_URI)")
+    common.add_argument("--db-url", help="prunelab database (env PRUNELAB_DB_URL)")
+    common.add_argument("--artifact-root", help="MLflow artifacts (env PRUNELAB_ARTIFACT_ROOT)")
+    common.add_argument("--ray-address", help="Ray cluster to join (env RAY_ADDRESS)")
+
+    parser = argparse.ArgumentParser(
+        prog="prunelab", description="Ablation sweeps of visual-token pruning on VLMs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sweep", parents=[common], help="submit and run a sweep")
+    p.add_argument("spec", help="spec file (YAML) or name of a shipped spec (e.g. quickstart)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method=fastv,pdrop")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and an estimate")
+    p.add_argument("--workers", type=int, help="number of Ray workers (workers.count)")
+    p.add_argument("--rerun", action="store_true", help="run finished trials again")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("resume", parents=[common], help="finish an interrupted sweep")
+    p.add_argument("sweep", help="sweep id or name")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", parents=[common], help="sweeps, or one sweep's trials")
+    p.add_argument("sweep", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", parents=[common], help="baseline-relative results table")
+    p.add_argument("sweep")
+    p.add_argument("--format", choices=("md", "csv", "latex"), default="md")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("methods", help="registered methods and their hyperparameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("ui", parents=[common], help="serve the MLflow UI on the store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        for line in exc.problems:
+            print(f"prunelab: error: {line}", file=sys.stderr)
+        return BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Drive a sweep: database rows, Ray workers, MLflow runs, and the results table.
+
+Order of writes for each trial, so that a crash anywhere leaves a state ``resume`` can finish:
+claim in the database (pending -> running, one orchestrator wins) -> run on a worker -> record
+metrics in the database (finished) -> log the MLflow child run (idempotent per trial key) ->
+record the run id. A finished trial without a run id is logged again on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from sqlalchemy import Engine
+from tqdm import tqdm
+
+from prunelab.db import Trial, init_db, session_factory
+from prunelab.db import repo
+from prunelab.orchestrator.results import (
+    budget_label,
+    relative_metrics,
+    results_rows,
+    table_csv,
+    table_markdown,
+    trial_params,
+)
+from prunelab.orchestrator.tracking import Tracker
+
+__all__ = ["Stores", "execute", "resume_sweep", "submit_sweep", "sweep_table"]
+
+
+@dataclass(frozen=True)
+class Stores:
+    db_url: str
+    tracking_uri: str
+    artifact_root: str | None
+    ray_address: str | None
+
+
+def _orchestrator_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def submit_sweep(plan: Any, stores: Stores, rerun: bool = False) -> int:
+    """Record a validated :class:`SweepPlan` and run what is not finished. Returns exit status."""
+    engine = init_db(stores.db_url)
+    tracker = Tracker(stores.tracking_uri, stores.artifact_root)
+    sessions = session_factory(engine)
+    orchestrator = _orchestrator_id()
+    with sessions.begin() as session:
+        sweep = repo.create_sweep(session, plan.name, plan.spec, plan.spec_yaml, orchestrator)
+        sweep_id = sweep.id
+        rows, already = repo.add_trials(
+            session, sweep_id, [(t.key, t.config(), t.is_baseline) for t in plan.trials]
+        )
+        ids = [row.id for row in rows]
+        if rerun:
+            repo.reset_for_rerun(session, ids)
+        else:
+            # failed trials of earlier sweeps get a fresh set of attempts
+            failed = [row.id for row in rows if row.status == "failed"]
+            if failed:
+                repo.reset_for_rerun(session, failed)
+    reused = 0 if rerun else already
+    print(
+        f"sweep {plan.name} ({sweep_id}): {len(ids)} trials, {reused} already finished, "
+        f"{len(ids) - reused} to run"
+    )
+    parent = tracker.start_sweep(
+        plan.name, sweep_id, {"spec": plan.spec_yaml[:6000], "trials": len(ids)}
+    )
+    with sessions.begin() as session:
+        repo.set_sweep_mlflow_run(session, sweep_id, parent)
+    return execute(engine, tracker, sweep_id, plan.workers, orchestrator)
+
+
+def resume_sweep(ref: str, stores: Stores) -> int:
+    """Finish a sweep whose orchestrator died: its running trials go back to pending."""
+    engine = init_db(stores.db_url)
+    tracker = Tracker(stores.tracking_uri, stores.artifact_root)
+    sessions = session_factory(engine)
+    orchestrator = _orchestrator_id()
+    with sessions.begin() as session:
+        sweep = repo.get_sweep(session, ref)
+        if sweep is None:
+            raise LookupError(f"no sweep with id or name {ref!r}")
+        sweep_id, workers = sweep.id, sweep.spec.get("workers", {})
+        reset = repo.recover_stale(session, sweep_id)
+        repo.set_sweep_orchestrator(session, sweep_id, orchestrator)
+        repo.set_sweep_status(session, sweep_id, "running")
+    print(f"resuming sweep {ref} ({sweep_id}): {reset} interrupted trial(s) back to pending")
+    return execute(engine, tracker, sweep_id, workers, orchestrator)
+
+
+class _Recorder:
+    """The callbacks of one sweep's run: database updates and MLflow logging."""
+
+    def __init__(self, engine: Engine, tracker: Tracker, sweep_id: str, orchestrator: str):
+        self.sessions = session_factory(engine)
+        self.tracker = tracker
+        self.sweep_id = sweep_id
+        self.orchestrator = orchestrator
+        with self.sessions() as session:
+            sweep = repo.get_sweep(session, sweep_id)
+            assert sweep is not None
+            self.name, self.parent = sweep.name, sweep.mlflow_run_id
+            trials = repo.sweep_trials(session, sweep_id)
+            self.configs = {t.id: t.config for t in trials}
+            self.baseline_of = {t.id: self._baseline_id(t, trials) for t in trials}
+        self.waiting: dict[int, dict[str, Any]] = {}  # finished, waiting for their baseline
+
+    @staticmethod
+    def _baseline_id(trial: Trial, trials: list[Trial]) -> int | None:
+        for other in trials:
+            c = other.config
+            if (
+                c["method"] == "none"
+                and c["model"] == trial.config["model"]
+                and c["benchmark"] == trial.config["benchmark"]
+            ):
+                return other.id
+        return None
+
+    def _trial(self, trial_id: int) -> Trial:
+        with self.sessions() as session:
+            trial = session.get(Trial, trial_id)
+            assert trial is not None
+            session.expunge(trial)
+            return trial
+
+    def claim(self, dispatch, worker: str) -> bool:
+        with self.sessions.begin() as session:
+            return repo.claim_trial(session, dispatch.trial_id, self.orchestrator, worker, None)
+
+    def failed(self, dispatch, error: str, worker_died: bool) -> bool:
+        with self.sessions.begin() as session:
+            status = repo.release_trial(session, dispatch.trial_id, error, self.max_attempts)
+        tqdm.write(f"trial {dispatch.trial_id} attempt failed ({status}): {error}")
+        return status == "pending"
+
+    def done(self, dispatch, result: dict[str, Any]) -> None:
+        with self.sessions.begin() as session:
+            repo.finish_trial(
+                session, dispatch.trial_id, result["metrics"], result["worker"], result["node"]
+            )
+        self.settle(dispatch.trial_id, result)
+
+    def settle(self, trial_id: int, result: dict[str, Any] | None) -> None:
+        """Log a finished trial once its baseline is known; trials waiting on it follow."""
+        baseline_id = self.baseline_of.get(trial_id)
+        baseline = self._trial(baseline_id) if baseline_id is not None else None
+        if baseline is not None and baseline.status != "finished" and baseline_id != trial_id:
+            self.waiting[trial_id] = result or {}
+            return
+        self._log(trial_id, result, baseline.metrics if baseline is not None else None)
+        for waiting_id in [t for t in self.waiting if self.baseline_of.get(t) == trial_id]:
+            self._log(waiting_id, self.waiting.pop(waiting_id), self._trial(trial_id).metrics)
+
+    def flush(self) -> None:
+        """Log trials whose baseline never finished (without baseline-relative metrics)."""
+        for trial_id in list(self.waiting):
+            self._log(trial_id, self.waiting.pop(trial_id), None)
+
+    def _log(self, trial_id: int, result: dict[str, Any] | None, baseline: dict | None) -> None:
+        trial = self._trial(trial_id)
+        metrics = {**(trial.metrics or {}), **relative_metrics(trial.metrics or {}, baseline)}
+        config = trial.config
+        artifacts: dict[str, str | bytes] = {
+            "trial.yaml": yaml.safe_dump(config, sort_keys=False),
+        }
+        predictions = (result or {}).get("predictions")
+        if predictions:
+            artifacts["predictions.jsonl"] = "".join(json.dumps(p) + "\n" for p in predictions)
+        layer = config.get("prune_layer")
+        run_name = f"{config['method']}-{budget_label(config)}" + (
+            f"-L{layer}" if layer is not None else ""
+        )
+        run_id = self.tracker.log_trial(
+            self.name,
+            self.parent,
+            self.sweep_id,
+            trial.trial_key,
+            run_name,
+            trial_params(config),
+            {k: float(v) for k, v in metrics.items() if v is not None},
+            artifacts,
+        )
+        with self.sessions.begin() as session:
+            repo.finish_trial(session, trial_id, metrics, trial.worker or "", trial.node)
+            repo.set_trial_mlflow_run(session, trial_id, run_id)
+
+    max_attempts: int = 3
+
+
+def execute(
+    engine: Engine, tracker: Tracker, sweep_id: str, workers: dict[str, Any], orchestrator: str
+) -> int:
+    """Run the sweep's unfinished trials on Ray workers; log everything; print the table."""
+    from prunelab.orchestrator.scheduler import Dispatch, WorkerPool, start_ray
+
+    recorder = _Recorder(engine, tracker, sweep_id, orchestrator)
+    recorder.max_attempts = int(workers.get("max_attempts", 3))
+    sessions = recorder.sessions
+    with sessions() as session:
+        trials = repo.sweep_trials(session, sweep_id)
+        unlogged = [t.id for t in trials if t.status == "finished" and not t.mlflow_run_id]
+        todo = [
+            Dispatch(
+                trial_id=t.id,
+                model=t.config["model"],
+                config=t.config,
+                priority=0 if t.config["method"] == "none" else 1,
+            )
+            for t in trials
+            if t.status == "pending"
+        ]
+        total, finished = len(trials), sum(t.status == "finished" for t in trials)
+    for trial_id in unlogged:  # finished by an orchestrator that died before logging
+        recorder.settle(trial_id, None)
+
+    status = "finished"
+    if todo:
+        start_ray(os.environ.get("RAY_ADDRESS") or workers.get("ray_address"))
+        count = max(1, min(int(workers.get("count", 1)), len(todo)))
+        pool = WorkerPool(
+            count,
+            cpus=float(workers.get("cpus_per_worker", 1)),
+            gpus=float(workers.get("gpus_per_worker", 0)),
+        )
+        bar = tqdm(total=total, initial=finished, desc=f"sweep {recorder.name}", unit="trial")
+        counts = {"done": finished, "failed": 0}
+        loads: dict[str, int] = {}  # worker -> models it loaded
+
+        def done(dispatch, result):
+            loads[result["worker"]] = result["model_loads"]
+            recorder.done(dispatch, result)
+            counts["done"] += 1
+            bar.update(1)
+            bar.set_postfix(failed=counts["failed"])
+
+        def failed(dispatch, error, died):
+            retry = recorder.failed(dispatch, error, died)
+            if not retry:
+                counts["failed"] += 1
+                bar.update(1)
+                bar.set_postfix(failed=counts["failed"])
+            return retry
+
+        try:
+            pool.run(todo, recorder.claim, done, failed)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            with sessions.begin() as session:
+                repo.recover_stale(session, sweep_id)
+            raise
+        finally:
+            bar.close()
+            pool.shutdown()
+            recorder.flush()
+            if status == "interrupted":
+                with sessions.begin() as session:
+                    repo.set_sweep_status(session, sweep_id, status)
+                tracker.finish_sweep(recorder.parent, "KILLED")
+        tracker.log_sweep_metrics(recorder.parent, {"model_loads": float(sum(loads.values()))})
+
+    with sessions() as session:
+        trials = repo.sweep_trials(session, sweep_id)
+        all_done = all(t.status == "finished" for t in trials)
+    rows = results_rows((t.config, t.status, t.metrics) for t in trials)
+    table = table_markdown(rows)
+    tracker.log_sweep_artifacts(recorder.parent, {"table.md": table, "table.csv": table_csv(rows)})
+    status = "finished" if all_done else "failed"
+    with sessions.begin() as session:
+        repo.set_sweep_status(session, sweep_id, status)
+    tracker.finish_sweep(recorder.parent, "FINISHED" if all_done else "FAILED")
+    sys.stdout.write("\n" + table)
+    return 0 if all_done else 1
+
+
+def sweep_table(engine: Engine, ref: str) -> str:
+    with session_factory(engine)() as session:
+        sweep = repo.get_sweep(session, ref)
+        if sweep is None:
+            raise LookupError(f"no sweep with id or name {ref!r}")
+        trials = repo.sweep_trials(session, sweep.id)
+        return table_markdown(results_rows((t.config, t.status, t.metrics) for t in trials))
