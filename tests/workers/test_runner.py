@@ -1,0 +1,74 @@
+"""Running whole trials on the tiny model: metrics, fidelity, determinism, every method."""
+
+from __future__ import annotations
+
+import pytest
+
+import prunelab.methods as M
+from prunelab.workers.actor import Worker
+from prunelab.workers.runner import ReferenceCache, run_trial
+
+CORE_METRICS = {
+    "score", "visual_tokens_in", "visual_tokens_kept", "avg_visual_tokens", "tflops",
+    "prefill_ms", "latency_ms", "decode_ms_per_token", "kv_cache_mb", "fidelity_kl",
+    "fidelity_top1", "samples",
+}  # fmt: skip
+
+AXES = {
+    "none": {},
+    "random": {"keep_ratio": 0.25, "prune_layer": 2, "seed": 1},
+    "fastv": {"keep_ratio": 0.25, "prune_layer": 2},
+}
+
+
+def test_every_registered_method_has_axes_here():
+    assert set(M.available()) <= set(AXES)
+
+
+@pytest.mark.parametrize("method", M.available())
+def test_registered_method_runs_on_tiny_llava(method, tiny_llava, trial_config):
+    loaded, adapter = tiny_llava
+    config = trial_config(method, **AXES[method])
+    output = run_trial(loaded, adapter, config, ReferenceCache())
+    metrics = output.metrics
+    assert CORE_METRICS <= set(metrics)
+    assert metrics["samples"] == 6 and len(output.predictions) == 6
+    assert metrics["visual_tokens_in"] == 144
+    method_cls = M.get(method)
+    if method_cls.uses_budget:
+        assert metrics["visual_tokens_kept"] == 36
+        assert metrics["avg_visual_tokens"] == pytest.approx((2 * 144 + 2 * 36) / 4)
+    else:
+        assert metrics["visual_tokens_kept"] == metrics["avg_visual_tokens"] == 144
+
+
+def test_unpruned_fidelity_is_perfect_and_pruning_costs_less(tiny_llava, trial_config):
+    loaded, adapter = tiny_llava
+    cache = ReferenceCache()
+    base = run_trial(loaded, adapter, trial_config("none"), cache).metrics
+    assert base["fidelity_kl"] == 0.0 and base["fidelity_top1"] == 1.0
+    pruned = run_trial(loaded, adapter, trial_config("fastv", keep_ratio=0.1, prune_layer=1),
+                       cache).metrics  # fmt: skip
+    assert pruned["tflops"] < base["tflops"]
+    assert pruned["kv_cache_mb"] < base["kv_cache_mb"]
+    assert pruned["fidelity_kl"] > 0.0
+
+
+def test_random_is_reproducible_and_seed_dependent(tiny_llava, trial_config):
+    loaded, adapter = tiny_llava
+
+    def predictions(seed):
+        config = trial_config("random", keep_ratio=0.05, prune_layer=0, seed=seed)
+        return [p["fidelity_kl"] for p in run_trial(loaded, adapter, config).predictions]
+
+    assert predictions(0) == predictions(0)
+    assert predictions(0) != predictions(1)
+
+
+def test_worker_keeps_its_model_across_trials(trial_config):
+    worker = Worker("w-test")
+    first = worker.run(trial_config("none", limit=2))
+    second = worker.run(trial_config("fastv", limit=2, keep_ratio=0.5, prune_layer=2))
+    assert first["model_loads"] == second["model_loads"] == 1
+    assert second["load_s"] == 0.0
+    assert worker.holds() == "tiny-llava"
