@@ -91,7 +91,10 @@ def resume_sweep(ref: str, stores: Stores) -> int:
         if sweep is None:
             raise LookupError(f"no sweep with id or name {ref!r}")
         sweep_id, workers = sweep.id, sweep.spec.get("workers", {})
-        reset = repo.recover_stale(session, sweep_id)
+        # only the claims of this sweep's dead orchestrator are stale; a trial shared with a
+        # sweep whose orchestrator is alive stays with it
+        live = repo.running_claims(session, sweep_id) - {sweep.orchestrator}
+        reset = repo.recover_stale(session, sweep_id, live)
         repo.set_sweep_orchestrator(session, sweep_id, orchestrator)
         repo.set_sweep_status(session, sweep_id, "running")
     print(f"resuming sweep {ref} ({sweep_id}): {reset} interrupted trial(s) back to pending")
@@ -257,7 +260,8 @@ def execute(
         except KeyboardInterrupt:
             status = "interrupted"
             with sessions.begin() as session:
-                repo.recover_stale(session, sweep_id)
+                others = repo.running_claims(session, sweep_id) - {orchestrator}
+                repo.recover_stale(session, sweep_id, others)
             raise
         finally:
             bar.close()

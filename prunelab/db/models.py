@@ -1,0 +1,153 @@
+"""SQLAlchemy models of prunelab's own tables: sweeps, trials and their association.
+
+MLflow keeps its own schema; these tables hold what the orchestrator needs to schedule,
+deduplicate and resume trials. Every change here needs an Alembic migration in
+``prunelab/db/migrations/versions`` (a test compares the migrated schema with this module).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Final
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "SWEEP_STATUSES",
+    "TRIAL_STATUSES",
+    "Base",
+    "Sweep",
+    "SweepTrial",
+    "Trial",
+    "UTCDateTime",
+    "utcnow",
+]
+
+SWEEP_STATUSES: Final = ("running", "finished", "failed", "interrupted")
+"""Allowed values of ``sweeps.status``."""
+
+TRIAL_STATUSES: Final = ("pending", "running", "finished", "failed")
+"""Allowed values of ``trials.status``."""
+
+NAMING_CONVENTION: Final = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Return the current time as a timezone-aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always returned timezone-aware (also on SQLite)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert an aware datetime to UTC; naive datetimes are rejected."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use a timezone-aware datetime (UTC)")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Attach UTC to naive values read back (SQLite stores no offset)."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _status_check(values: tuple[str, ...]) -> CheckConstraint:
+    allowed = ", ".join(f"'{v}'" for v in values)
+    return CheckConstraint(f"status IN ({allowed})", name="status")
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a constraint naming convention (stable names for Alembic)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
+        dict[str, Any]: JSON,
+        datetime: UTCDateTime,
+    }
+
+
+class Sweep(Base):
+    """One submission of a sweep spec."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (_status_check(SWEEP_STATUSES),)
+
+    id: Mapped[str] = mapped_column(String(12), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), index=True)
+    spec: Mapped[dict[str, Any]]
+    spec_yaml: Mapped[str] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    orchestrator: Mapped[str | None] = mapped_column(String(255))
+
+    def __repr__(self) -> str:
+        return f"Sweep(id={self.id!r}, name={self.name!r}, status={self.status!r})"
+
+
+class Trial(Base):
+    """One trial, unique by ``trial_key`` across all sweeps."""
+
+    __tablename__ = "trials"
+    __table_args__ = (_status_check(TRIAL_STATUSES),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id"), index=True)
+    trial_key: Mapped[str] = mapped_column(String(64), unique=True)
+    config: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    node: Mapped[str | None] = mapped_column(String(255))
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    started: Mapped[datetime | None]
+    finished: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any] | None]
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    is_baseline: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    def __repr__(self) -> str:
+        return f"Trial(id={self.id!r}, key={self.trial_key[:10]!r}, status={self.status!r})"
+
+
+class SweepTrial(Base):
+    """Membership of a trial in a sweep; ``position`` is the trial's index in the sweep."""
+
+    __tablename__ = "sweep_trials"
+
+    sweep_id: Mapped[str] = mapped_column(
+        ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True
+    )
+    trial_id: Mapped[int] = mapped_column(
+        ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    position: Mapped[int] = mapped_column(Integer)

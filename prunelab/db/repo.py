@@ -1,0 +1,383 @@
+"""Repository functions over prunelab's tables.
+
+Every function takes a `Session` and never commits: the caller owns the transaction
+(``with factory.begin() as session: ...``). State changes of a trial are single conditional
+``UPDATE`` statements, so they are atomic across processes and orchestrators; the ORM
+objects of the session are expired after each one so they never show stale values.
+
+Trial life cycle: ``pending -> running`` (`claim_trial`) ``-> finished`` (`finish_trial`) or
+``-> pending | failed`` (`release_trial`, `fail_trial`). ``claimed_by`` is set exactly while
+a trial is ``running``.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from typing import Any, Final, TypeVar
+
+from sqlalchemy import ColumnElement, Table, case, func, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from prunelab.db.models import (
+    SWEEP_STATUSES,
+    Sweep,
+    SweepTrial,
+    Trial,
+    UTCDateTime,
+    utcnow,
+)
+
+__all__ = [
+    "add_trials",
+    "claim_trial",
+    "create_sweep",
+    "fail_trial",
+    "finish_trial",
+    "get_sweep",
+    "list_sweeps",
+    "new_sweep_id",
+    "recover_stale",
+    "release_trial",
+    "reset_for_rerun",
+    "running_claims",
+    "set_sweep_mlflow_run",
+    "set_sweep_orchestrator",
+    "set_sweep_status",
+    "set_trial_mlflow_run",
+    "sweep_trials",
+    "trial_status_counts",
+    "trials_by_keys",
+]
+
+_CHUNK: Final = 500  # rows per statement: stays far below the bind-parameter limits
+
+_T = TypeVar("_T")
+
+
+def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def new_sweep_id() -> str:
+    """A fresh sweep id: 12 hex characters of a random UUID."""
+    return uuid.uuid4().hex[:12]
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def create_sweep(
+    session: Session, name: str, spec: dict[str, Any], spec_yaml: str, orchestrator: str
+) -> Sweep:
+    """Insert a ``running`` sweep driven by ``orchestrator`` (host:pid) and return it."""
+    sweep = Sweep(
+        id=new_sweep_id(),
+        name=name,
+        spec=spec,
+        spec_yaml=spec_yaml,
+        created=utcnow(),
+        status="running",
+        orchestrator=orchestrator,
+    )
+    session.add(sweep)
+    session.flush()
+    return sweep
+
+
+def get_sweep(session: Session, ref: str) -> Sweep | None:
+    """The sweep with id ``ref``, else the most recent sweep named ``ref``, else None."""
+    sweep = session.get(Sweep, ref)
+    if sweep is not None:
+        return sweep
+    query = select(Sweep).where(Sweep.name == ref).order_by(Sweep.created.desc(), Sweep.id).limit(1)
+    return session.scalars(query).first()
+
+
+def list_sweeps(session: Session) -> list[Sweep]:
+    """All sweeps, newest first."""
+    return list(session.scalars(select(Sweep).order_by(Sweep.created.desc(), Sweep.id)))
+
+
+def _update_sweep(session: Session, sweep_id: str, **values: Any) -> None:
+    stmt = update(Sweep).where(Sweep.id == sweep_id).values(**values)
+    result = session.execute(stmt.execution_options(synchronize_session=False))
+    _expire(session, Sweep)
+    if result.rowcount == 0:
+        raise LookupError(f"no sweep with id {sweep_id!r}")
+
+
+def set_sweep_status(session: Session, sweep_id: str, status: str) -> None:
+    """Set a sweep's status (one of `SWEEP_STATUSES`)."""
+    if status not in SWEEP_STATUSES:
+        raise ValueError(f"invalid sweep status {status!r}; expected one of {SWEEP_STATUSES}")
+    _update_sweep(session, sweep_id, status=status)
+
+
+def set_sweep_mlflow_run(session: Session, sweep_id: str, run_id: str) -> None:
+    """Record the MLflow parent run of a sweep."""
+    _update_sweep(session, sweep_id, mlflow_run_id=run_id)
+
+
+def set_sweep_orchestrator(session: Session, sweep_id: str, orchestrator: str) -> None:
+    """Record the process (host:pid) now driving a sweep, e.g. after ``prunelab resume``."""
+    _update_sweep(session, sweep_id, orchestrator=orchestrator)
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def _insert_ignoring_conflicts(
+    session: Session, table: Table, rows: Sequence[dict[str, Any]], conflict: list[str]
+) -> None:
+    """``INSERT .. ON CONFLICT (conflict) DO NOTHING`` on SQLite and PostgreSQL."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        insert = postgresql.insert
+    elif dialect == "sqlite":
+        insert = sqlite.insert
+    else:
+        raise NotImplementedError(f"prunelab supports SQLite and PostgreSQL, not {dialect}")
+    for chunk in _chunks(rows):
+        stmt = insert(table).values(list(chunk)).on_conflict_do_nothing(index_elements=conflict)
+        session.execute(stmt)
+
+
+def add_trials(
+    session: Session, sweep_id: str, trials: Sequence[tuple[str, dict[str, Any], bool]]
+) -> tuple[list[Trial], int]:
+    """Add ``(trial_key, config, is_baseline)`` trials to a sweep.
+
+    Keys not yet in the database become ``pending`` trials created by this sweep; every
+    trial, new or existing, is linked to the sweep. Safe when several processes add the
+    same keys at once (``ON CONFLICT DO NOTHING``). A key repeated in ``trials`` counts
+    once. Returns the sweep's trial rows in input order and how many are already finished.
+    """
+    unique: dict[str, tuple[dict[str, Any], bool]] = {}
+    for key, config, is_baseline in trials:
+        unique.setdefault(key, (config, is_baseline))
+    new_rows = [
+        {
+            "sweep_id": sweep_id,
+            "trial_key": key,
+            "config": config,
+            "status": "pending",
+            "attempts": 0,
+            "is_baseline": is_baseline,
+        }
+        for key, (config, is_baseline) in unique.items()
+    ]
+    _insert_ignoring_conflicts(session, Trial.__table__, new_rows, ["trial_key"])
+    by_key = trials_by_keys(session, unique)
+    ordered = [by_key[key] for key in unique]
+    links = [
+        {"sweep_id": sweep_id, "trial_id": trial.id, "position": position}
+        for position, trial in enumerate(ordered)
+    ]
+    _insert_ignoring_conflicts(session, SweepTrial.__table__, links, ["sweep_id", "trial_id"])
+    return ordered, sum(trial.status == "finished" for trial in ordered)
+
+
+def trials_by_keys(session: Session, keys: Iterable[str]) -> dict[str, Trial]:
+    """The trials with the given keys, by key (keys not in the database are absent)."""
+    found: dict[str, Trial] = {}
+    for chunk in _chunks(list(keys)):
+        query = select(Trial).where(Trial.trial_key.in_(chunk))
+        for trial in session.scalars(query.execution_options(populate_existing=True)):
+            found[trial.trial_key] = trial
+    return found
+
+
+def sweep_trials(session: Session, sweep_id: str) -> list[Trial]:
+    """All trials of a sweep (created or reused by it), in the sweep's order."""
+    query = (
+        select(Trial)
+        .join(SweepTrial, SweepTrial.trial_id == Trial.id)
+        .where(SweepTrial.sweep_id == sweep_id)
+        .order_by(SweepTrial.position, Trial.id)
+        .execution_options(populate_existing=True)
+    )
+    return list(session.scalars(query))
+
+
+def trial_status_counts(session: Session, sweep_id: str) -> dict[str, int]:
+    """Number of the sweep's trials in each status (statuses with no trial are absent)."""
+    query = (
+        select(Trial.status, func.count())
+        .join(SweepTrial, SweepTrial.trial_id == Trial.id)
+        .where(SweepTrial.sweep_id == sweep_id)
+        .group_by(Trial.status)
+    )
+    return {status: count for status, count in session.execute(query).tuples()}
+
+
+def _expire(session: Session, model: type[Any]) -> None:
+    """Expire the session's objects of ``model`` after an UPDATE that bypassed them."""
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, model):
+            session.expire(obj)
+
+
+def _update_trials(session: Session, where: Sequence[ColumnElement[bool]], **values: Any) -> int:
+    """Run one ``UPDATE trials SET .. WHERE ..``; return the number of rows changed."""
+    stmt = update(Trial).where(*where).values(**values)
+    result = session.execute(stmt.execution_options(synchronize_session=False))
+    _expire(session, Trial)
+    return result.rowcount
+
+
+def _require_trial(session: Session, trial_id: int) -> str:
+    """The status of a trial; LookupError if it does not exist."""
+    status = session.scalar(select(Trial.status).where(Trial.id == trial_id))
+    if status is None:
+        raise LookupError(f"no trial with id {trial_id}")
+    return status
+
+
+def reset_for_rerun(session: Session, trial_ids: Collection[int]) -> int:
+    """Make trials ``pending`` again with a clean slate (``--rerun``); return how many.
+
+    Clears attempts, metrics, error, MLflow run, worker and times. A trial that is
+    ``running`` (claimed by a live orchestrator) is left alone.
+    """
+    count = 0
+    for chunk in _chunks(list(trial_ids)):
+        count += _update_trials(
+            session,
+            [Trial.id.in_(chunk), Trial.status != "running"],
+            status="pending",
+            attempts=0,
+            metrics=None,
+            error=None,
+            mlflow_run_id=None,
+            claimed_by=None,
+            worker=None,
+            node=None,
+            started=None,
+            finished=None,
+        )
+    return count
+
+
+def claim_trial(
+    session: Session, trial_id: int, claimed_by: str, worker: str, node: str | None
+) -> bool:
+    """Atomically move a ``pending`` trial to ``running``; False if it was not pending.
+
+    This is the guarantee that a trial never runs twice at once, across orchestrators:
+    only one of several concurrent claims updates the row. Counts an attempt.
+    """
+    return (
+        _update_trials(
+            session,
+            [Trial.id == trial_id, Trial.status == "pending"],
+            status="running",
+            attempts=Trial.attempts + 1,
+            claimed_by=claimed_by,
+            worker=worker,
+            node=node,
+            started=utcnow(),
+            finished=None,
+        )
+        == 1
+    )
+
+
+def release_trial(session: Session, trial_id: int, error: str, max_attempts: int) -> str:
+    """After a failed attempt of a ``running`` trial: record ``error`` and return the status.
+
+    The trial goes back to ``pending`` while ``attempts < max_attempts``, else it is
+    ``failed``. A trial that is not ``running`` is unchanged; its status is returned.
+    """
+    retry = Trial.attempts < max_attempts
+    _update_trials(
+        session,
+        [Trial.id == trial_id, Trial.status == "running"],
+        status=case((retry, "pending"), else_="failed"),
+        finished=case((retry, None), else_=literal(utcnow(), UTCDateTime())),
+        error=error,
+        claimed_by=None,
+    )
+    return _require_trial(session, trial_id)
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities become None: PostgreSQL's JSON type rejects them."""
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in metrics.items()
+    }
+
+
+def finish_trial(
+    session: Session, trial_id: int, metrics: dict[str, Any], worker: str, node: str | None
+) -> None:
+    """Mark a trial ``finished`` with its metrics (non-finite floats stored as null)."""
+    changed = _update_trials(
+        session,
+        [Trial.id == trial_id],
+        status="finished",
+        metrics=_finite(metrics),
+        worker=worker,
+        node=node,
+        finished=utcnow(),
+        error=None,
+        claimed_by=None,
+    )
+    if changed == 0:
+        raise LookupError(f"no trial with id {trial_id}")
+
+
+def fail_trial(session: Session, trial_id: int, error: str) -> None:
+    """Mark a trial ``failed`` for good (no retry), recording ``error``."""
+    changed = _update_trials(
+        session,
+        [Trial.id == trial_id],
+        status="failed",
+        error=error,
+        finished=utcnow(),
+        claimed_by=None,
+    )
+    if changed == 0:
+        raise LookupError(f"no trial with id {trial_id}")
+
+
+def set_trial_mlflow_run(session: Session, trial_id: int, run_id: str) -> None:
+    """Record the MLflow child run of a trial."""
+    if _update_trials(session, [Trial.id == trial_id], mlflow_run_id=run_id) == 0:
+        raise LookupError(f"no trial with id {trial_id}")
+
+
+def running_claims(session: Session, sweep_id: str) -> set[str]:
+    """Claim holders (orchestrator ids) of the sweep's ``running`` trials."""
+    query = (
+        select(Trial.claimed_by)
+        .join(SweepTrial, SweepTrial.trial_id == Trial.id)
+        .where(SweepTrial.sweep_id == sweep_id, Trial.status == "running")
+        .distinct()
+    )
+    return {claim for claim in session.scalars(query) if claim is not None}
+
+
+def recover_stale(session: Session, sweep_id: str, live_claims: Collection[str] = ()) -> int:
+    """Put the sweep's ``running`` trials whose claim holder is gone back to ``pending``.
+
+    A claim holder is gone unless its id is in ``live_claims`` (default: none is live, so
+    every running trial of the sweep is reset). A trial shared with another sweep whose
+    orchestrator is alive must have that orchestrator's id in ``live_claims``; see
+    `running_claims`. Attempts are kept. Returns the number of trials reset.
+    """
+    members = select(SweepTrial.trial_id).where(SweepTrial.sweep_id == sweep_id)
+    return _update_trials(
+        session,
+        [
+            Trial.id.in_(members),
+            Trial.status == "running",
+            or_(Trial.claimed_by.is_(None), Trial.claimed_by.not_in(list(live_claims))),
+        ],
+        status="pending",
+        claimed_by=None,
+    )

@@ -1,0 +1,327 @@
+"""MLflow tracking of sweeps and trials (the only prunelab module that imports mlflow).
+
+One experiment per sweep name, one parent run per sweep and one child run per finished
+trial, with the tags of DESIGN.md ("MLflow conventions"). Everything goes through an
+`MlflowClient` bound to one tracking URI, never through mlflow's global fluent API, so a
+process may drive several sweeps and stores at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Final, Literal
+from urllib.parse import urlparse
+
+from mlflow.entities import Metric, Param, Run, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from prunelab.db.engine import normalize_db_url
+
+__all__ = [
+    "ARTIFACT_ROOT_ENV",
+    "TRACKING_URI_ENV",
+    "Tracker",
+    "default_artifact_root",
+    "default_tracking_uri",
+]
+
+TRACKING_URI_ENV: Final = "PRUNELAB_TRACKING_URI"
+ARTIFACT_ROOT_ENV: Final = "PRUNELAB_ARTIFACT_ROOT"
+
+TAG_ROLE: Final = "prunelab.role"
+TAG_SWEEP_ID: Final = "prunelab.sweep_id"
+TAG_TRIAL_KEY: Final = "prunelab.trial_key"
+TAG_PARENT: Final = "mlflow.parentRunId"
+
+# MLflow's limits for one log_batch call.
+_MAX_PARAMS_PER_BATCH: Final = 100
+_MAX_ENTRIES_PER_BATCH: Final = 1000
+
+_DB_SCHEMES: Final = frozenset({"postgresql", "postgres", "mysql", "sqlite", "mssql"})
+_SAFE_TAG_VALUE = re.compile(r"[A-Za-z0-9_.:-]+")
+
+Artifacts = Mapping[str, str | bytes]
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+
+def default_tracking_uri() -> str:
+    """``$PRUNELAB_TRACKING_URI``, else ``sqlite:///<cwd>/prunelab-runs/mlflow.db``."""
+    env = os.environ.get(TRACKING_URI_ENV)
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'prunelab-runs' / 'mlflow.db'}"
+
+
+def default_artifact_root() -> str:
+    """``$PRUNELAB_ARTIFACT_ROOT``, else ``<cwd>/prunelab-runs/artifacts``."""
+    env = os.environ.get(ARTIFACT_ROOT_ENV)
+    if env:
+        return env
+    return str(Path.cwd() / "prunelab-runs" / "artifacts")
+
+
+def _is_db_uri(uri: str) -> bool:
+    """Whether ``uri`` names a database store (SQLAlchemy URL) rather than a server."""
+    return urlparse(uri).scheme.split("+")[0] in _DB_SCHEMES
+
+
+def _normalize_tracking_uri(uri: str) -> str:
+    """Give ``postgresql://`` psycopg 3 and create the directory of a SQLite store."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("postgresql", "postgres"):
+        return normalize_db_url(uri).render_as_string(hide_password=False)
+    if scheme.startswith("sqlite"):
+        database = normalize_db_url(uri).database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def _has_scheme(location: str) -> bool:
+    return len(urlparse(location).scheme) > 1  # one letter is a Windows drive
+
+
+def _check_tag_value(name: str, value: str) -> str:
+    """Values used inside search filters must not need quoting."""
+    if not _SAFE_TAG_VALUE.fullmatch(value):
+        raise ValueError(f"{name} {value!r} may only contain letters, digits and _.:-")
+    return value
+
+
+def _artifact_parts(name: str) -> tuple[str, ...]:
+    """The path components of an artifact name; it must stay inside the run."""
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(f"artifact name {name!r} must be a relative path inside the run")
+    return relative.parts
+
+
+def _write_artifacts(directory: Path, artifacts: Artifacts) -> None:
+    """Write ``artifacts`` (relative path -> text or bytes) under ``directory``."""
+    for name, content in artifacts.items():
+        target = directory.joinpath(*_artifact_parts(name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content, encoding="utf-8")
+
+
+class Tracker:
+    """Log sweeps (parent runs) and trials (child runs) to one MLflow tracking store.
+
+    ``artifact_root``: where new experiments keep their artifacts (``<root>/<name>``; a
+    path or a URI); None leaves it to the tracking server's default.
+    """
+
+    def __init__(self, tracking_uri: str, artifact_root: str | None = None) -> None:
+        self.tracking_uri = _normalize_tracking_uri(tracking_uri)
+        self.artifact_root = artifact_root
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._experiment_ids: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        uri = self.tracking_uri
+        if _is_db_uri(uri):
+            uri = normalize_db_url(uri).render_as_string(hide_password=True)
+        return f"Tracker({uri!r}, artifact_root={self.artifact_root!r})"
+
+    # ----------------------------------------------------------------- experiments
+
+    def _artifact_location(self, name: str) -> str | None:
+        root = self.artifact_root
+        if root is None:
+            return None
+        if _has_scheme(root):
+            return f"{root.rstrip('/')}/{name}"
+        return (Path(root).expanduser().resolve() / name).as_uri()
+
+    def experiment_id(self, name: str) -> str:
+        """Id of the experiment ``name``, created (or restored if deleted) when needed."""
+        cached = self._experiment_ids.get(name)
+        if cached is not None:
+            return cached
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                experiment_id = self.client.create_experiment(
+                    name, artifact_location=self._artifact_location(name)
+                )
+            except MlflowException:
+                # Another process created it between our lookup and create.
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+            if experiment.lifecycle_stage == "deleted":
+                self.client.restore_experiment(experiment_id)
+        self._experiment_ids[name] = experiment_id
+        return experiment_id
+
+    def _resolve_experiment(self, experiment: str) -> str:
+        """An experiment id from an experiment name or id."""
+        if experiment in self._experiment_ids:
+            return self._experiment_ids[experiment]
+        if experiment in self._experiment_ids.values():
+            return experiment
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self._experiment_ids[experiment] = found.experiment_id
+            return found.experiment_id
+        return self.client.get_experiment(experiment).experiment_id
+
+    def _search(self, experiment_id: str, filter_string: str) -> list[Run]:
+        """All active runs of an experiment matching ``filter_string`` (every page)."""
+        runs: list[Run] = []
+        page_token: str | None = None
+        while True:
+            page = self.client.search_runs(
+                [experiment_id],
+                filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=1000,
+                page_token=page_token,
+            )
+            runs.extend(page)
+            page_token = page.token
+            if not page_token:
+                return runs
+
+    # ----------------------------------------------------------------- logging
+
+    def _log_batch(
+        self, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]
+    ) -> None:
+        """Params (stringified, None omitted) and metrics (as float) in as few calls as
+        MLflow allows: one unless there are more than 100 params or 1000 entries."""
+        timestamp = int(time.time() * 1000)
+        param_list = [Param(k, str(v)) for k, v in params.items() if v is not None]
+        metric_list = [Metric(k, float(v), timestamp, 0) for k, v in metrics.items()]
+        while param_list or metric_list:
+            batch_params = param_list[:_MAX_PARAMS_PER_BATCH]
+            room = _MAX_ENTRIES_PER_BATCH - len(batch_params)
+            batch_metrics = metric_list[:room]
+            self.client.log_batch(run_id, metrics=batch_metrics, params=batch_params)
+            param_list = param_list[len(batch_params) :]
+            metric_list = metric_list[len(batch_metrics) :]
+
+    def _log_artifacts(self, run_id: str, artifacts: Artifacts) -> None:
+        if not artifacts:
+            return
+        with tempfile.TemporaryDirectory(prefix="prunelab-artifacts-") as tmp:
+            _write_artifacts(Path(tmp), artifacts)
+            self.client.log_artifacts(run_id, tmp)
+
+    def start_sweep(self, name: str, sweep_id: str, params: Mapping[str, Any]) -> str:
+        """Start the parent run of a sweep in experiment ``name``; return its run id.
+
+        If the sweep already has a parent run (a resumed sweep, or a crash before its id
+        was saved), that run is set RUNNING again and returned instead of a new one.
+        """
+        experiment_id = self.experiment_id(name)
+        sweep_id = _check_tag_value("sweep id", sweep_id)
+        existing = self._search(
+            experiment_id,
+            f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'",
+        )
+        if existing:
+            run = existing[0]
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            missing = {k: v for k, v in params.items() if k not in run.data.params}
+            self._log_batch(run.info.run_id, missing, {})
+            return run.info.run_id
+        run = self.client.create_run(
+            experiment_id,
+            tags={TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id},
+            run_name=f"{name}-{sweep_id}",
+        )
+        self._log_batch(run.info.run_id, params, {})
+        return run.info.run_id
+
+    def log_trial(
+        self,
+        experiment: str,
+        parent_run_id: str,
+        sweep_id: str,
+        trial_key: str,
+        run_name: str,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, float],
+        artifacts: Artifacts,
+    ) -> str:
+        """Log a finished trial as a FINISHED child run of ``parent_run_id``; return its id.
+
+        ``experiment`` is an experiment name or id. Idempotent per (sweep, trial_key): if
+        the sweep already has a FINISHED run for this key, its id is returned and nothing
+        is logged; unfinished runs for the key (left by a crash) are deleted first.
+        """
+        experiment_id = self._resolve_experiment(experiment)
+        sweep_id = _check_tag_value("sweep id", sweep_id)
+        trial_key = _check_tag_value("trial key", trial_key)
+        for name in artifacts:
+            _artifact_parts(name)
+        previous = self._search(
+            experiment_id,
+            f"tags.`{TAG_TRIAL_KEY}` = '{trial_key}' and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'",
+        )
+        for run in previous:
+            if run.info.status == "FINISHED":
+                return run.info.run_id
+        for run in previous:
+            self.client.delete_run(run.info.run_id)
+        run = self.client.create_run(
+            experiment_id,
+            tags={
+                TAG_PARENT: parent_run_id,
+                TAG_ROLE: "trial",
+                TAG_TRIAL_KEY: trial_key,
+                TAG_SWEEP_ID: sweep_id,
+            },
+            run_name=run_name,
+        )
+        run_id = run.info.run_id
+        try:
+            self._log_batch(run_id, params, metrics)
+            self._log_artifacts(run_id, artifacts)
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep the original error
+                self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def log_sweep_artifacts(self, parent_run_id: str, artifacts: Artifacts) -> None:
+        """Attach artifacts (relative path -> text or bytes) to a sweep's parent run."""
+        self._log_artifacts(parent_run_id, artifacts)
+
+    def log_sweep_metrics(self, parent_run_id: str, metrics: Mapping[str, float]) -> None:
+        """Log summary metrics on a sweep's parent run."""
+        self._log_batch(parent_run_id, {}, metrics)
+
+    def finish_sweep(self, parent_run_id: str, status: RunStatus = "FINISHED") -> None:
+        """End a sweep's parent run with ``status`` (FINISHED, FAILED or KILLED)."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"invalid run status {status!r}")
+        self.client.set_terminated(parent_run_id, status)
+
+    # ----------------------------------------------------------------- reading
+
+    def trial_runs(self, experiment_name: str, sweep_id: str | None = None) -> list[Run]:
+        """Active trial runs of an experiment (optionally of one sweep); [] if none."""
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return []
+        filter_string = f"tags.`{TAG_ROLE}` = 'trial'"
+        if sweep_id is not None:
+            sweep_id = _check_tag_value("sweep id", sweep_id)
+            filter_string += f" and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'"
+        return self._search(experiment.experiment_id, filter_string)
