@@ -1,0 +1,83 @@
+"""Every YAML file shipped in ``prunelab/sweeps`` composes and validates."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+import prunelab.methods as M
+from prunelab.orchestrator.config import SCHEMA_NAME, SweepConfig, range_problems
+from prunelab.orchestrator.spec import SWEEPS_DIR, group_names, load_sweep, sweep_names
+from prunelab.workers.benchmarks import build_benchmark
+from prunelab.workers.models import ModelSpec, describe_model
+
+ALL_YAML = sorted(p.relative_to(SWEEPS_DIR).as_posix() for p in SWEEPS_DIR.rglob("*.yaml"))
+
+
+def load_plain(relative: str) -> dict:
+    data = OmegaConf.to_container(OmegaConf.load(SWEEPS_DIR / relative), resolve=True)
+    assert isinstance(data, dict), f"{relative} is not a mapping"
+    return data
+
+
+def test_every_yaml_file_is_covered() -> None:
+    covered = {"base.yaml"}
+    covered |= {f"{name}.yaml" for name in sweep_names()}
+    for group in ("model", "benchmark", "method"):
+        covered |= {f"{group}/{name}.yaml" for name in group_names(group)}
+    assert set(ALL_YAML) == covered
+
+
+def test_base_matches_the_schema() -> None:
+    base = load_plain("base.yaml")
+    assert OmegaConf.is_missing(OmegaConf.load(SWEEPS_DIR / "base.yaml"), "name")
+    base.pop("name")
+    typed = OmegaConf.merge(OmegaConf.structured(SweepConfig), base)
+    assert range_problems("eval", OmegaConf.to_container(typed.eval)) == {}
+    assert range_problems("workers", OmegaConf.to_container(typed.workers)) == {}
+
+
+def test_schema_is_in_the_config_store() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    assert ConfigStore.instance().load(f"{SCHEMA_NAME}.yaml").node is not None
+
+
+@pytest.mark.parametrize("name", sweep_names())
+def test_spec_composes_and_expands(name: str) -> None:
+    plan = load_sweep(name, [])
+    assert plan.trials, f"{name} expands to no trials"
+    assert len({t.key for t in plan.trials}) == len(plan.trials)
+    assert all(t.is_baseline for t in plan.trials if t.method == "none")
+
+
+def test_quickstart_has_seven_trials() -> None:
+    plan = load_sweep("quickstart", [])
+    methods = [t.method for t in plan.trials]
+    assert len(plan.trials) == 7
+    assert (methods.count("none"), methods.count("random"), methods.count("fastv")) == (1, 3, 3)
+
+
+@pytest.mark.parametrize("name", group_names("model"))
+def test_model_config_is_valid(name: str) -> None:
+    data = load_plain(f"model/{name}.yaml")
+    assert data["name"] == name
+    spec = ModelSpec.from_config(data)
+    if spec.source == "tiny":  # pretrained ones would need the hub; their schema is checked
+        info = describe_model(spec)
+        assert info.n_layers > 0 and info.n_visual > 0
+
+
+@pytest.mark.parametrize("name", group_names("benchmark"))
+def test_benchmark_config_is_valid(name: str) -> None:
+    data = load_plain(f"benchmark/{name}.yaml")
+    assert data["name"] == name
+    assert build_benchmark(data).describe()
+
+
+@pytest.mark.parametrize("name", group_names("method"))
+def test_method_preset_is_valid(name: str) -> None:
+    data = load_plain(f"method/{name}.yaml")
+    assert set(data) <= {"name", "hparams"}
+    cls = M.get(data.get("name", name))
+    cls.from_hparams(data.get("hparams") or {})
