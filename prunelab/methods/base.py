@@ -124,7 +124,9 @@ class VisionSelection:
 
     tokens: torch.Tensor  # (M, D) tokens that replace the N visual tokens, in sequence order
     kept: torch.Tensor  # (M,) index into the N inputs of the token each output is anchored on
-    assignment: torch.Tensor | None = None  # (N,) output index each input was merged into, -1: dropped
+    assignment: torch.Tensor | None = (
+        None  # (N,) output index each input was merged into, -1: dropped
+    )
 
 
 @dataclass
@@ -197,7 +199,7 @@ class PruningMethod:
 
 
 def _check_field_types(obj: Any) -> None:
-    """Validate dataclass field values against their annotations (int, float, bool, str, Literal)."""
+    """Check field values against their annotations (int, float, bool, str, Literal, unions)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -223,7 +225,9 @@ def _matches(value: Any, tp: Any) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
     if origin in (tuple, list):
         return isinstance(value, (tuple, list)) and all(
             _matches(v, typing.get_args(tp)[0]) for v in value
@@ -246,5 +250,3 @@ def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest ``scores`` (V,), returned in increasing index order (k,)."""
     k = min(k, scores.shape[-1])
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
-
-

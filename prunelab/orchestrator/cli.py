@@ -108,8 +108,10 @@ def _dry_run(plan: Any, stores) -> int:
             found = repo.trials_by_keys(session, [t.key for t in plan.trials])
             done = {k for k, t in found.items() if t.status == "finished"}
     print(f"sweep {plan.name}: {len(plan.trials)} trials, {len(done)} already finished")
-    header = f"{'key':10}  {'model':16} {'benchmark':10} {'method':12} {'budget':7} {'layer':5} {'seed':4}  hparams"
-    print(header)
+    print(
+        f"{'key':10}  {'model':16} {'benchmark':10} {'method':12} {'budget':7} {'layer':5} "
+        f"{'seed':4}  hparams"
+    )
     total_tflops = 0.0
     for trial in plan.trials:
         config = trial.config()
@@ -118,16 +120,21 @@ def _dry_run(plan: Any, stores) -> int:
         mark = " (done)" if trial.key in done else ""
         print(
             f"{trial.key[:10]}  {trial.model:16} {trial.benchmark:10} {trial.method:12} "
-            f"{budget_label(config):7} {'' if trial.prune_layer is None else trial.prune_layer!s:5} "
-            f"{'' if trial.seed is None else trial.seed!s:4}  {json.dumps(trial.hparams)}{mark}"
+            f"{budget_label(config):7} {_blank(trial.prune_layer):5} {_blank(trial.seed):4}  "
+            f"{json.dumps(trial.hparams)}{mark}"
         )
     todo = [t for t in plan.trials if t.key not in done]
-    samples = sum(int(plan.eval["limit"]) for _ in todo)
+    limit = plan.eval.get("limit")
+    samples = f"{limit * len(todo)} samples" if limit is not None else "all samples"
     print(
-        f"to run: {len(todo)} trials, {samples} samples, about {total_tflops:.3g} TFLOPs of LLM "
-        f"compute ({plan.eval.get('flops_convention', 'pdrop')} convention)"
+        f"to run: {len(todo)} trials, {samples}, about {total_tflops:.3g} TFLOPs of LLM "
+        f"prefill ({plan.eval.get('flops_convention', 'pdrop')} convention)"
     )
     return 0
+
+
+def _blank(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

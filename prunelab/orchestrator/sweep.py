@@ -20,8 +20,7 @@ import yaml
 from sqlalchemy import Engine
 from tqdm import tqdm
 
-from prunelab.db import Trial, init_db, session_factory
-from prunelab.db import repo
+from prunelab.db import Trial, init_db, repo, session_factory
 from prunelab.orchestrator.results import (
     budget_label,
     relative_metrics,

@@ -19,7 +19,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-__all__ = ["PROBED_IMPLEMENTATIONS", "AttentionProbe", "attention_rows", "probe_attention", "wrap_attention"]
+__all__ = [
+    "PROBED_IMPLEMENTATIONS",
+    "AttentionProbe",
+    "attention_rows",
+    "probe_attention",
+    "wrap_attention",
+]
 
 _PREFIX = "prunelab_"
 PROBED_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")

@@ -137,9 +137,7 @@ def _local_fingerprint(path: str | None) -> Any:
     """Names, sizes and mtimes of a local model directory (a hub id fingerprints as itself)."""
     if path is None or not Path(path).is_dir():
         return path
-    return sorted(
-        (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(path).iterdir()
-    )
+    return sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(path).iterdir())
 
 
 def load_model(cfg: dict[str, Any] | ModelSpec) -> LoadedModel:

@@ -224,9 +224,18 @@ def run_trial(
     predictions = [
         {
             k: getattr(r, k)
-            for k in ("id", "category", "question", "answers", "prediction", "score",
-                      "visual_kept", "fidelity_top1", "fidelity_kl")
-        }  # fmt: skip
+            for k in (
+                "id",
+                "category",
+                "question",
+                "answers",
+                "prediction",
+                "score",
+                "visual_kept",
+                "fidelity_top1",
+                "fidelity_kl",
+            )
+        }
         for r in results
     ]
     return TrialOutput(metrics=metrics, predictions=predictions)

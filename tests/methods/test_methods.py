@@ -68,7 +68,7 @@ def test_hyperparameter_validation():
     fastv = M.get("fastv")
     with pytest.raises(M.HyperparameterError, match=r"fastv.queries=5: expected one of"):
         fastv.from_hparams({"queries": 5})
-    with pytest.raises(M.HyperparameterError, match="unknown hyperparameter.*ratio"):
+    with pytest.raises(M.HyperparameterError, match=r"unknown hyperparameter.*ratio"):
         fastv.from_hparams({"ratio": 0.5})
     assert fastv.from_hparams({"queries": "all"}).queries == "all"
     assert fastv.hyperparameters() == {"queries": "last"}

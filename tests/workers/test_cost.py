@@ -24,4 +24,6 @@ def test_decode_flops_counts_growing_cache():
 
 def test_kv_cache_bytes():
     # two layers holding 10 and 4 tokens, 3 new tokens (2 appended after the prefill)
-    assert kv_cache_bytes([10, 4], 3, n_kv_heads=2, head_dim=8, itemsize=4) == (12 + 6) * 2 * 2 * 8 * 4
+    assert (
+        kv_cache_bytes([10, 4], 3, n_kv_heads=2, head_dim=8, itemsize=4) == (12 + 6) * 2 * 2 * 8 * 4
+    )

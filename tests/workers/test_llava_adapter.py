@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import prunelab.methods as M
+from prunelab.sweeps import group_config
 from prunelab.workers.adapters import adapter_for
 from prunelab.workers.attention import AttentionProbe, probe_attention
 from prunelab.workers.benchmarks.shapes import ShapesBenchmark
 from prunelab.workers.models import describe_model, load_model
-
-from prunelab.sweeps import group_config
 
 
 def _sample(adapter, index=0):
@@ -43,7 +42,7 @@ def test_describe_model_without_weights():
 
 @torch.inference_mode()
 def test_attention_rows_match_eager(tiny_llava):
-    loaded, adapter = tiny_llava
+    _, adapter = tiny_llava
     prepared = _sample(adapter)
     tokens = adapter.vision_signals(prepared, frozenset()).tokens
     embeds = adapter.model.get_input_embeddings()(prepared.input_ids).clone()
@@ -101,8 +100,9 @@ def test_layer_pruned_decoding_matches_recomputation(tiny_llava):
         out, _ = adapter.generate(
             prepared,
             tokens,
-            lambda n, v: adapter.layer_pruner(n, v, method=method, steps=plan.layers,
-                                              generator=gen),  # fmt: skip
+            lambda n, v: adapter.layer_pruner(
+                n, v, method=method, steps=plan.layers, generator=gen
+            ),
             max_new,
             time.perf_counter,
         )

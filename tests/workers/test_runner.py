@@ -31,7 +31,7 @@ def test_registered_method_runs_on_tiny_llava(method, tiny_llava, trial_config):
     config = trial_config(method, **AXES[method])
     output = run_trial(loaded, adapter, config, ReferenceCache())
     metrics = output.metrics
-    assert CORE_METRICS <= set(metrics)
+    assert set(metrics) >= CORE_METRICS
     assert metrics["samples"] == 6 and len(output.predictions) == 6
     assert metrics["visual_tokens_in"] == 144
     method_cls = M.get(method)

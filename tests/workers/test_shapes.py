@@ -10,7 +10,10 @@ def test_deterministic_and_split_disjoint():
     a, b = ShapesBenchmark(), ShapesBenchmark()
     sa, sb = a.samples(8, seed=3), b.samples(8, seed=3)
     assert [s.id for s in sa] == [s.id for s in sb]
-    assert all(np.array_equal(x.image, y.image) and x.question == y.question for x, y in zip(sa, sb))
+    assert all(
+        np.array_equal(x.image, y.image) and x.question == y.question
+        for x, y in zip(sa, sb, strict=True)
+    )
     train = ShapesBenchmark(split="train").sample(0)
     assert not np.array_equal(train.image, ShapesBenchmark().sample(0).image)
     assert ShapesBenchmark().samples(8, seed=4) != sa

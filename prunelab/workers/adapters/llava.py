@@ -163,7 +163,7 @@ class LlavaAdapter:
                 f"prompt has {positions.numel()} image tokens, the model makes "
                 f"{self.info.n_visual} visual tokens"
             )
-        side = int(round(self.info.n_visual**0.5))
+        side = round(self.info.n_visual**0.5)
         return Prepared(
             input_ids=input_ids,
             pixel_values=batch["pixel_values"].to(self.device, self.model.dtype),
@@ -180,8 +180,7 @@ class LlavaAdapter:
             vision_feature_layer=self.model.config.vision_feature_layer,
             vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
         ).pooler_output
-        tokens = features[0] if isinstance(features, (list, tuple)) else features[0]
-        return VisionSignals(tokens=tokens, grid=prepared.grid)
+        return VisionSignals(tokens=features[0], grid=prepared.grid)  # (N, D): one image
 
     def generate(
         self,

@@ -63,7 +63,7 @@ def _shape_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
 def render(
     cells: list[tuple[str, str] | None], grid: int, cell_px: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Draw ``cells`` (row-major, (colour, shape) or None) as a (grid*cell_px, grid*cell_px, 3) image."""
+    """Draw ``cells`` (row-major; (colour, shape) or None) as a (G*px, G*px, 3) uint8 image."""
     size = grid * cell_px
     image = np.full((size, size, 3), 30, dtype=np.float32)
     image += rng.normal(0, 6, size=image.shape)
