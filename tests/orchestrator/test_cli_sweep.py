@@ -1,0 +1,127 @@
+"""The whole CLI sweep on local Ray: SQLite (default stores) and PostgreSQL (env vars)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from sqlalchemy import create_engine, text
+
+pytestmark = pytest.mark.slow
+
+TRIAL_METRICS = {
+    "score", "score_ratio", "visual_tokens_in", "visual_tokens_kept", "avg_visual_tokens",
+    "tflops", "flops_ratio", "prefill_ms", "latency_ms", "fidelity_top1", "fidelity_kl",
+    "samples",
+}  # fmt: skip
+# params of the axes each method uses; unused axes are dropped from the trial, not logged
+TRIAL_PARAMS = {
+    "none": {"model", "benchmark", "method"},
+    "fastv": {"model", "benchmark", "method", "keep_ratio", "prune_layer", "method.queries"},
+    "random": {"model", "benchmark", "method", "keep_ratio", "prune_layer", "seed"},
+}
+# 1 none + 2 random + 2 fastv; tiny budgets so the sweep takes seconds
+ARGS = ["quickstart", "keep_ratio=0.111,0.333", "eval.limit=4", "eval.warmup=0"]
+
+
+def prunelab(*args: str, cwd: Path, env: dict | None = None, check: bool = True):
+    result = subprocess.run(
+        [sys.executable, "-m", "prunelab.orchestrator.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def check_mlflow(tracking_uri: str, trials: int) -> None:
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("quickstart")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("prunelab.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("prunelab.role") == "trial"]
+    assert parents and len(children) == trials
+    first_parent = min(parents, key=lambda r: r.info.start_time)
+    keys = set()
+    for child in children:
+        tags = child.data.tags
+        assert tags["mlflow.parentRunId"] == first_parent.info.run_id
+        assert tags["prunelab.sweep_id"] == first_parent.data.tags["prunelab.sweep_id"]
+        keys.add(tags["prunelab.trial_key"])
+        method = child.data.params["method"]
+        assert set(child.data.params) == TRIAL_PARAMS[method]
+        expected = TRIAL_METRICS - ({"score_ratio"} if child.data.metrics["score"] == 0 else set())
+        # score_ratio is undefined (absent) when the unpruned score is 0
+        baseline_score = [
+            c.data.metrics["score"] for c in children if c.data.params["method"] == "none"
+        ][0]
+        if baseline_score > 0:
+            expected |= {"score_ratio"}
+        assert expected <= set(child.data.metrics), (method, set(child.data.metrics))
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"predictions.jsonl", "trial.yaml"} <= artifacts
+        assert child.info.status == "FINISHED"
+    assert len(keys) == trials
+    parent_artifacts = {a.path for a in client.list_artifacts(first_parent.info.run_id)}
+    assert {"table.md", "table.csv"} <= parent_artifacts
+
+
+def test_quickstart_on_sqlite_then_rerun_runs_nothing(tmp_path):
+    first = prunelab("sweep", *ARGS, cwd=tmp_path)
+    assert "5 trials, 0 already finished, 5 to run" in first.stdout
+    assert "| tiny-llava | shapes | fastv | 11.1% | 2 |" in first.stdout
+    runs = tmp_path / "prunelab-runs"
+    assert (runs / "mlflow.db").exists() and (runs / "prunelab.db").exists()
+    check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", trials=5)
+
+    second = prunelab("sweep", *ARGS, cwd=tmp_path)
+    assert "5 trials, 5 already finished, 0 to run" in second.stdout
+    check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", trials=5)  # no new child run
+
+    status = json.loads(prunelab("status", "quickstart", "--json", cwd=tmp_path).stdout)
+    assert [t["status"] for t in status["trials"]] == ["finished"] * 5
+    assert all(t["attempts"] == 1 and t["mlflow_run_id"] for t in status["trials"])
+    sweeps = json.loads(prunelab("status", "--json", cwd=tmp_path).stdout)
+    assert len(sweeps) == 2 and all(s["status"] == "finished" for s in sweeps)
+
+    md = prunelab("report", "quickstart", "--format", "md", cwd=tmp_path).stdout
+    assert md.count("| tiny-llava |") == 5
+    csv_out = tmp_path / "t.csv"
+    prunelab("report", "quickstart", "--format", "csv", "--out", str(csv_out), cwd=tmp_path)
+    assert csv_out.read_text().splitlines()[0].startswith("model,benchmark,method,budget")
+    latex = prunelab("report", "quickstart", "--format", "latex", cwd=tmp_path).stdout
+    assert "\\begin{tabular}" in latex
+
+
+@pytest.mark.postgres
+def test_quickstart_on_postgresql(tmp_path, pg_databases):
+    ours, mlflow_db = pg_databases.create(), pg_databases.create()
+    env = {"PRUNELAB_DB_URL": ours, "PRUNELAB_TRACKING_URI": mlflow_db}
+    prunelab("sweep", *ARGS, cwd=tmp_path, env=env)
+    assert not (tmp_path / "prunelab-runs" / "prunelab.db").exists()
+    assert not (tmp_path / "prunelab-runs" / "mlflow.db").exists()
+    engine = create_engine(ours.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.connect() as conn:
+        rows = conn.execute(text("select status, mlflow_run_id from trials")).all()
+    engine.dispose()
+    assert len(rows) == 5 and all(s == "finished" and run for s, run in rows)
+    check_mlflow(mlflow_db.replace("postgresql://", "postgresql+psycopg://", 1), trials=5)
+    again = prunelab("sweep", *ARGS, cwd=tmp_path, env=env)
+    assert "0 to run" in again.stdout
+
+
+def test_methods_lists_registry(tmp_path):
+    out = prunelab("methods", cwd=tmp_path).stdout
+    assert "fastv" in out and "queries='last'" in out and "default prune_layer=2" in out
+    rows = json.loads(prunelab("methods", "--json", cwd=tmp_path).stdout)
+    assert {r["name"] for r in rows} >= {"none", "random", "fastv"}
