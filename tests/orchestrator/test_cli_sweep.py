@@ -52,6 +52,9 @@ def check_mlflow(tracking_uri: str, trials: int) -> None:
     children = [r for r in runs if r.data.tags.get("prunelab.role") == "trial"]
     assert parents and len(children) == trials
     first_parent = min(parents, key=lambda r: r.info.start_time)
+    baseline = next(c for c in children if c.data.params["method"] == "none")
+    # score_ratio is undefined (not logged) when the unpruned score is 0
+    expected = TRIAL_METRICS - (set() if baseline.data.metrics["score"] > 0 else {"score_ratio"})
     keys = set()
     for child in children:
         tags = child.data.tags
@@ -60,13 +63,6 @@ def check_mlflow(tracking_uri: str, trials: int) -> None:
         keys.add(tags["prunelab.trial_key"])
         method = child.data.params["method"]
         assert set(child.data.params) == TRIAL_PARAMS[method]
-        expected = TRIAL_METRICS - ({"score_ratio"} if child.data.metrics["score"] == 0 else set())
-        # score_ratio is undefined (absent) when the unpruned score is 0
-        baseline_score = [
-            c.data.metrics["score"] for c in children if c.data.params["method"] == "none"
-        ][0]
-        if baseline_score > 0:
-            expected |= {"score_ratio"}
         assert expected <= set(child.data.metrics), (method, set(child.data.metrics))
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"predictions.jsonl", "trial.yaml"} <= artifacts
