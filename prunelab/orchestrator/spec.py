@@ -44,12 +44,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import prunelab.methods as M
+from prunelab import sweeps
 from prunelab.orchestrator.config import (
     EvalConfig,
     SweepConfig,
     WorkersConfig,
     range_problems,
 )
+from prunelab.sweeps import SWEEPS_DIR
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.models import ModelInfo, describe_model
 
@@ -69,8 +71,6 @@ __all__ = [
     "sweep_names",
 ]
 
-SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
-"""The package's Hydra config directory: ``base.yaml``, shipped specs, config groups."""
 
 GROUPS = ("model", "benchmark", "method")
 """Config groups; the grid axes of the same names take their file names as values."""
@@ -184,7 +184,7 @@ def group_names(group: str) -> list[str]:
     """Names of the configs of ``group`` (model, benchmark or method) shipped in the package."""
     if group not in GROUPS:
         raise ValueError(f"unknown config group {group!r}; expected one of {', '.join(GROUPS)}")
-    return sorted(p.stem for p in (SWEEPS_DIR / group).glob("*.yaml"))
+    return sweeps.group_names(group)
 
 
 # -- small helpers ---------------------------------------------------------------------------
