@@ -76,7 +76,7 @@ def submit_sweep(plan: Any, stores: Stores, rerun: bool = False) -> int:
     )
     with sessions.begin() as session:
         repo.set_sweep_mlflow_run(session, sweep_id, parent)
-    return execute(engine, tracker, sweep_id, plan.workers, orchestrator)
+    return execute(engine, tracker, sweep_id, plan.workers, orchestrator, stores.ray_address)
 
 
 def resume_sweep(ref: str, stores: Stores) -> int:
@@ -97,7 +97,7 @@ def resume_sweep(ref: str, stores: Stores) -> int:
         repo.set_sweep_orchestrator(session, sweep_id, orchestrator)
         repo.set_sweep_status(session, sweep_id, "running")
     print(f"resuming sweep {ref} ({sweep_id}): {reset} interrupted trial(s) back to pending")
-    return execute(engine, tracker, sweep_id, workers, orchestrator)
+    return execute(engine, tracker, sweep_id, workers, orchestrator, stores.ray_address)
 
 
 class _Recorder:
@@ -113,21 +113,15 @@ class _Recorder:
             assert sweep is not None
             self.name, self.parent = sweep.name, sweep.mlflow_run_id
             trials = repo.sweep_trials(session, sweep_id)
-            self.configs = {t.id: t.config for t in trials}
-            self.baseline_of = {t.id: self._baseline_id(t, trials) for t in trials}
+            baselines = {
+                (t.config["model"], t.config["benchmark"]): t.id
+                for t in trials
+                if t.config["method"] == "none"
+            }
+            self.baseline_of = {
+                t.id: baselines.get((t.config["model"], t.config["benchmark"])) for t in trials
+            }
         self.waiting: dict[int, dict[str, Any]] = {}  # finished, waiting for their baseline
-
-    @staticmethod
-    def _baseline_id(trial: Trial, trials: list[Trial]) -> int | None:
-        for other in trials:
-            c = other.config
-            if (
-                c["method"] == "none"
-                and c["model"] == trial.config["model"]
-                and c["benchmark"] == trial.config["benchmark"]
-            ):
-                return other.id
-        return None
 
     def _trial(self, trial_id: int) -> Trial:
         with self.sessions() as session:
@@ -201,7 +195,12 @@ class _Recorder:
 
 
 def execute(
-    engine: Engine, tracker: Tracker, sweep_id: str, workers: dict[str, Any], orchestrator: str
+    engine: Engine,
+    tracker: Tracker,
+    sweep_id: str,
+    workers: dict[str, Any],
+    orchestrator: str,
+    ray_address: str | None = None,
 ) -> int:
     """Run the sweep's unfinished trials on Ray workers; log everything; print the table."""
     from prunelab.orchestrator.scheduler import Dispatch, WorkerPool, start_ray
@@ -228,7 +227,7 @@ def execute(
 
     status = "finished"
     if todo:
-        start_ray(os.environ.get("RAY_ADDRESS") or workers.get("ray_address"))
+        start_ray(ray_address)
         count = max(1, min(int(workers.get("count", 1)), len(todo)))
         pool = WorkerPool(
             count,

@@ -59,6 +59,7 @@ class LayerPruner:
         generator: torch.Generator | None = None,
     ) -> None:
         self.layers = list(layers)
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         self.method = method
         self.steps = {s.layer: s for s in steps}
         self.probe = probe
@@ -80,11 +81,11 @@ class LayerPruner:
                 raise ValueError(
                     f"layer step at {step.layer}: must be in [1, {len(self.layers) - 1}]"
                 )
-            if step.queries is not None or step.needs_hidden:
-                if probe is None and step.queries is not None:
-                    raise ValueError("a layer step asks for attention rows but no probe is given")
-                if step.queries is not None:
-                    probe.queries[step.layer - 1] = self._query_positions(step)
+            if step.queries is None:
+                continue
+            if probe is None:
+                raise ValueError("a layer step asks for attention rows but no probe is given")
+            probe.queries[step.layer - 1] = self._query_positions(step)
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> LayerPruner:
@@ -146,7 +147,7 @@ class LayerPruner:
         return args, kwargs
 
     def _layer_index(self, module: nn.Module) -> int:
-        return self.layers.index(module)
+        return self._index[id(module)]
 
     def _apply_step(self, step: LayerStep, index: int, hidden: torch.Tensor) -> torch.Tensor:
         assert self.method is not None

@@ -43,14 +43,25 @@ class Adapter(Protocol):
 
     def vision_signals(self, prepared: Prepared, wanted: frozenset[str]) -> VisionSignals: ...
 
+    attention_modules: frozenset[int]  # id() of the LLM attention modules the probe watches
+
     def generate(
         self,
         prepared: Prepared,
-        visual_tokens: torch.Tensor | None,
+        visual_tokens: torch.Tensor,
         make_pruner: Callable[[int, torch.Tensor], LayerPruner],
         max_new_tokens: int,
         clock: Callable[[], float],
-    ) -> Generation: ...
+    ) -> tuple[Generation, float]:
+        """Generate with ``visual_tokens`` (M, D) in place of the N visual placeholders.
+
+        Returns the generation and the clock time at which the first token's logits were ready.
+        """
+        ...
+
+    def layer_pruner(
+        self, seq_len: int, visual_positions: torch.Tensor, **kwargs: Any
+    ) -> LayerPruner: ...
 
     def decode(self, token_ids: list[int]) -> str: ...
 
