@@ -121,3 +121,34 @@ def test_methods_lists_registry(tmp_path):
     assert "fastv" in out and "queries='last'" in out and "default prune_layer=2" in out
     rows = json.loads(prunelab("methods", "--json", cwd=tmp_path).stdout)
     assert {r["name"] for r in rows} >= {"none", "random", "fastv"}
+
+
+def test_resume_finishes_a_trial_left_running(tmp_path):
+    """An orchestrator died mid-trial: resume runs only that trial and logs it exactly once."""
+    prunelab("sweep", *ARGS, cwd=tmp_path)
+    runs = tmp_path / "prunelab-runs"
+    sweep = json.loads(prunelab("status", "quickstart", "--json", cwd=tmp_path).stdout)
+    victim = next(t for t in sweep["trials"] if t["method"] == "fastv")
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    client.delete_run(victim["mlflow_run_id"])
+    engine = create_engine(f"sqlite:///{runs / 'prunelab.db'}")
+    with engine.begin() as conn:
+        orchestrator = conn.execute(text("select orchestrator from sweeps")).scalar_one()
+        conn.execute(
+            text(
+                "update trials set status='running', metrics=null, mlflow_run_id=null, "
+                "claimed_by=:o where id=:i"
+            ),
+            {"o": orchestrator, "i": victim["id"]},
+        )
+        conn.execute(text("update sweeps set status='running'"))
+    engine.dispose()
+
+    out = prunelab("resume", "quickstart", cwd=tmp_path).stdout
+    assert "1 interrupted trial(s) back to pending" in out
+    after = json.loads(prunelab("status", "quickstart", "--json", cwd=tmp_path).stdout)
+    by_id = {t["id"]: t for t in after["trials"]}
+    assert all(t["status"] == "finished" for t in after["trials"])
+    assert by_id[victim["id"]]["attempts"] == 2
+    assert sum(t["attempts"] for t in after["trials"]) == 6  # nothing else ran again
+    check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", trials=5)
