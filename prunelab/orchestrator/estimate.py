@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from prunelab.methods.base import PlanContext
-from prunelab.workers.cost import prefill_flops
+from prunelab.workers.cost import trial_flops
 from prunelab.workers.models import ModelInfo, describe_model
 from prunelab.workers.runner import build_method
 
@@ -43,9 +43,9 @@ def planned_visual_per_layer(config: dict[str, Any], info: ModelInfo) -> list[in
 
 
 def estimate_tflops(config: dict[str, Any]) -> float:
-    """Prefill TFLOPs of the LLM over all the trial's samples (text length assumed)."""
+    """Prefill TFLOPs over all the trial's samples (text length assumed; ``exact`` adds vision)."""
     info = _info(json.dumps(config["model_config"], sort_keys=True))
     tokens = [v + ASSUMED_TEXT_TOKENS for v in planned_visual_per_layer(config, info)]
     convention = config["eval"].get("flops_convention", "pdrop")
-    per_sample = prefill_flops(tokens, info.hidden_size, info.intermediate_size, convention)
+    per_sample = trial_flops(tokens, 1, info, convention)
     return per_sample * int(config["eval"]["limit"]) / 1e12

@@ -8,15 +8,33 @@ FLOPs conventions (per decoder layer with n tokens, hidden size d, FFN size m):
 Prefill sums the formula over layers with each layer's own n. Decoding a token with a KV
 cache of c entries at a layer costs the same formula with one query row: 4d^2 + 2cd + k*dm
 (k = 2 or 3), summed over layers and generated tokens.
+
+``exact`` counts 2 FLOPs per multiply-add of every matrix product, as
+``torch.utils.flop_counter.FlopCounterMode`` does: per layer with n new tokens attending over
+c keys, 2nd(Hh + 2H_kv h) + 2nHhd (q, k, v, o; GQA-aware) + 4ncHh (scores and values) +
+2 * mlp_matrices * ndm, plus the LM head on the kept logits (one row per forward) and the vision
+tower + projector once per image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["FLOPS_CONVENTIONS", "decode_flops", "kv_cache_bytes", "prefill_flops"]
+if TYPE_CHECKING:
+    from prunelab.workers.models import ModelInfo
 
-FLOPS_CONVENTIONS = {"fastv": 2, "pdrop": 3}  # FFN multiplier k in k*n*d*m
+__all__ = [
+    "FLOPS_CONVENTIONS",
+    "decode_flops",
+    "exact_generation_flops",
+    "exact_layer_flops",
+    "kv_cache_bytes",
+    "prefill_flops",
+    "trial_flops",
+]
+
+FLOPS_CONVENTIONS = {"fastv": 2, "pdrop": 3}  # FFN multiplier k in k*n*d*m; plus "exact"
 
 
 def _ffn_factor(convention: str) -> int:
@@ -24,7 +42,8 @@ def _ffn_factor(convention: str) -> int:
         return FLOPS_CONVENTIONS[convention]
     except KeyError:
         raise ValueError(
-            f"flops_convention={convention!r}: expected one of {', '.join(FLOPS_CONVENTIONS)}"
+            f"flops_convention={convention!r}: expected one of "
+            f"{', '.join([*FLOPS_CONVENTIONS, 'exact'])}"
         ) from None
 
 
@@ -55,3 +74,41 @@ def kv_cache_bytes(
     """Bytes of keys and values held at the end of generation (all layers)."""
     per_token = 2 * n_kv_heads * head_dim * itemsize
     return sum((n + max(new_tokens - 1, 0)) * per_token for n in tokens_per_layer)
+
+
+def exact_layer_flops(new: int, context: int, info: ModelInfo) -> float:
+    """Exact FLOPs of one decoder layer for ``new`` query tokens over ``context`` keys."""
+    d, h = info.hidden_size, info.head_dim
+    q_width, kv_width = info.n_heads * h, info.n_kv_heads * h
+    projections = 2 * new * d * (q_width + 2 * kv_width) + 2 * new * q_width * d
+    attention = 4 * new * context * q_width
+    mlp = 2 * info.mlp_matrices * new * d * info.intermediate_size
+    return float(projections + attention + mlp)
+
+
+def exact_generation_flops(
+    tokens_per_layer: Sequence[int], new_tokens: int, info: ModelInfo, images: int = 1
+) -> float:
+    """Exact FLOPs of one greedy generation: vision, prefill, decode and LM head.
+
+    ``tokens_per_layer``: tokens each layer processed in the prefill (its KV entries after it);
+    ``new_tokens``: generated tokens (the first comes from the prefill).
+    """
+    head = 2 * info.hidden_size * info.vocab_size  # one logits row per forward
+    total = images * info.vision_flops
+    total += sum(exact_layer_flops(n, n, info) for n in tokens_per_layer) + head
+    for t in range(1, new_tokens):
+        total += sum(exact_layer_flops(1, n + t, info) for n in tokens_per_layer) + head
+    return total
+
+
+def trial_flops(
+    tokens_per_layer: Sequence[int], new_tokens: int, info: ModelInfo, convention: str
+) -> float:
+    """FLOPs of one sample's generation under ``convention`` (fastv, pdrop or exact)."""
+    if convention == "exact":
+        return exact_generation_flops(tokens_per_layer, new_tokens, info)
+    d, m = info.hidden_size, info.intermediate_size
+    return prefill_flops(tokens_per_layer, d, m, convention) + decode_flops(
+        tokens_per_layer, new_tokens, d, m, convention
+    )

@@ -78,6 +78,8 @@ class ModelInfo:
     head_dim: int
     vocab_size: int
     revision: str  # identifies the weights: part of the trial key
+    mlp_matrices: int = 3  # weight matrices of one MLP (gate/up/down: 3)
+    vision_flops: float = 0.0  # exact FLOPs of the vision tower + projector for one image
 
 
 @dataclass

@@ -74,6 +74,8 @@ class LayerPruner:
         self.renumbered = False
         self.lengths = LayerLengths()
         self.kept_visual: torch.Tensor = visual_positions  # original positions still present
+        # per layer: the prefill tokens it processed (its KV cache entries), when pruned
+        self.layer_tokens: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._prefill_done = False
         for step in steps:
@@ -131,7 +133,7 @@ class LayerPruner:
         index = self._layer_index(module)
         hidden = args[0] if args else kwargs["hidden_states"]
         if self._prefill_done:
-            return args, kwargs
+            return args, self._decode_kwargs(index, kwargs)
         step = self.steps.get(index)
         if step is not None:
             hidden = self._apply_step(step, index, hidden)
@@ -139,6 +141,7 @@ class LayerPruner:
         self.lengths.tokens.append(int(hidden.shape[1]))
         self.lengths.visual.append(visual_now)
         if self.current.shape[0] != self.seq_len:
+            self.layer_tokens[index] = self.current
             kwargs = self._slice_kwargs(kwargs, hidden)
         if args:
             args = (hidden, *args[1:])
@@ -181,6 +184,15 @@ class LayerPruner:
         if step.positions == "renumber":
             self.renumbered = True
         return hidden[:, selected]
+
+    def _decode_kwargs(self, index: int, kwargs: dict) -> dict:
+        """A decode step: a pruned layer's cache lacks the dropped keys; so must its mask."""
+        mask = kwargs.get("attention_mask")
+        kept = self.layer_tokens.get(index)
+        if kept is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            return kwargs
+        generated = torch.arange(self.seq_len, mask.shape[-1], device=kept.device)
+        return {**kwargs, "attention_mask": mask[..., torch.cat([kept, generated])]}
 
     def _slice_kwargs(self, kwargs: dict, hidden: torch.Tensor) -> dict:
         current = self.current

@@ -18,7 +18,7 @@ from prunelab.workers.adapters import Adapter, Prepared
 from prunelab.workers.attention import AttentionProbe, probe_attention
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample
-from prunelab.workers.cost import decode_flops, kv_cache_bytes, prefill_flops
+from prunelab.workers.cost import kv_cache_bytes, trial_flops
 from prunelab.workers.models import LoadedModel
 
 __all__ = ["ReferenceCache", "SampleResult", "TrialOutput", "build_method", "run_trial"]
@@ -251,12 +251,7 @@ def aggregate(
     results: list[SampleResult], info, convention: str, loaded: LoadedModel
 ) -> dict[str, float]:
     """Trial metrics: means over samples, medians for latency."""
-    d, m = info.hidden_size, info.intermediate_size
-    flops = [
-        prefill_flops(r.tokens_per_layer, d, m, convention)
-        + decode_flops(r.tokens_per_layer, r.new_tokens, d, m, convention)
-        for r in results
-    ]
+    flops = [trial_flops(r.tokens_per_layer, r.new_tokens, info, convention) for r in results]
     itemsize = next(loaded.model.parameters()).element_size()
     kv = [
         kv_cache_bytes(r.tokens_per_layer, r.new_tokens, info.n_kv_heads, info.head_dim, itemsize)

@@ -101,7 +101,27 @@ def model_info(config: LlavaConfig, revision: str) -> ModelInfo:
         head_dim=head_dim,
         vocab_size=text.vocab_size,
         revision=revision,
+        mlp_matrices=3,
+        vision_flops=vision_flops(config),
     )
+
+
+def vision_flops(config: LlavaConfig) -> float:
+    """Exact FLOPs (2 per multiply-add) of the CLIP tower and projector for one image.
+
+    All encoder layers run even when features come from an earlier layer (HF computes every
+    hidden state). Per layer with n = patches + CLS tokens of width d and MLP width m:
+    q, k, v, o projections 8nd^2, attention scores and values 4n^2d, MLP 4ndm. Patch embedding:
+    2 * patches * (channels * p^2) * d. Projector: two linears d -> D -> D over the kept patches.
+    """
+    vision, text = config.vision_config, config.text_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    n, d, m = patches + 1, vision.hidden_size, vision.intermediate_size
+    per_layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
+    embed = 2 * patches * vision.num_channels * vision.patch_size**2 * d
+    features = patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+    projector = 2 * features * d * text.hidden_size + 2 * features * text.hidden_size**2
+    return float(vision.num_hidden_layers * per_layer + embed + projector)
 
 
 def build_tiny(spec: ModelSpec, config: LlavaConfig) -> tuple[torch.nn.Module, LlavaProcessor]:
