@@ -32,10 +32,13 @@ def _stores(args: argparse.Namespace):
     from prunelab.orchestrator.sweep import Stores
     from prunelab.orchestrator.tracking import default_artifact_root, default_tracking_uri
 
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    # an MLflow server decides where artifacts go (it serves them); a local store gets ours
+    served = tracking_uri.startswith(("http://", "https://"))
     return Stores(
         db_url=args.db_url or default_db_url(),
-        tracking_uri=args.tracking_uri or default_tracking_uri(),
-        artifact_root=args.artifact_root or default_artifact_root(),
+        tracking_uri=tracking_uri,
+        artifact_root=args.artifact_root or (None if served else default_artifact_root()),
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
     )
 
