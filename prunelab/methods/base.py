@@ -112,9 +112,13 @@ class VisionSignals:
     """Signals of the vision stage for one image; N = visual tokens entering the LLM."""
 
     tokens: torch.Tensor  # (N, D) projected visual tokens (LLM embedding space)
-    grid: tuple[int, int]  # (rows, cols) of the token grid, rows * cols == N
-    cls_attention: torch.Tensor | None = None  # (N,) CLS attention at the encoder feature layer
-    key_metric: torch.Tensor | None = None  # (N, d_k) encoder keys (head mean) for merging
+    # (N, 3) long: (tile, row, col) of each token on its tile's token grid. Tile 0 is the whole
+    # image (LLaVA-1.5, Qwen2-VL) or the base/thumbnail view (LLaVA-NeXT, InternVL).
+    coords: torch.Tensor
+    # (N,) attention the encoder's CLS query gives each token at the feature layer (head mean;
+    # aggregated over the patches a token merges); mean attention received where there is no CLS
+    cls_attention: torch.Tensor | None = None
+    key_metric: torch.Tensor | None = None  # (N, d_k) encoder keys at the feature layer, head mean
     generator: torch.Generator | None = None  # seeded per sample, for stochastic methods
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
@@ -35,15 +36,30 @@ PROBED_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
 class AttentionProbe:
     """Which layers to read, which query positions, and where the rows land.
 
-    ``queries`` maps a layer index to a (Q,) tensor of query positions in that layer's current
-    sequence (or a callable of the sequence length that returns one). ``rows[layer]`` is filled
-    with (H, Q, S) attention probabilities of batch element 0.
+    ``modules`` maps ``id()`` of each watched attention module to its layer index (one stack:
+    the LLM's decoder or a vision encoder). ``queries`` maps a layer index to a (Q,) tensor of
+    query positions in that layer's current sequence, a callable of the sequence length that
+    returns one, or ``"all"``. ``rows[layer]`` is filled with (H, Q, S) attention probabilities
+    of batch element 0; with ``keys`` containing the layer, ``key_states[layer]`` gets that
+    call's (H_kv, S, hd) post-RoPE keys.
+
+    Encoders that call attention once per image or window within a layer (Qwen2-VL's vision
+    tower) set ``chunks=True``: each call's rows and keys are then appended to a list.
     """
 
-    modules: frozenset[int]  # id() of the attention modules the probe applies to (one model)
-    queries: dict[int, torch.Tensor | object] = field(default_factory=dict)
-    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    modules: Mapping[int, int]
+    queries: dict[int, Any] = field(default_factory=dict)
+    keys: frozenset[int] = frozenset()
+    chunks: bool = False
+    rows: dict[int, Any] = field(default_factory=dict)
+    key_states: dict[int, Any] = field(default_factory=dict)
     query_positions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def _store(self, table: dict[int, Any], layer: int, value: torch.Tensor) -> None:
+        if self.chunks:
+            table.setdefault(layer, []).append(value)
+        else:
+            table[layer] = value
 
 
 _ACTIVE: contextvars.ContextVar[AttentionProbe | None] = contextvars.ContextVar(
@@ -66,13 +82,15 @@ def attention_rows(
     query_positions: torch.Tensor,
     scaling: float,
     attention_mask: torch.Tensor | None,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Softmax attention rows for chosen queries.
 
     query: (B, H, L, hd) post-RoPE queries of the current forward (L new tokens).
     key: (B, Hkv, S, hd) post-RoPE keys over the whole context (cache included), H % Hkv == 0.
     query_positions: (Q,) indices into the L new tokens.
-    attention_mask: None (causal) or (B, 1|H, L, S) boolean (True = attend) or additive float.
+    attention_mask: None (``causal`` decides: a decoder's causal mask, or full attention in an
+    encoder) or (B, 1|H, L, S) boolean (True = attend) or additive float.
     Returns (H, Q, S) float32 probabilities for batch element 0.
     """
     q = query[0, :, query_positions].float()  # (H, Q, hd)
@@ -81,12 +99,12 @@ def attention_rows(
     k = k.repeat_interleave(groups, dim=0)  # (H, S, hd)  GQA: each kv head serves `groups` heads
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (H, Q, S)
     length, total = query.shape[2], key.shape[2]
-    if attention_mask is None:
+    if attention_mask is None and causal:
         # causal: new token i sits at absolute index total - length + i
         absolute = query_positions.to(scores.device) + (total - length)
         allowed = torch.arange(total, device=scores.device)[None, :] <= absolute[:, None]
         scores = scores.masked_fill(~allowed[None], float("-inf"))
-    else:
+    elif attention_mask is not None:
         mask = attention_mask[0, :, query_positions, :total]  # (1|H, Q, S)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -98,16 +116,27 @@ def attention_rows(
 def _make_wrapper(inner_name: str):
     def prunelab_attention(module, query, key, value, attention_mask, **kwargs):
         probe = _ACTIVE.get()
-        if probe is not None and id(module) in probe.modules:
-            layer = module.layer_idx
+        layer = probe.modules.get(id(module)) if probe is not None else None
+        if layer is not None:
+            assert probe is not None
             wanted = probe.queries.get(layer)
             if wanted is not None:
-                positions = wanted(query.shape[2]) if callable(wanted) else wanted
+                if isinstance(wanted, str):  # "all"
+                    positions = torch.arange(query.shape[2], device=query.device)
+                elif callable(wanted):
+                    positions = wanted(query.shape[2])
+                else:
+                    positions = wanted
                 positions = positions.to(query.device)
-                probe.rows[layer] = attention_rows(
-                    query, key, positions, kwargs.get("scaling") or module.scaling, attention_mask
-                )
+                causal = kwargs.get("is_causal")
+                if causal is None:
+                    causal = getattr(module, "is_causal", True)
+                scaling = kwargs.get("scaling") or module.scaling
+                rows = attention_rows(query, key, positions, scaling, attention_mask, causal)
+                probe._store(probe.rows, layer, rows)
                 probe.query_positions[layer] = positions
+            if layer in probe.keys:
+                probe._store(probe.key_states, layer, key[0])
         return ALL_ATTENTION_FUNCTIONS[inner_name](
             module, query, key, value, attention_mask, **kwargs
         )

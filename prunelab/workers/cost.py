@@ -87,15 +87,20 @@ def exact_layer_flops(new: int, context: int, info: ModelInfo) -> float:
 
 
 def exact_generation_flops(
-    tokens_per_layer: Sequence[int], new_tokens: int, info: ModelInfo, images: int = 1
+    tokens_per_layer: Sequence[int],
+    new_tokens: int,
+    info: ModelInfo,
+    vision_flops: float | None = None,
 ) -> float:
     """Exact FLOPs of one greedy generation: vision, prefill, decode and LM head.
 
     ``tokens_per_layer``: tokens each layer processed in the prefill (its KV entries after it);
-    ``new_tokens``: generated tokens (the first comes from the prefill).
+    ``new_tokens``: generated tokens (the first comes from the prefill); ``vision_flops``: the
+    vision tower + projector for this sample (default: ``info.vision_flops``, one nominal image;
+    dynamic-resolution and tiling families report it per sample).
     """
     head = 2 * info.hidden_size * info.vocab_size  # one logits row per forward
-    total = images * info.vision_flops
+    total = info.vision_flops if vision_flops is None else vision_flops
     total += sum(exact_layer_flops(n, n, info) for n in tokens_per_layer) + head
     for t in range(1, new_tokens):
         total += sum(exact_layer_flops(1, n + t, info) for n in tokens_per_layer) + head
@@ -103,11 +108,18 @@ def exact_generation_flops(
 
 
 def trial_flops(
-    tokens_per_layer: Sequence[int], new_tokens: int, info: ModelInfo, convention: str
+    tokens_per_layer: Sequence[int],
+    new_tokens: int,
+    info: ModelInfo,
+    convention: str,
+    vision_flops: float | None = None,
 ) -> float:
-    """FLOPs of one sample's generation under ``convention`` (fastv, pdrop or exact)."""
+    """FLOPs of one sample's generation under ``convention`` (fastv, pdrop or exact).
+
+    ``fastv`` and ``pdrop`` count the LLM only, as the papers do; ``exact`` adds the vision side.
+    """
     if convention == "exact":
-        return exact_generation_flops(tokens_per_layer, new_tokens, info)
+        return exact_generation_flops(tokens_per_layer, new_tokens, info, vision_flops)
     d, m = info.hidden_size, info.intermediate_size
     return prefill_flops(tokens_per_layer, d, m, convention) + decode_flops(
         tokens_per_layer, new_tokens, d, m, convention

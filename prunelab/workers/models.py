@@ -28,7 +28,7 @@ __all__ = [
     "load_model",
 ]
 
-FAMILIES = ("llava",)
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -102,17 +102,15 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _family_module(family: str):
-    if family == "llava":
-        from prunelab.workers.adapters import llava
+    from prunelab.workers.adapters import family_module
 
-        return llava
-    raise ValueError(f"family={family!r}: expected one of {', '.join(FAMILIES)}")
+    return family_module(family)
 
 
 def _config(spec: ModelSpec):
     family = _family_module(spec.family)
     if spec.source == "tiny":
-        return family.tiny_config(spec.tiny)
+        return family.tiny_config(spec)
     from transformers import AutoConfig
 
     try:

@@ -42,8 +42,9 @@ class LayerPruner:
     layers: the LLM's decoder layers, in order, each with an attention module at ``self_attn``
         carrying ``layer_idx``.
     visual_positions: (V0,) positions of the visual tokens in the prefill sequence (batch 0).
-    rotary: called as ``rotary(hidden, position_ids)`` to rebuild (cos, sin) when a step
-        renumbers positions; unused otherwise.
+    rotary: called as ``rotary(hidden, position_ids)`` with 1-D ids (1, L) to rebuild
+        (cos, sin) when a step renumbers positions (later layers, prefill and decode); unused
+        otherwise.
     """
 
     def __init__(
@@ -76,8 +77,10 @@ class LayerPruner:
         self.kept_visual: torch.Tensor = visual_positions  # original positions still present
         # per layer: the prefill tokens it processed (its KV cache entries), when pruned
         self.layer_tokens: dict[int, torch.Tensor] = {}
+        self.renumbered_layers: set[int] = set()  # layers that saw renumbered positions
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._prefill_done = False
+        self._decode_step = 0  # generated tokens fed back so far (decode forwards)
         for step in steps:
             if not 1 <= step.layer < len(self.layers):
                 raise ValueError(
@@ -133,7 +136,9 @@ class LayerPruner:
         index = self._layer_index(module)
         hidden = args[0] if args else kwargs["hidden_states"]
         if self._prefill_done:
-            return args, self._decode_kwargs(index, kwargs)
+            if index == 0:
+                self._decode_step += 1
+            return args, self._decode_kwargs(index, kwargs, hidden)
         step = self.steps.get(index)
         if step is not None:
             hidden = self._apply_step(step, index, hidden)
@@ -142,6 +147,8 @@ class LayerPruner:
         self.lengths.visual.append(visual_now)
         if self.current.shape[0] != self.seq_len:
             self.layer_tokens[index] = self.current
+            if self.renumbered:
+                self.renumbered_layers.add(index)
             kwargs = self._slice_kwargs(kwargs, hidden)
         if args:
             args = (hidden, *args[1:])
@@ -185,14 +192,24 @@ class LayerPruner:
             self.renumbered = True
         return hidden[:, selected]
 
-    def _decode_kwargs(self, index: int, kwargs: dict) -> dict:
-        """A decode step: a pruned layer's cache lacks the dropped keys; so must its mask."""
-        mask = kwargs.get("attention_mask")
+    def _decode_kwargs(self, index: int, kwargs: dict, hidden: torch.Tensor) -> dict:
+        """A decode step at a pruned layer: its cache lacks the dropped keys, so must its mask;
+        where positions were renumbered, the new token continues the renumbered sequence."""
         kept = self.layer_tokens.get(index)
-        if kept is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        if kept is None:
             return kwargs
-        generated = torch.arange(self.seq_len, mask.shape[-1], device=kept.device)
-        return {**kwargs, "attention_mask": mask[..., torch.cat([kept, generated])]}
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            generated = torch.arange(self.seq_len, mask.shape[-1], device=kept.device)
+            kwargs["attention_mask"] = mask[..., torch.cat([kept, generated])]
+        if index in self.renumbered_layers and self.rotary is not None:
+            start = kept.shape[0] + self._decode_step - 1
+            ids = torch.arange(start, start + hidden.shape[1], device=kept.device)[None]
+            kwargs["position_embeddings"] = self.rotary(hidden, ids)
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = ids
+        return kwargs
 
     def _slice_kwargs(self, kwargs: dict, hidden: torch.Tensor) -> dict:
         current = self.current

@@ -79,6 +79,7 @@ class SampleResult:
     avg_visual: float
     tokens_per_layer: list[int]
     new_tokens: int
+    vision_flops: float
     prefill_s: float
     decode_s: float
     fidelity_kl: float | None = None
@@ -134,6 +135,7 @@ def _run_sample(
             lambda seq_len, visual: adapter.layer_pruner(seq_len, visual, **pruner_kwargs),
             max_new_tokens,
             clock,
+            kept=kept_inputs,
         )
     end = clock()
     generation.prefill_s = first_ready - start
@@ -198,6 +200,7 @@ def run_trial(
                 avg_visual=statistics.fmean(generation.lengths.visual),
                 tokens_per_layer=list(generation.lengths.tokens),
                 new_tokens=len(generation.token_ids),
+                vision_flops=generation.vision_flops,
                 prefill_s=generation.prefill_s,
                 decode_s=generation.decode_s,
             )
@@ -251,7 +254,10 @@ def aggregate(
     results: list[SampleResult], info, convention: str, loaded: LoadedModel
 ) -> dict[str, float]:
     """Trial metrics: means over samples, medians for latency."""
-    flops = [trial_flops(r.tokens_per_layer, r.new_tokens, info, convention) for r in results]
+    flops = [
+        trial_flops(r.tokens_per_layer, r.new_tokens, info, convention, r.vision_flops)
+        for r in results
+    ]
     itemsize = next(loaded.model.parameters()).element_size()
     kv = [
         kv_cache_bytes(r.tokens_per_layer, r.new_tokens, info.n_kv_heads, info.head_dim, itemsize)

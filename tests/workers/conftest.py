@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import pytest
-
-from prunelab.sweeps import group_config
-from prunelab.workers.adapters import adapter_for
-from prunelab.workers.models import load_model
-
-
-def model_config(name: str) -> dict:
-    return group_config("model", name)
+from tiny_models import TINY_MODELS, load_tiny, model_config
 
 
 @pytest.fixture(scope="session")
 def tiny_llava():
-    loaded = load_model(model_config("tiny-llava"))
-    return loaded, adapter_for(loaded)
+    return load_tiny("tiny-llava")
+
+
+@pytest.fixture(params=TINY_MODELS)
+def tiny(request):
+    """Each tiny family in turn: (LoadedModel, adapter)."""
+    return load_tiny(request.param)
 
 
 @pytest.fixture

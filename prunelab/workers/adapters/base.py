@@ -1,18 +1,42 @@
-"""The adapter interface and the greedy generation loop shared by decoder-only families."""
+"""The adapter interface, and the base class every decoder-only VLM family builds on.
+
+A family adapter (one module per family in this package) knows how its model
+
+- turns a benchmark sample into a prompt with one placeholder per visual token (`prepare`);
+- computes the signals a method asks for (`vision_signals`): projected visual tokens, their
+  (tile, row, col) coordinates, CLS attention and keys of the vision encoder;
+- lays a (possibly shorter) list of visual tokens out in the LLM input (`_sequence`), keeping the
+  family's structure consistent (position ids, newline tokens, tiles);
+- counts its vision-side FLOPs (`vision_flops`).
+
+Everything else is shared and lives in :class:`VLMAdapter`: the greedy generation loop with the
+layer-stage pruner, attention probing of the LLM and of the vision encoder, and decoding.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
+from torch import nn
 
 from prunelab.methods.base import VisionSignals
+from prunelab.workers.attention import AttentionProbe, probe_attention, wrap_attention
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.pruning import LayerLengths, LayerPruner
 
-__all__ = ["Adapter", "Generation", "Prepared", "greedy_generate"]
+__all__ = [
+    "Adapter",
+    "Generation",
+    "LLMInput",
+    "Prepared",
+    "VLMAdapter",
+    "greedy_generate",
+    "grid_coords",
+]
 
 
 @dataclass
@@ -21,9 +45,24 @@ class Prepared:
 
     input_ids: torch.Tensor  # (1, L) with one placeholder per visual token
     pixel_values: torch.Tensor  # family-specific image tensor
-    visual_positions: torch.Tensor  # (N,) positions of the visual placeholders in input_ids
-    grid: tuple[int, int]  # token grid of the image, rows * cols == N
-    extra: dict[str, Any] = field(default_factory=dict)
+    visual_positions: torch.Tensor  # (N,) positions of the prunable visual tokens in input_ids
+    coords: torch.Tensor  # (N, 3) (tile, row, col) of each visual token
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific processor outputs
+
+    @property
+    def n_visual(self) -> int:
+        return int(self.visual_positions.numel())
+
+
+@dataclass
+class LLMInput:
+    """The LLM prefill input after the vision stage, and how decoding continues it."""
+
+    inputs_embeds: torch.Tensor  # (1, L', D)
+    visual_positions: torch.Tensor  # (M,) positions of the visual tokens in the L' sequence
+    position_ids: torch.Tensor | None = None  # family layout, e.g. (3, 1, L') for M-RoPE
+    # position ids of the t-th generated token fed back (t >= 1); None: the model counts
+    next_position_ids: Callable[[int], torch.Tensor] | None = None
 
 
 @dataclass
@@ -32,18 +71,18 @@ class Generation:
     first_logprobs: torch.Tensor  # (vocab,) float32 log-softmax of the first generated token
     lengths: LayerLengths  # what each LLM layer saw in the prefill
     visual_in: int  # visual tokens the LLM would have received unpruned
-    prefill_s: float  # vision encoding + method + LLM prefill, to the first token's logits
-    decode_s: float  # the remaining tokens
+    vision_flops: float = 0.0  # exact FLOPs of the vision tower + projector for this sample
+    prefill_s: float = 0.0  # vision encoding + method + LLM prefill, to the first token's logits
+    decode_s: float = 0.0  # the remaining tokens
 
 
 class Adapter(Protocol):
     family: str
+    attention_modules: dict[int, int]  # id() of each LLM attention module -> its layer index
 
     def prepare(self, sample: Sample) -> Prepared: ...
 
     def vision_signals(self, prepared: Prepared, wanted: frozenset[str]) -> VisionSignals: ...
-
-    attention_modules: frozenset[int]  # id() of the LLM attention modules the probe watches
 
     def generate(
         self,
@@ -52,12 +91,8 @@ class Adapter(Protocol):
         make_pruner: Callable[[int, torch.Tensor], LayerPruner],
         max_new_tokens: int,
         clock: Callable[[], float],
-    ) -> tuple[Generation, float]:
-        """Generate with ``visual_tokens`` (M, D) in place of the N visual placeholders.
-
-        Returns the generation and the clock time at which the first token's logits were ready.
-        """
-        ...
+        kept: torch.Tensor | None = None,
+    ) -> tuple[Generation, float]: ...
 
     def layer_pruner(
         self, seq_len: int, visual_positions: torch.Tensor, **kwargs: Any
@@ -66,32 +101,211 @@ class Adapter(Protocol):
     def decode(self, token_ids: list[int]) -> str: ...
 
 
+def grid_coords(rows: int, cols: int, tile: int = 0, device: Any = None) -> torch.Tensor:
+    """(rows * cols, 3) (tile, row, col) of a row-major token grid."""
+    r, c = torch.meshgrid(
+        torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij"
+    )
+    t = torch.full_like(r, tile)
+    return torch.stack([t, r, c], dim=-1).reshape(-1, 3)
+
+
 def greedy_generate(
     forward: Callable[..., torch.Tensor],
     embed: Callable[[torch.Tensor], torch.Tensor],
-    inputs_embeds: torch.Tensor,
+    llm_input: LLMInput,
     pruner: LayerPruner,
     max_new_tokens: int,
     eos_token_id: int | None,
     cache: Any,
     clock: Callable[[], float],
 ) -> tuple[list[int], torch.Tensor, float]:
-    """Prefill ``inputs_embeds`` (1, L, D) under ``pruner``, then decode greedily.
+    """Prefill ``llm_input`` under ``pruner``, then decode greedily through the KV cache.
 
-    ``forward(inputs_embeds=..., past_key_values=cache)`` returns last-position logits (1, V).
-    Returns the generated ids, the first token's log-probabilities (V,), and the clock time at
-    which the first token's logits were ready.
+    ``forward(inputs_embeds=..., past_key_values=cache[, position_ids=...])`` returns
+    last-position logits (1, V). Returns the generated ids, the first token's log-probabilities
+    (V,), and the clock time at which the first token's logits were ready.
     """
+    device = llm_input.inputs_embeds.device
     with pruner:
-        logits = forward(inputs_embeds=inputs_embeds, past_key_values=cache)
+        kwargs: dict[str, Any] = {}
+        if llm_input.position_ids is not None:
+            kwargs["position_ids"] = llm_input.position_ids
+        logits = forward(inputs_embeds=llm_input.inputs_embeds, past_key_values=cache, **kwargs)
         pruner.end_prefill()
         first_logprobs = torch.log_softmax(logits[0].float(), dim=-1)
         first_ready = clock()
         token = int(logits[0].argmax())
         tokens = [token]
         while len(tokens) < max_new_tokens and token != eos_token_id:
-            step = embed(torch.tensor([[token]], device=inputs_embeds.device))
-            logits = forward(inputs_embeds=step, past_key_values=cache)
+            step = embed(torch.tensor([[token]], device=device))
+            if llm_input.next_position_ids is not None:
+                kwargs["position_ids"] = llm_input.next_position_ids(len(tokens))
+            logits = forward(inputs_embeds=step, past_key_values=cache, **kwargs)
             token = int(logits[0].argmax())
             tokens.append(token)
     return tokens, first_logprobs.cpu(), first_ready
+
+
+class VLMAdapter:
+    """Shared machinery of the decoder-only families; subclasses fill in the family hooks.
+
+    ``self.llm`` is the language model (``model.model.language_model`` in transformers 5 for
+    every supported family); its attention and the vision encoder's run through the probing
+    wrappers of :mod:`prunelab.workers.attention`, so SDPA / FlashAttention 2 stay on.
+    """
+
+    family: ClassVar[str] = ""
+
+    def __init__(self, loaded) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.device: torch.device = loaded.device
+        self.spec = loaded.spec
+        self.info = loaded.info
+        self.llm = self.model.model.language_model
+        self.llm.config._attn_implementation = wrap_attention(self.spec.attn_implementation)
+        self.layers = list(self.llm.layers)
+        self.attention_modules = {id(layer.self_attn): i for i, layer in enumerate(self.layers)}
+        vision_layers = self._vision_attention()
+        self.vision_attention_modules = {id(m): i for i, m in enumerate(vision_layers)}
+        vision_configs = {id(m.config): m.config for m in vision_layers}.values()
+        for config in vision_configs:
+            config._attn_implementation = wrap_attention(self.spec.attn_implementation)
+        self._attention_configs = [self.llm.config, *vision_configs]
+
+    # -- family hooks ------------------------------------------------------------------------
+    def prepare(self, sample: Sample) -> Prepared:
+        raise NotImplementedError
+
+    def vision_signals(self, prepared: Prepared, wanted: frozenset[str]) -> VisionSignals:
+        raise NotImplementedError
+
+    def vision_flops(self, prepared: Prepared) -> float:
+        """Exact FLOPs (2 per multiply-add) of the vision tower and projector for ``prepared``."""
+        raise NotImplementedError
+
+    def _vision_attention(self) -> list[nn.Module]:
+        """The vision encoder's attention modules, in layer order (each has ``config``)."""
+        raise NotImplementedError
+
+    def _sequence(
+        self, prepared: Prepared, visual_tokens: torch.Tensor, kept: torch.Tensor | None
+    ) -> LLMInput:
+        """Lay ``visual_tokens`` (M, D) out in the LLM input in place of the N placeholders.
+
+        ``kept`` (M,) is the index of the input token each output is anchored on (None: M == N,
+        the tokens as they are). Default, for 1-D RoPE families: the first M placeholders take
+        the tokens and the rest are removed, so positions stay contiguous.
+        """
+        ids = prepared.input_ids[0]
+        placeholders = prepared.visual_positions
+        m = visual_tokens.shape[0]
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        keep[placeholders[m:]] = False
+        embeds = self.model.get_input_embeddings()(ids[keep][None]).clone()  # (1, L', D)
+        visual_positions = placeholders[:m]
+        embeds[0, visual_positions] = visual_tokens.to(embeds.dtype)
+        return LLMInput(inputs_embeds=embeds, visual_positions=visual_positions)
+
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin) for renumbered 1-D ``position_ids`` (1, L)."""
+        return self.llm.rotary_emb(hidden, position_ids=position_ids)
+
+    # -- shared ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def attention_implementation(self, name: str) -> Iterator[None]:
+        """Run the LLM and vision encoder with another attention kernel during the block
+        (``"eager"`` for ``FlopCounterMode``, which does not count SDPA on CPU). No probing."""
+        saved = [config._attn_implementation for config in self._attention_configs]
+        try:
+            for config in self._attention_configs:
+                config._attn_implementation = name
+            yield
+        finally:
+            for config, value in zip(self._attention_configs, saved, strict=True):
+                config._attn_implementation = value
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _check_placeholders(self, input_ids: torch.Tensor, expected: int) -> torch.Tensor:
+        positions = (input_ids[0] == self.model.config.image_token_id).nonzero().squeeze(-1)
+        if positions.numel() != expected:
+            raise RuntimeError(
+                f"prompt has {positions.numel()} image tokens, the {self.family} model makes "
+                f"{expected} visual tokens for this image"
+            )
+        return positions
+
+    @contextlib.contextmanager
+    def probe_vision(
+        self, layer: int, queries: Any = None, keys: bool = False, chunks: bool = False
+    ) -> Iterator[AttentionProbe]:
+        """Record attention rows (``queries``: tensor, callable or "all") and/or keys of
+        vision-encoder ``layer`` (negative: counted from the end) during the block."""
+        n = len(self.vision_attention_modules)
+        index = layer % n
+        probe = AttentionProbe(
+            modules=self.vision_attention_modules,
+            queries={index: queries} if queries is not None else {},
+            keys=frozenset({index}) if keys else frozenset(),
+            chunks=chunks,
+        )
+        with probe_attention(probe):
+            yield probe
+
+    def generate(
+        self,
+        prepared: Prepared,
+        visual_tokens: torch.Tensor,
+        make_pruner: Callable[[int, torch.Tensor], LayerPruner],
+        max_new_tokens: int,
+        clock: Callable[[], float],
+        kept: torch.Tensor | None = None,
+    ) -> tuple[Generation, float]:
+        """Generate with ``visual_tokens`` (M, D) in place of the N visual placeholders.
+
+        ``make_pruner(seq_len, visual_positions)`` builds the layer-stage pruner for the
+        resulting sequence; ``kept`` anchors each of the M tokens on an input token (vision
+        stage). Returns the generation and the clock time at which the first logits were ready.
+        """
+        if kept is None and visual_tokens.shape[0] != prepared.n_visual:
+            raise ValueError(
+                f"{visual_tokens.shape[0]} visual tokens for {prepared.n_visual} placeholders "
+                "need `kept` (the input token each one stands for)"
+            )
+        llm_input = self._sequence(prepared, visual_tokens, kept)
+        pruner = make_pruner(llm_input.inputs_embeds.shape[1], llm_input.visual_positions)
+
+        def forward(**kwargs: Any) -> torch.Tensor:
+            return self.model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+
+        from transformers import DynamicCache
+
+        tokens, first_logprobs, first_ready = greedy_generate(
+            forward=forward,
+            embed=self.model.get_input_embeddings(),
+            llm_input=llm_input,
+            pruner=pruner,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            cache=DynamicCache(config=self.llm.config),
+            clock=clock,
+        )
+        generation = Generation(
+            token_ids=tokens,
+            first_logprobs=first_logprobs,
+            lengths=pruner.lengths,
+            visual_in=prepared.n_visual,
+            vision_flops=self.vision_flops(prepared),
+        )
+        return generation, first_ready
+
+    def layer_pruner(self, seq_len: int, visual_positions: torch.Tensor, **kwargs) -> LayerPruner:
+        return LayerPruner(self.layers, seq_len, visual_positions, rotary=self._rotary, **kwargs)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

@@ -7,7 +7,6 @@ embedding space and scattered over N ``<image>`` placeholders in the prompt.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,6 @@ import torch
 from PIL import Image
 from transformers import (
     CLIPVisionConfig,
-    DynamicCache,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -23,15 +21,20 @@ from transformers import (
 )
 
 from prunelab.methods.base import VisionSignals
-from prunelab.workers.adapters.base import Generation, Prepared, greedy_generate
-from prunelab.workers.attention import wrap_attention
+from prunelab.workers.adapters.base import Prepared, VLMAdapter, grid_coords
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
 from prunelab.workers.models import ModelInfo, ModelSpec
-from prunelab.workers.pruning import LayerPruner
 from prunelab.workers.text import IMAGE_TOKEN, build_word_tokenizer
 
-__all__ = ["LlavaAdapter", "build_tiny", "from_pretrained", "model_info", "tiny_config"]
+__all__ = [
+    "LlavaAdapter",
+    "adapter_class",
+    "build_tiny",
+    "from_pretrained",
+    "model_info",
+    "tiny_config",
+]
 
 TINY_DEFAULTS: dict[str, Any] = {
     "vision": {
@@ -63,7 +66,8 @@ def _image_processor(image_size: int):
     )
 
 
-def tiny_config(overrides: dict[str, Any]) -> LlavaConfig:
+def tiny_config(spec: ModelSpec) -> LlavaConfig:
+    overrides = spec.tiny
     vision = {**TINY_DEFAULTS["vision"], **overrides.get("vision", {})}
     text = {**TINY_DEFAULTS["text"], **overrides.get("text", {})}
     tokenizer = build_word_tokenizer(shapes_vocabulary())
@@ -150,116 +154,60 @@ def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     return model, processor
 
 
-class LlavaAdapter:
+def feature_attention_layer(feature_layer: int, n_layers: int) -> int:
+    """The encoder layer whose output is ``hidden_states[feature_layer]`` (index 0: embeddings)."""
+    index = feature_layer % (n_layers + 1)
+    if index == 0:
+        raise ValueError("vision_feature_layer=0 selects the embeddings: no attention layer")
+    return index - 1
+
+
+class LlavaAdapter(VLMAdapter):
     family = "llava"
 
-    def __init__(self, loaded) -> None:
-        self.loaded = loaded
-        self.model: LlavaForConditionalGeneration = loaded.model
-        self.processor = loaded.processor
-        self.device = loaded.device
-        self.spec: ModelSpec = loaded.spec
-        self.info: ModelInfo = loaded.info
-        # the LLM reads attention rows through a probing wrapper of its own kernel
-        self.model.model.language_model.config._attn_implementation = wrap_attention(
-            self.spec.attn_implementation
-        )
-        self.layers = list(self.model.model.language_model.layers)
-        self.attention_modules = frozenset(id(layer.self_attn) for layer in self.layers)
-
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer
+    def _vision_attention(self) -> list[torch.nn.Module]:
+        return [layer.self_attn for layer in self.model.model.vision_tower.encoder.layers]
 
     def prepare(self, sample: Sample) -> Prepared:
+        if self.model.config.vision_feature_select_strategy != "default":
+            raise ValueError("the llava adapter supports vision_feature_select_strategy='default'")
         prompt = self.spec.prompt_template.format(question=sample.question)
         batch = self.processor(
             images=Image.fromarray(np.asarray(sample.image)), text=prompt, return_tensors="pt"
         )
         input_ids = batch["input_ids"].to(self.device)
-        positions = (input_ids[0] == self.model.config.image_token_id).nonzero().squeeze(-1)
-        if positions.numel() != self.info.n_visual:
-            raise RuntimeError(
-                f"prompt has {positions.numel()} image tokens, the model makes "
-                f"{self.info.n_visual} visual tokens"
-            )
-        side = round(self.info.n_visual**0.5)
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
         return Prepared(
             input_ids=input_ids,
             pixel_values=batch["pixel_values"].to(self.device, self.model.dtype),
-            visual_positions=positions,
-            grid=(side, self.info.n_visual // side),
+            visual_positions=self._check_placeholders(input_ids, side * side),
+            coords=grid_coords(side, side, device=self.device),
         )
 
     def vision_signals(self, prepared: Prepared, wanted: frozenset[str]) -> VisionSignals:
-        unsupported = sorted(wanted - {"tokens"})
-        if unsupported:
-            raise ValueError(f"llava adapter cannot provide {', '.join(unsupported)} yet")
-        features = self.model.model.get_image_features(
-            pixel_values=prepared.pixel_values,
-            vision_feature_layer=self.model.config.vision_feature_layer,
-            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
-        ).pooler_output
-        return VisionSignals(tokens=features[0], grid=prepared.grid)  # (N, D): one image
-
-    def generate(
-        self,
-        prepared: Prepared,
-        visual_tokens: torch.Tensor,
-        make_pruner: Callable[[int, torch.Tensor], LayerPruner],
-        max_new_tokens: int,
-        clock: Callable[[], float],
-    ) -> tuple[Generation, float]:
-        """Generate with ``visual_tokens`` (M, D) in place of the N placeholders.
-
-        ``make_pruner(seq_len, visual_positions)`` builds the layer-stage pruner for the
-        resulting sequence. Returns the generation and the clock time of the first logits.
-        """
-        ids = prepared.input_ids[0]
-        placeholders = prepared.visual_positions
-        m = visual_tokens.shape[0]
-        # keep the first m placeholders: the sequence shrinks when a vision stage merged/dropped
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        keep[placeholders[m:]] = False
-        ids = ids[keep]
-        visual_positions = placeholders[:m]
-        embeddings = self.model.get_input_embeddings()
-        inputs_embeds = embeddings(ids[None]).clone()  # (1, L, D)
-        inputs_embeds[0, visual_positions] = visual_tokens.to(inputs_embeds.dtype)
-        pruner = make_pruner(inputs_embeds.shape[1], visual_positions)
-
-        def forward(**kwargs: Any) -> torch.Tensor:
-            return self.model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
-
-        tokens, first_logprobs, first_ready = greedy_generate(
-            forward=forward,
-            embed=embeddings,
-            inputs_embeds=inputs_embeds,
-            pruner=pruner,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            cache=DynamicCache(config=self.model.config.text_config),
-            clock=clock,
+        """Projected patch tokens; CLS attention and keys at the feature layer (CLS dropped)."""
+        config = self.model.config
+        layer = feature_attention_layer(
+            config.vision_feature_layer, config.vision_config.num_hidden_layers
         )
-        generation = Generation(
-            token_ids=tokens,
-            first_logprobs=first_logprobs,
-            lengths=pruner.lengths,
-            visual_in=self.info.n_visual,
-            prefill_s=0.0,
-            decode_s=0.0,
-        )
-        return generation, first_ready
+        queries = torch.tensor([0]) if "cls_attention" in wanted else None
+        with self.probe_vision(layer, queries=queries, keys="key_metric" in wanted) as probe:
+            features = self.model.model.get_image_features(
+                pixel_values=prepared.pixel_values,
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            ).pooler_output
+        signals = VisionSignals(tokens=features[0], coords=prepared.coords)  # (N, D)
+        if queries is not None:
+            signals.cls_attention = probe.rows[layer][:, 0, 1:].mean(dim=0)  # (N,)
+        if "key_metric" in wanted:
+            signals.key_metric = probe.key_states[layer][:, 1:].float().mean(dim=0)  # (N, hd)
+        return signals
 
-    def layer_pruner(self, seq_len: int, visual_positions: torch.Tensor, **kwargs) -> LayerPruner:
-        rotary = self.model.model.language_model.rotary_emb
-        return LayerPruner(
-            self.layers,
-            seq_len,
-            visual_positions,
-            rotary=lambda hidden, ids: rotary(hidden, position_ids=ids),
-            **kwargs,
-        )
+    def vision_flops(self, prepared: Prepared) -> float:
+        return self.info.vision_flops
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+def adapter_class(family: str) -> type[VLMAdapter]:
+    return LlavaAdapter

@@ -1,0 +1,23 @@
+"""The tiny random models the worker tests run on, each built once per test session."""
+
+from __future__ import annotations
+
+from prunelab.sweeps import group_config
+from prunelab.workers.adapters import adapter_for
+from prunelab.workers.models import load_model
+
+# every family's tiny model; the adapter invariants in test_adapters.py run on each
+TINY_MODELS = ["tiny-llava"]
+_LOADED: dict[str, tuple] = {}
+
+
+def model_config(name: str) -> dict:
+    return group_config("model", name)
+
+
+def load_tiny(name: str) -> tuple:
+    """(LoadedModel, adapter) of a tiny model, built once per test session."""
+    if name not in _LOADED:
+        loaded = load_model(model_config(name))
+        _LOADED[name] = (loaded, adapter_for(loaded))
+    return _LOADED[name]
