@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.cost import kv_cache_bytes, trial_flops
 from prunelab.workers.models import LoadedModel
+from prunelab.workers.timing import Timer
 
 __all__ = ["ReferenceCache", "SampleResult", "TrialOutput", "build_method", "run_trial"]
 
@@ -93,17 +93,6 @@ class TrialOutput:
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _clock(device: torch.device) -> Callable[[], float]:
-    if device.type == "cuda":
-
-        def clock() -> float:
-            torch.cuda.synchronize(device)
-            return time.perf_counter()
-
-        return clock
-    return time.perf_counter
-
-
 def _sample_generator(seed: int | None, sample_id: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{sample_id}".encode()))
 
@@ -115,10 +104,10 @@ def _run_sample(
     plan: Plan,
     generator: torch.Generator,
     max_new_tokens: int,
-    clock: Callable[[], float],
+    timer: Timer,
 ):
     """Vision stage (if any), then generation with the layer stages. Returns timings too."""
-    start = clock()
+    start = timer.mark()
     signals = adapter.vision_signals(prepared, plan.vision_signals)
     signals.generator = generator
     if plan.vision_keep is not None:
@@ -134,12 +123,12 @@ def _run_sample(
             tokens,
             lambda seq_len, visual: adapter.layer_pruner(seq_len, visual, **pruner_kwargs),
             max_new_tokens,
-            clock,
+            timer.mark,
             kept=kept_inputs,
         )
-    end = clock()
-    generation.prefill_s = first_ready - start
-    generation.decode_s = end - first_ready
+    end = timer.mark()
+    generation.prefill_s = timer.seconds(start, first_ready)
+    generation.decode_s = timer.seconds(first_ready, end)
     return generation, kept_inputs
 
 
@@ -157,7 +146,7 @@ def run_trial(
     bench_id = str(sorted(benchmark.describe().items()))
     samples: list[Sample] = benchmark.samples(eval_cfg["limit"], eval_cfg.get("sample_seed", 0))
     info = loaded.info
-    clock = _clock(loaded.device)
+    timer = Timer(loaded.device)
     max_new = int(eval_cfg.get("max_new_tokens", 4))
     convention = eval_cfg.get("flops_convention", "pdrop")
     references = references if references is not None else ReferenceCache()
@@ -181,11 +170,11 @@ def run_trial(
                 for _ in range(int(eval_cfg.get("warmup", 0))):
                     _run_sample(
                         adapter, prepared, method, plan,
-                        _sample_generator(config.get("seed"), sample.id), max_new, clock,
+                        _sample_generator(config.get("seed"), sample.id), max_new, timer,
                     )  # fmt: skip
             generation, _ = _run_sample(
                 adapter, prepared, method, plan,
-                _sample_generator(config.get("seed"), sample.id), max_new, clock,
+                _sample_generator(config.get("seed"), sample.id), max_new, timer,
             )  # fmt: skip
             prediction = adapter.decode(generation.token_ids)
             result = SampleResult(
@@ -212,7 +201,7 @@ def run_trial(
                 if reference is None:
                     reference_gen, _ = _run_sample(
                         adapter, prepared, unpruned, Plan(),
-                        _sample_generator(0, sample.id), 1, clock,
+                        _sample_generator(0, sample.id), 1, timer,
                     )  # fmt: skip
                     reference = reference_gen.first_logprobs
                     references.put(key, reference)

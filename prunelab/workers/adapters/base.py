@@ -90,7 +90,7 @@ class Adapter(Protocol):
         visual_tokens: torch.Tensor,
         make_pruner: Callable[[int, torch.Tensor], LayerPruner],
         max_new_tokens: int,
-        clock: Callable[[], float],
+        clock: Callable[[], Any],
         kept: torch.Tensor | None = None,
     ) -> tuple[Generation, float]: ...
 
@@ -118,13 +118,14 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_id: int | None,
     cache: Any,
-    clock: Callable[[], float],
+    clock: Callable[[], Any],
 ) -> tuple[list[int], torch.Tensor, float]:
     """Prefill ``llm_input`` under ``pruner``, then decode greedily through the KV cache.
 
     ``forward(inputs_embeds=..., past_key_values=cache[, position_ids=...])`` returns
     last-position logits (1, V). Returns the generated ids, the first token's log-probabilities
-    (V,), and the clock time at which the first token's logits were ready.
+    (V,), and the ``clock()`` mark (a time, or a CUDA event) taken when the first token's logits
+    were ready.
     """
     device = llm_input.inputs_embeds.device
     with pruner:
@@ -263,14 +264,15 @@ class VLMAdapter:
         visual_tokens: torch.Tensor,
         make_pruner: Callable[[int, torch.Tensor], LayerPruner],
         max_new_tokens: int,
-        clock: Callable[[], float],
+        clock: Callable[[], Any],
         kept: torch.Tensor | None = None,
     ) -> tuple[Generation, float]:
         """Generate with ``visual_tokens`` (M, D) in place of the N visual placeholders.
 
         ``make_pruner(seq_len, visual_positions)`` builds the layer-stage pruner for the
         resulting sequence; ``kept`` anchors each of the M tokens on an input token (vision
-        stage). Returns the generation and the clock time at which the first logits were ready.
+        stage). Returns the generation and the ``clock()`` mark taken when the first logits
+        were ready.
         """
         if kept is None and visual_tokens.shape[0] != prepared.n_visual:
             raise ValueError(
