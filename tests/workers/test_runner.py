@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import model_config
 
 import prunelab.methods as M
 from prunelab.workers.actor import Worker
@@ -72,3 +73,22 @@ def test_worker_keeps_its_model_across_trials(trial_config):
     assert first["model_loads"] == second["model_loads"] == 1
     assert second["load_s"] == 0.0
     assert worker.holds() == "tiny-llava"
+
+
+@pytest.mark.parametrize(
+    ("method", "axes"),
+    [("random", {"keep_ratio": 0.25, "prune_layer": 0, "seed": 0}), *AXES.items()],
+)
+def test_every_family_runs_whole_trials(tiny, trial_config, method, axes):
+    """What `prunelab sweep quickstart model=<tiny-family>` runs, on each family."""
+    loaded, adapter = tiny
+    config = trial_config(method, limit=2, **axes)
+    config["model"], config["model_config"] = loaded.spec.name, model_config(loaded.spec.name)
+    metrics = run_trial(loaded, adapter, config, ReferenceCache()).metrics
+    assert metrics["samples"] == 2
+    n = metrics["visual_tokens_in"]
+    if method == "none":
+        assert metrics["visual_tokens_kept"] == n and metrics["fidelity_kl"] == 0.0
+    else:
+        assert metrics["visual_tokens_kept"] < n
+        assert metrics["avg_visual_tokens"] < n
