@@ -1,6 +1,9 @@
-"""Pruning methods: one file each, registered by name. Importing this package registers them all."""
+"""Pruning methods: one file each, registered by name. Importing this package registers them all
+(every module in this package other than ``base`` and ``registry`` is imported)."""
 
-from prunelab.methods import fastv, none, random_subset  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from prunelab.methods.base import (
     Budget,
     HyperparameterError,
@@ -13,6 +16,10 @@ from prunelab.methods.base import (
     VisionSignals,
 )
 from prunelab.methods.registry import UnknownMethodError, available, get, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "registry"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "Budget",
