@@ -7,6 +7,7 @@ import pkgutil
 from prunelab.methods.base import (
     Budget,
     HyperparameterError,
+    LayerSelection,
     LayerSignals,
     LayerStep,
     Plan,
@@ -24,6 +25,7 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "Budget",
     "HyperparameterError",
+    "LayerSelection",
     "LayerSignals",
     "LayerStep",
     "Plan",

@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "Budget",
     "HyperparameterError",
+    "LayerSelection",
     "LayerSignals",
     "LayerStep",
     "Plan",
@@ -134,6 +135,19 @@ class VisionSelection:
 
 
 @dataclass
+class LayerSelection:
+    """The result of a layer stage that merges as well as drops.
+
+    ``keep``: sorted (k,) indices into ``LayerSignals.visual`` of the tokens that stay (each
+    keeps its sequence slot and position). ``hidden``: (k, D) replacement hidden states for
+    those tokens (e.g. a kept token with the pruned tokens merged into it), or None.
+    """
+
+    keep: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+@dataclass
 class LayerSignals:
     """Signals of one layer stage; S = current sequence length, V = current visual tokens."""
 
@@ -177,8 +191,11 @@ class PruningMethod:
     def select_vision(self, signals: VisionSignals, keep: int) -> VisionSelection:
         raise NotImplementedError(f"{self.name} has no vision stage")
 
-    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
-        """Return the sorted (step.keep,) indices into ``signals.visual`` to keep."""
+    def select_layer(
+        self, step: LayerStep, signals: LayerSignals
+    ) -> torch.Tensor | LayerSelection:
+        """Return the sorted (step.keep,) indices into ``signals.visual`` to keep, or a
+        :class:`LayerSelection` that also replaces the kept tokens' hidden states."""
         raise NotImplementedError(f"{self.name} has no layer stage")
 
     # -- hyperparameters ------------------------------------------------------------------

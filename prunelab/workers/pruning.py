@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunelab.methods.base import LayerSignals, LayerStep, PruningMethod
+from prunelab.methods.base import LayerSelection, LayerSignals, LayerStep, PruningMethod
 from prunelab.workers.attention import AttentionProbe
 
 __all__ = ["LayerLengths", "LayerPruner"]
@@ -179,13 +179,26 @@ class LayerPruner:
             hidden=hidden[0] if step.needs_hidden else None,
             generator=self.generator,
         )
-        keep = self.method.select_layer(step, signals)  # (k,) indices into `visual`
+        selection = self.method.select_layer(step, signals)
+        if isinstance(selection, LayerSelection):
+            keep, merged = selection.keep, selection.hidden
+        else:
+            keep, merged = selection, None  # (k,) indices into `visual`
         if keep.numel() != min(step.keep, visual.numel()):
             raise RuntimeError(
                 f"{self.method.name} kept {keep.numel()} visual tokens at layer {index}, "
                 f"planned {step.keep}"
             )
-        selected = torch.cat([text, visual[keep.to(visual.device)]]).sort().values  # (S',)
+        keep = keep.to(visual.device)
+        if merged is not None:
+            if merged.shape != (keep.numel(), hidden.shape[-1]):
+                raise RuntimeError(
+                    f"{self.method.name} returned merged hidden states of shape "
+                    f"{tuple(merged.shape)} for {keep.numel()} kept tokens at layer {index}"
+                )
+            hidden = hidden.clone()
+            hidden[0, visual[keep]] = merged.to(hidden.dtype)
+        selected = torch.cat([text, visual[keep]]).sort().values  # (S',)
         self.current = self.current[selected]
         self.kept_visual = self.current[self.is_visual[self.current]]
         if step.positions == "renumber":
