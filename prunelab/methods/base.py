@@ -187,6 +187,11 @@ class PruningMethod:
     def plan(self, ctx: PlanContext) -> Plan:
         raise NotImplementedError
 
+    def unsupported(self, family: str) -> str | None:
+        """Why this method is not defined for a model ``family`` (None: it is). Checked when
+        a sweep is validated, before anything runs."""
+        return None
+
     # -- selection ------------------------------------------------------------------------
     def select_vision(self, signals: VisionSignals, keep: int) -> VisionSelection:
         raise NotImplementedError(f"{self.name} has no vision stage")

@@ -279,6 +279,24 @@ def _float_not_int(annotation: Any) -> bool:
     return False
 
 
+def _plan_problem(
+    method: M.PruningMethod,
+    info: ModelInfo,
+    ratio: float | None,
+    tokens: int | None,
+    layer: int | None,
+    seed: int | None,
+) -> str | None:
+    """Why ``method`` cannot plan a trial on a model shaped like ``info`` (None: it can)."""
+    budget = M.Budget(keep_ratio=ratio, keep_tokens=tokens) if method.uses_budget else None
+    context = M.PlanContext(info.n_visual, info.n_layers, budget, layer, seed or 0)
+    try:
+        method.plan(context)
+    except ValueError as exc:
+        return _first_line(exc)
+    return None
+
+
 def _canonical_hparams(method: M.PruningMethod) -> dict[str, Any]:
     """Every hyperparameter of a built method; ints given to float fields become floats."""
     hints = typing.get_type_hints(type(method))
@@ -964,6 +982,15 @@ class _Planner:
             self.problems.add(
                 f"method {point.preset.preset!r} ({point.preset.shown}) with {overrides} "
                 f"{self.source.in_grid}: {_first_line(exc)}"
+            )
+            return None
+        reason = method.unsupported(info.family)
+        if reason is None:
+            reason = _plan_problem(method, info, ratio, tokens, layer, seed)
+        if reason is not None:
+            self.problems.add(
+                f"method {point.preset.preset!r} ({point.preset.shown}) on model "
+                f"{point.model!r} (family {info.family}): {reason}"
             )
             return None
         hparams = _canonical_hparams(method)

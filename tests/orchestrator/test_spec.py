@@ -517,7 +517,7 @@ def test_model_config_rejected(write_spec: SpecWriter) -> None:
         groups={"model/broken.yaml": "name: broken\nfamily: nope\nsource: tiny\n"},
     )
     assert problems_of(path) == [
-        f"model 'broken' ({path.parent}/model/broken.yaml): family='nope': expected one of llava"
+        f"model 'broken' ({path.parent}/model/broken.yaml): family='nope': expected one of llava, llava_next, qwen2_vl, qwen2_5_vl, internvl"
     ]
 
 
