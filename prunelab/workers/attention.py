@@ -44,7 +44,8 @@ class AttentionProbe:
     call's (H_kv, S, hd) post-RoPE keys.
 
     Encoders that call attention once per image or window within a layer (Qwen2-VL's vision
-    tower) set ``chunks=True``: each call's rows and keys are then appended to a list.
+    tower), or batch several crops of one image (InternVL tiles), set ``chunks=True``: the rows
+    and keys of each call and each batch element are then appended to a list, in order.
     """
 
     modules: Mapping[int, int]
@@ -119,6 +120,7 @@ def _make_wrapper(inner_name: str):
         layer = probe.modules.get(id(module)) if probe is not None else None
         if layer is not None:
             assert probe is not None
+            batch = range(query.shape[0]) if probe.chunks else range(1)  # chunks: every element
             wanted = probe.queries.get(layer)
             if wanted is not None:
                 if isinstance(wanted, str):  # "all"
@@ -132,11 +134,18 @@ def _make_wrapper(inner_name: str):
                 if causal is None:
                     causal = getattr(module, "is_causal", True)
                 scaling = kwargs.get("scaling") or module.scaling
-                rows = attention_rows(query, key, positions, scaling, attention_mask, causal)
-                probe._store(probe.rows, layer, rows)
+                for b in batch:
+                    mask = attention_mask
+                    if mask is not None and mask.shape[0] > 1:
+                        mask = mask[b : b + 1]
+                    rows = attention_rows(
+                        query[b : b + 1], key[b : b + 1], positions, scaling, mask, causal
+                    )
+                    probe._store(probe.rows, layer, rows)
                 probe.query_positions[layer] = positions
             if layer in probe.keys:
-                probe._store(probe.key_states, layer, key[0])
+                for b in batch:
+                    probe._store(probe.key_states, layer, key[b])
         return ALL_ATTENTION_FUNCTIONS[inner_name](
             module, query, key, value, attention_mask, **kwargs
         )
