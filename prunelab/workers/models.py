@@ -6,7 +6,8 @@ A model config (``sweeps/model/<name>.yaml``) is a mapping:
 ``tiny`` (built from ``tiny`` config overrides with random weights, seeded, no download) or
 ``pretrained`` (``path`` = hub id or local directory, optional ``revision``). ``dtype``,
 ``attn_implementation`` (``sdpa`` or ``flash_attention_2``), ``device`` (``auto``: CUDA when
-present), ``prompt_template`` with ``{question}`` and the image placeholder.
+present), ``prompt_template`` with ``{question}`` and the image placeholder, ``processor``:
+keyword overrides of the processor's settings (e.g. Qwen2-VL ``min_pixels`` / ``max_pixels``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class ModelSpec:
     seed: int = 0
     prompt_template: str = "USER: <image>\n{question} ASSISTANT:"
     tiny: dict[str, Any] = field(default_factory=dict)
+    # keyword overrides of the processor's settings, e.g. {min_pixels: ..., max_pixels: ...} for
+    # Qwen2-VL (they change the visual token count, so they are part of the trial key)
+    processor: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
@@ -130,7 +134,7 @@ def describe_model(cfg: dict[str, Any] | ModelSpec) -> ModelInfo:
         revision = spec.revision
     else:
         revision = "local-" + _hash(_local_fingerprint(spec.path))
-    return family.model_info(config, revision)
+    return family.model_info(config, revision, spec.processor)
 
 
 def _local_fingerprint(path: str | None) -> Any:

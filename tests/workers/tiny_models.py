@@ -7,7 +7,7 @@ from prunelab.workers.adapters import adapter_for
 from prunelab.workers.models import load_model
 
 # every family's tiny model; the adapter invariants in test_adapters.py run on each
-TINY_MODELS = ["tiny-llava"]
+TINY_MODELS = ["tiny-llava", "tiny-internvl", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 _LOADED: dict[str, tuple] = {}
 
 

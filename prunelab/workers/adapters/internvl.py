@@ -174,7 +174,7 @@ def tiny_config(spec: ModelSpec) -> InternVLConfig:
     return config
 
 
-def model_info(config: InternVLConfig, revision: str) -> ModelInfo:
+def model_info(config: InternVLConfig, revision: str, processor: dict | None = None) -> ModelInfo:
     """Shapes from the config; n_visual and vision_flops are for a nominal image of
     ``NOMINAL_TILES`` tiles (2 x 2 grid + thumbnail, e.g. a square image of twice the tile
     side with max_patches >= 4; the tiny model's 48 x 48 shapes images tile exactly so)."""
@@ -244,7 +244,9 @@ def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     model = InternVLForConditionalGeneration.from_pretrained(
         spec.path, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation
     ).to(device)
-    processor = InternVLImageProcessor.from_pretrained(spec.path, revision=spec.revision)
+    processor = InternVLImageProcessor.from_pretrained(
+        spec.path, revision=spec.revision, **spec.processor
+    )
     return model, processor
 
 

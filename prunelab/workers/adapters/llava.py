@@ -87,7 +87,7 @@ def tiny_config(spec: ModelSpec) -> LlavaConfig:
     )
 
 
-def model_info(config: LlavaConfig, revision: str) -> ModelInfo:
+def model_info(config: LlavaConfig, revision: str, processor: dict | None = None) -> ModelInfo:
     vision, text = config.vision_config, config.text_config
     per_side = vision.image_size // vision.patch_size
     n_visual = per_side * per_side
@@ -150,7 +150,7 @@ def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     model = LlavaForConditionalGeneration.from_pretrained(
         spec.path, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation
     ).to(device)
-    processor = LlavaProcessor.from_pretrained(spec.path, revision=spec.revision)
+    processor = LlavaProcessor.from_pretrained(spec.path, revision=spec.revision, **spec.processor)
     return model, processor
 
 
