@@ -142,7 +142,7 @@ def bench_model(name: str, size: str, device, dtype, warmup: int, repeats: int) 
         for run in range(warmup + repeats):
             for i, (_, _, method, plan) in enumerate(settings):
                 generator = torch.Generator().manual_seed(0)
-                gen, _ = _run_sample(adapter, prepared, method, plan, generator, 1, timer)
+                gen, _, _ = _run_sample(adapter, prepared, method, plan, generator, 1, timer)
                 if run >= warmup:
                     times[i].append(gen.prefill_s)
                 flops[i] = prefill_flops(gen.lengths.tokens, loaded, gen.vision_flops)

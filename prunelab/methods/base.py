@@ -157,6 +157,7 @@ class LayerSignals:
     query_positions: torch.Tensor | None = None  # (Q,) sequence positions of those queries
     hidden: torch.Tensor | None = None  # (S, D) hidden states entering the layer
     generator: torch.Generator | None = None
+    guidance: torch.Tensor | None = None  # (V,) guidance-model scores of the visual tokens
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class PruningMethod:
     uses_budget: ClassVar[bool] = True
     uses_layer: ClassVar[bool] = False
     uses_seed: ClassVar[bool] = False
+    needs_guidance: ClassVar[bool] = False  # runs the model config's smaller `guidance` model
     default_prune_layer: ClassVar[int | None] = None
     min_prune_layer: ClassVar[int] = 0
     paper: ClassVar[str] = ""
@@ -196,12 +198,17 @@ class PruningMethod:
     def select_vision(self, signals: VisionSignals, keep: int) -> VisionSelection:
         raise NotImplementedError(f"{self.name} has no vision stage")
 
-    def select_layer(
-        self, step: LayerStep, signals: LayerSignals
-    ) -> torch.Tensor | LayerSelection:
+    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor | LayerSelection:
         """Return the sorted (step.keep,) indices into ``signals.visual`` to keep, or a
         :class:`LayerSelection` that also replaces the kept tokens' hidden states."""
         raise NotImplementedError(f"{self.name} has no layer stage")
+
+    def score_guidance(self, rows: list[torch.Tensor], visual: torch.Tensor) -> torch.Tensor:
+        """Guidance methods: (N,) scores of the visual tokens from the guidance model's
+        attention ``rows`` ((H, Q, S) per layer and forward of its generation; the queries are
+        the prompt's text tokens in the prefill and the new token in each decode step) over
+        the N ``visual`` sequence positions."""
+        raise NotImplementedError(f"{self.name} does not use a guidance model")
 
     # -- hyperparameters ------------------------------------------------------------------
     @classmethod

@@ -120,6 +120,8 @@ class TrialSpec:
     model_config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     benchmark_config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     eval: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # the guidance model's config, for methods that need one (sgp)
+    guidance_config: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -140,6 +142,7 @@ class TrialSpec:
                 "model_config": self.model_config,
                 "benchmark_config": self.benchmark_config,
                 "eval": self.eval,
+                **({"guidance_config": self.guidance_config} if self.guidance_config else {}),
             }
         )
 
@@ -797,6 +800,17 @@ class _Planner:
             return False
         self.model_configs[name] = data
         self.model_infos[name] = info
+        guide = data.get("guidance")
+        if guide is not None:
+            where = _Axis("guidance", str(guide), guide, f"(model {name!r}, {shown})", None)
+            if not self.load_group_config("model", str(guide), where):
+                return False
+            if self.model_infos[guide].family != info.family:
+                self.problems.add(
+                    f"model {name!r} ({shown}): guidance model {guide!r} is of family "
+                    f"{self.model_infos[guide].family}, not {info.family}"
+                )
+                return False
         return True
 
     def load_benchmark(self, name: str, data: dict[str, Any], shown: str) -> bool:
@@ -985,6 +999,16 @@ class _Planner:
             )
             return None
         reason = method.unsupported(info.family)
+        guide_config = None
+        if reason is None and cls.needs_guidance:
+            guide = self.model_configs[point.model].get("guidance")
+            if guide is None:
+                reason = (
+                    "needs a guidance model: set `guidance: <smaller model of the same family>` "
+                    "in the model config"
+                )
+            else:
+                guide_config = self.model_configs[guide]
         if reason is None:
             reason = _plan_problem(method, info, ratio, tokens, layer, seed)
         if reason is not None:
@@ -1009,6 +1033,7 @@ class _Planner:
             "method_version": str(cls.version),
             "model": {"revision": info.revision, "config": self.model_configs[point.model]},
             "benchmark": self.benchmark_ids[point.benchmark],
+            **({"guidance": guide_config} if guide_config is not None else {}),
             "eval": {k: eval_cfg[k] for k in RESULT_EVAL_KEYS},
         }
         key = hashlib.sha256(_canonical_json(identity).encode()).hexdigest()
@@ -1027,6 +1052,7 @@ class _Planner:
             model_config=self.model_configs[point.model],
             benchmark_config=self.benchmark_configs[point.benchmark],
             eval=eval_cfg,
+            guidance_config=guide_config,
         )
 
     def baseline(self, model: str, benchmark: str, eval_cfg: dict[str, Any]) -> TrialSpec | None:

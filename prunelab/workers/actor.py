@@ -36,6 +36,7 @@ class Worker:
         self.model_key: str | None = None
         self.model_loads = 0
         self.references = ReferenceCache()
+        self.guides: dict[str, tuple[Any, Any]] = {}  # guidance models, kept like the model
 
     def identity(self) -> dict[str, Any]:
         return {"worker": self.worker_id, "node": socket.gethostname(), "pid": os.getpid()}
@@ -47,6 +48,7 @@ class Worker:
         if self.model_key == model_name and self.loaded is not None:
             return 0.0
         self.loaded = self.adapter = None
+        self.guides.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -57,12 +59,26 @@ class Worker:
         self.model_loads += 1
         return time.perf_counter() - start
 
+    def _ensure_guide(self, guide_config: dict[str, Any] | None) -> tuple[Any, float]:
+        """The guidance model of a trial (loaded once, kept with the model), and load time."""
+        if guide_config is None:
+            return None, 0.0
+        name = guide_config["name"]
+        if name in self.guides:
+            return self.guides[name], 0.0
+        start = time.perf_counter()
+        loaded = load_model(guide_config)
+        self.guides[name] = (loaded, adapter_for(loaded))
+        return self.guides[name], time.perf_counter() - start
+
     def run(self, config: dict[str, Any]) -> dict[str, Any]:
         """Run one trial config; returns metrics, predictions and where it ran."""
         load_s = self._ensure_model(config["model"], config["model_config"])
+        guide, guide_s = self._ensure_guide(config.get("guidance_config"))
+        load_s += guide_s
         start = time.perf_counter()
         try:
-            output = run_trial(self.loaded, self.adapter, config, self.references)
+            output = run_trial(self.loaded, self.adapter, config, self.references, guide=guide)
         except torch.cuda.OutOfMemoryError as exc:
             gc.collect()
             torch.cuda.empty_cache()

@@ -7,7 +7,8 @@ A model config (``sweeps/model/<name>.yaml``) is a mapping:
 ``pretrained`` (``path`` = hub id or local directory, optional ``revision``). ``dtype``,
 ``attn_implementation`` (``sdpa`` or ``flash_attention_2``), ``device`` (``auto``: CUDA when
 present), ``prompt_template`` with ``{question}`` and the image placeholder, ``processor``:
-keyword overrides of the processor's settings (e.g. Qwen2-VL ``min_pixels`` / ``max_pixels``).
+keyword overrides of the processor's settings (e.g. Qwen2-VL ``min_pixels`` / ``max_pixels``),
+``guidance``: the name of a smaller model config of the same family for guidance methods.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class ModelSpec:
     # keyword overrides of the processor's settings, e.g. {min_pixels: ..., max_pixels: ...} for
     # Qwen2-VL (they change the visual token count, so they are part of the trial key)
     processor: dict[str, Any] = field(default_factory=dict)
+    # a smaller model config of the same family that guidance methods (sgp) run alongside
+    guidance: str | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelSpec:

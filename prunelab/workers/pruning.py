@@ -42,6 +42,8 @@ class LayerPruner:
     layers: the LLM's decoder layers, in order, each with an attention module at ``self_attn``
         carrying ``layer_idx``.
     visual_positions: (V0,) positions of the visual tokens in the prefill sequence (batch 0).
+    guidance: (V0,) scores of the visual tokens from a guidance model (sgp), aligned with
+        ``visual_positions``; each layer step sees those of the tokens still present.
     rotary: called as ``rotary(hidden, position_ids)`` with 1-D ids (1, L) to rebuild
         (cos, sin) when a step renumbers positions (later layers, prefill and decode); unused
         otherwise.
@@ -58,6 +60,7 @@ class LayerPruner:
         rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         | None = None,
         generator: torch.Generator | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> None:
         self.layers = list(layers)
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
@@ -66,6 +69,13 @@ class LayerPruner:
         self.probe = probe
         self.rotary = rotary
         self.generator = generator
+        self.visual_positions = visual_positions
+        self.guidance = guidance
+        if guidance is not None and guidance.shape != visual_positions.shape:
+            raise ValueError(
+                f"guidance scores for {guidance.numel()} visual tokens, the sequence has "
+                f"{visual_positions.numel()}"
+            )
         device = visual_positions.device
         self.seq_len = seq_len
         self.is_visual = torch.zeros(seq_len, dtype=torch.bool, device=device)
@@ -178,6 +188,7 @@ class LayerPruner:
             query_positions=positions,
             hidden=hidden[0] if step.needs_hidden else None,
             generator=self.generator,
+            guidance=self._guidance(visual),
         )
         selection = self.method.select_layer(step, signals)
         if isinstance(selection, LayerSelection):
@@ -204,6 +215,14 @@ class LayerPruner:
         if step.positions == "renumber":
             self.renumbered = True
         return hidden[:, selected]
+
+    def _guidance(self, visual: torch.Tensor) -> torch.Tensor | None:
+        """Guidance scores (V,) of the visual tokens now at positions ``visual``."""
+        if self.guidance is None:
+            return None
+        original = self.current[visual]  # positions in the prefill sequence
+        index = torch.searchsorted(self.visual_positions, original)
+        return self.guidance.to(index.device)[index]
 
     def _decode_kwargs(self, index: int, kwargs: dict, hidden: torch.Tensor) -> dict:
         """A decode step at a pruned layer: its cache lacks the dropped keys, so must its mask;

@@ -18,6 +18,7 @@ from prunelab.workers.attention import AttentionProbe, probe_attention
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.cost import kv_cache_bytes, trial_flops
+from prunelab.workers.guidance import run_guidance
 from prunelab.workers.models import LoadedModel
 from prunelab.workers.timing import Timer
 
@@ -85,6 +86,7 @@ class SampleResult:
     fidelity_kl: float | None = None
     fidelity_top1: float | None = None
     selection: list[int] | None = None  # visual tokens (input indices) still present at the end
+    guidance_flops: float = 0.0  # the guidance model's generation (counted in tflops too)
 
 
 @dataclass
@@ -105,9 +107,22 @@ def _run_sample(
     generator: torch.Generator,
     max_new_tokens: int,
     timer: Timer,
+    guide: tuple[Adapter, Sample] | None = None,
 ):
-    """Vision stage (if any), then generation with the layer stages. Returns timings too."""
+    """Guidance (if the method has a guide), vision stage (if any), then generation with the
+    layer stages. Returns the generation (timings filled in), the vision stage's anchors and
+    the guide's run."""
     start = timer.mark()
+    guidance = None
+    if method.needs_guidance:
+        if guide is None:
+            raise ValueError(f"method {method.name} needs a guidance model; none was loaded")
+        guidance = run_guidance(guide[0], method, guide[1], max_new_tokens, timer.mark)
+        if guidance.scores.numel() != prepared.n_visual:
+            raise RuntimeError(
+                f"the guidance model makes {guidance.scores.numel()} visual tokens for this "
+                f"image, the model {prepared.n_visual}: they must match one to one"
+            )
     signals = adapter.vision_signals(prepared, plan.vision_signals)
     signals.generator = generator
     if plan.vision_keep is not None:
@@ -116,7 +131,13 @@ def _run_sample(
     else:
         tokens, kept_inputs = signals.tokens, None
     probe = AttentionProbe(modules=adapter.attention_modules)
-    pruner_kwargs = {"method": method, "steps": plan.layers, "probe": probe, "generator": generator}
+    pruner_kwargs = {
+        "method": method,
+        "steps": plan.layers,
+        "probe": probe,
+        "generator": generator,
+        "guidance": guidance.scores if guidance is not None else None,
+    }
     with probe_attention(probe):
         generation, first_ready = adapter.generate(
             prepared,
@@ -129,7 +150,7 @@ def _run_sample(
     end = timer.mark()
     generation.prefill_s = timer.seconds(start, first_ready)
     generation.decode_s = timer.seconds(first_ready, end)
-    return generation, kept_inputs
+    return generation, kept_inputs, guidance
 
 
 def run_trial(
@@ -138,8 +159,12 @@ def run_trial(
     config: dict[str, Any],
     references: ReferenceCache | None = None,
     progress: Callable[[int, int], None] | None = None,
+    guide: tuple[LoadedModel, Adapter] | None = None,
 ) -> TrialOutput:
-    """Evaluate one trial config (see ``TrialSpec.config``) and measure its costs."""
+    """Evaluate one trial config (see ``TrialSpec.config``) and measure its costs.
+
+    ``guide``: the smaller guidance model (and its adapter) of methods that need one.
+    """
     method, budget = build_method(config)
     eval_cfg = config["eval"]
     benchmark = build_benchmark(config["benchmark_config"])
@@ -166,15 +191,16 @@ def run_trial(
                 seed=config.get("seed") or 0,
             )
             plan = method.plan(ctx)
+            guided = (guide[1], sample) if guide is not None else None
             if index == 0:
                 for _ in range(int(eval_cfg.get("warmup", 0))):
                     _run_sample(
                         adapter, prepared, method, plan,
-                        _sample_generator(config.get("seed"), sample.id), max_new, timer,
+                        _sample_generator(config.get("seed"), sample.id), max_new, timer, guided,
                     )  # fmt: skip
-            generation, _ = _run_sample(
+            generation, _, guidance = _run_sample(
                 adapter, prepared, method, plan,
-                _sample_generator(config.get("seed"), sample.id), max_new, timer,
+                _sample_generator(config.get("seed"), sample.id), max_new, timer, guided,
             )  # fmt: skip
             prediction = adapter.decode(generation.token_ids)
             result = SampleResult(
@@ -193,13 +219,22 @@ def run_trial(
                 prefill_s=generation.prefill_s,
                 decode_s=generation.decode_s,
             )
+            if guidance is not None:
+                assert guide is not None
+                result.guidance_flops = trial_flops(
+                    guidance.generation.lengths.tokens,
+                    len(guidance.generation.token_ids),
+                    guide[0].info,
+                    convention,
+                    guidance.generation.vision_flops,
+                )
             if eval_cfg.get("fidelity", True):
                 key = (info.revision, bench_id, sample.id)
                 if not plan.prunes:
                     references.put(key, generation.first_logprobs)
                 reference = references.get(key)
                 if reference is None:
-                    reference_gen, _ = _run_sample(
+                    reference_gen, _, _ = _run_sample(
                         adapter, prepared, unpruned, Plan(),
                         _sample_generator(0, sample.id), 1, timer,
                     )  # fmt: skip
@@ -245,6 +280,7 @@ def aggregate(
     """Trial metrics: means over samples, medians for latency."""
     flops = [
         trial_flops(r.tokens_per_layer, r.new_tokens, info, convention, r.vision_flops)
+        + r.guidance_flops
         for r in results
     ]
     itemsize = next(loaded.model.parameters()).element_size()
@@ -264,6 +300,8 @@ def aggregate(
         "kv_cache_mb": statistics.fmean(kv) / 2**20,
         "samples": float(len(results)),
     }
+    if any(r.guidance_flops for r in results):
+        metrics["tflops_guidance"] = statistics.fmean(r.guidance_flops for r in results) / 1e12
     if decode_per_token:
         metrics["decode_ms_per_token"] = 1000 * statistics.median(decode_per_token)
     categories = sorted({r.category for r in results if r.category})

@@ -521,7 +521,8 @@ def test_model_config_rejected(write_spec: SpecWriter) -> None:
         groups={"model/broken.yaml": "name: broken\nfamily: nope\nsource: tiny\n"},
     )
     assert problems_of(path) == [
-        f"model 'broken' ({path.parent}/model/broken.yaml): family='nope': expected one of llava, llava_next, qwen2_vl, qwen2_5_vl, internvl"
+        f"model 'broken' ({path.parent}/model/broken.yaml): family='nope': expected one of "
+        "llava, llava_next, qwen2_vl, qwen2_5_vl, internvl"
     ]
 
 
@@ -580,3 +581,18 @@ def test_yaml_list_is_not_a_sweep(write_spec: SpecWriter) -> None:
         f'method=["none", "fastv"] in {path} grid: a list is one value in override grammar; '
         "to sweep, write a choice list: method=none,fastv"
     ]
+
+
+def test_a_guidance_method_needs_a_guidance_model(write_spec: SpecWriter) -> None:
+    path = write_spec(spec_body("model: tiny-internvl\nbenchmark: shapes\nmethod: sgp\nkeep_ratio: 0.5"))
+    (problem,) = problems_of(path)
+    assert "method 'sgp'" in problem and "tiny-internvl" in problem
+    assert "needs a guidance model" in problem
+
+
+def test_guidance_model_config_travels_with_the_trial() -> None:
+    plan = load_sweep("quickstart", ["method=sgp", "keep_ratio=0.25"])
+    (trial,) = [t for t in plan.trials if t.method == "sgp"]
+    assert trial.config()["guidance_config"]["name"] == "tiny-llava-small"
+    baseline = next(t for t in plan.trials if t.is_baseline)
+    assert "guidance_config" not in baseline.config()

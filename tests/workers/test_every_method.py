@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from tiny_models import TINY_MODELS, load_tiny, model_config
+from tiny_models import TINY_MODELS, guide_for, load_tiny, model_config
 
 import prunelab.methods as M
 from prunelab.orchestrator.tracking import Tracker
@@ -44,6 +44,9 @@ def test_method_on_family(method: str, model: str, trial_config, tracker) -> Non
     reason = instance.unsupported(loaded.spec.family)
     if reason is not None:
         pytest.skip(f"{method} on {loaded.spec.family}: {reason}")
+    guide = guide_for(model) if cls.needs_guidance else None
+    if cls.needs_guidance and guide is None:
+        pytest.skip(f"{method} needs a guidance model; {model} has none configured")
     axes: dict = {}
     if cls.uses_budget:
         axes["keep_ratio"] = KEEP_RATIO
@@ -55,7 +58,7 @@ def test_method_on_family(method: str, model: str, trial_config, tracker) -> Non
     config["model"], config["model_config"] = model, model_config(model)
 
     before = _unpruned(adapter)
-    output = run_trial(loaded, adapter, config, ReferenceCache())
+    output = run_trial(loaded, adapter, config, ReferenceCache(), guide=guide)
     after = _unpruned(adapter)
     assert after[0] == before[0] and torch.equal(after[1], before[1])  # model untouched
     for layer in adapter.layers:

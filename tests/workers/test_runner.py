@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import model_config
+from tiny_models import guide_for, model_config
 
 import prunelab.methods as M
 from prunelab.workers.actor import Worker
@@ -33,7 +33,8 @@ def axes_for(method: str) -> dict:
 def test_registered_method_runs_on_tiny_llava(method, tiny_llava, trial_config):
     loaded, adapter = tiny_llava
     axes = axes_for(method)
-    output = run_trial(loaded, adapter, trial_config(method, **axes), ReferenceCache())
+    guide = guide_for("tiny-llava") if M.get(method).needs_guidance else None
+    output = run_trial(loaded, adapter, trial_config(method, **axes), ReferenceCache(), guide=guide)
     metrics = output.metrics
     assert set(metrics) >= CORE_METRICS
     assert metrics["samples"] == 6 and len(output.predictions) == 6
@@ -105,3 +106,20 @@ def test_every_family_runs_whole_trials(tiny, trial_config, method, axes):
     else:
         assert metrics["visual_tokens_kept"] < n
         assert metrics["avg_visual_tokens"] < n
+
+
+def test_worker_loads_the_guidance_model_once_and_counts_its_flops(trial_config):
+    worker = Worker("w-guide")
+    config = trial_config("sgp", limit=2, keep_ratio=0.25, prune_layer=2)
+    config["guidance_config"] = model_config("tiny-llava-small")
+    first = worker.run(config)
+    second = worker.run(config)
+    assert list(worker.guides) == ["tiny-llava-small"] and second["load_s"] == 0.0
+    metrics = first["metrics"]
+    assert metrics["visual_tokens_kept"] == 36
+    assert 0.0 < metrics["tflops_guidance"] < metrics["tflops"]
+    unguided = worker.run(trial_config("fastv", limit=2, keep_ratio=0.25, prune_layer=2))
+    assert "tflops_guidance" not in unguided["metrics"]
+    assert metrics["tflops"] - metrics["tflops_guidance"] == pytest.approx(
+        unguided["metrics"]["tflops"], rel=0.02
+    )

@@ -7,7 +7,14 @@ from prunelab.workers.adapters import adapter_for
 from prunelab.workers.models import load_model
 
 # every family's tiny model; the adapter invariants in test_adapters.py run on each
-TINY_MODELS = ["tiny-llava", "tiny-internvl", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+TINY_MODELS = [
+    "tiny-llava",
+    "tiny-internvl",
+    "tiny-llava-next",
+    "tiny-qwen2-vl",
+    "tiny-qwen2.5-vl",
+    "tiny-llava-small",
+]
 _LOADED: dict[str, tuple] = {}
 
 
@@ -21,3 +28,9 @@ def load_tiny(name: str) -> tuple:
         loaded = load_model(model_config(name))
         _LOADED[name] = (loaded, adapter_for(loaded))
     return _LOADED[name]
+
+
+def guide_for(name: str) -> tuple | None:
+    """The loaded guidance model of tiny model ``name`` (None: it has none)."""
+    guide = model_config(name).get("guidance")
+    return load_tiny(guide) if guide else None
