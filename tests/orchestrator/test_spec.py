@@ -584,7 +584,8 @@ def test_yaml_list_is_not_a_sweep(write_spec: SpecWriter) -> None:
 
 
 def test_a_guidance_method_needs_a_guidance_model(write_spec: SpecWriter) -> None:
-    path = write_spec(spec_body("model: tiny-internvl\nbenchmark: shapes\nmethod: sgp\nkeep_ratio: 0.5"))
+    grid = "model: tiny-internvl\nbenchmark: shapes\nmethod: sgp\nkeep_ratio: 0.5"
+    path = write_spec(spec_body(grid))
     (problem,) = problems_of(path)
     assert "method 'sgp'" in problem and "tiny-internvl" in problem
     assert "needs a guidance model" in problem
