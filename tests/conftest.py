@@ -11,6 +11,9 @@ from sqlalchemy import URL, create_engine, make_url, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+# tests never download: a hub id must fail at once instead of retrying the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # --------------------------------------------------------------------------- databases
 
 PG_URL_ENV = "PRUNELAB_TEST_PG_URL"
