@@ -88,6 +88,27 @@ class ModelInfo:
     mlp_matrices: int = 3  # weight matrices of one MLP (gate/up/down: 3)
     vision_flops: float = 0.0  # exact FLOPs of the vision tower + projector for one image
 
+    @classmethod
+    def from_text_config(
+        cls, family: str, text: Any, n_visual: int, revision: str, vision_flops: float
+    ) -> ModelInfo:
+        """The LLM's shapes from a transformers text config (Llama / Qwen2 style, gated MLP)."""
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return cls(
+            family=family,
+            n_layers=text.num_hidden_layers,
+            n_visual=n_visual,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            n_heads=text.num_attention_heads,
+            n_kv_heads=text.num_key_value_heads or text.num_attention_heads,
+            head_dim=head_dim,
+            vocab_size=text.vocab_size,
+            revision=revision,
+            mlp_matrices=3,
+            vision_flops=vision_flops,
+        )
+
 
 @dataclass
 class LoadedModel:

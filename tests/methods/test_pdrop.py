@@ -3,27 +3,13 @@ ranking by the last token's attention, hyperparameters, whole trials on the tiny
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
+import tiny_models as TINY
 import torch
 
 import prunelab.methods as M
 from prunelab.methods.pdrop import average_visual, pdrop_scores, scale_layers, solve_keeps
 from prunelab.workers.runner import ReferenceCache, run_trial
-
-
-def _tiny_models():
-    """tests/workers/tiny_models.py (the tiny models, built once per session)."""
-    workers = str(Path(__file__).resolve().parents[1] / "workers")
-    if workers not in sys.path:
-        sys.path.insert(0, workers)
-    return importlib.import_module("tiny_models")
-
-
-TINY = _tiny_models()
 
 
 def _plan(n_visual, n_layers, hparams=None, **budget):
@@ -156,23 +142,7 @@ def test_impossible_plans_name_the_value():
 
 
 def _trial(model: str, limit: int, **axes) -> dict:
-    return {
-        "model": model,
-        "model_config": TINY.model_config(model),
-        "benchmark": "shapes",
-        "benchmark_config": {"name": "shapes", "kind": "shapes", "split": "test"},
-        "method": "pdrop",
-        "hparams": axes.pop("hparams", {}),
-        "eval": {
-            "limit": limit,
-            "sample_seed": 0,
-            "max_new_tokens": 3,
-            "warmup": 0,
-            "fidelity": True,
-            "flops_convention": "pdrop",
-        },
-        **axes,
-    }
+    return TINY.trial_config(model, "pdrop", limit, **axes)
 
 
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.5])

@@ -3,13 +3,11 @@ whose average equals the budget, hyperparameters, whole trials on the tiny model
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
-import sys
-from pathlib import Path
 
 import pytest
+import tiny_models as TINY
 import torch
 
 import prunelab.methods as M
@@ -23,17 +21,6 @@ from prunelab.methods.sparsevlm import (
     recycle_split,
 )
 from prunelab.workers.runner import ReferenceCache, run_trial
-
-
-def _tiny_models():
-    """tests/workers/tiny_models.py (the tiny models, built once per session)."""
-    workers = str(Path(__file__).resolve().parents[1] / "workers")
-    if workers not in sys.path:
-        sys.path.insert(0, workers)
-    return importlib.import_module("tiny_models")
-
-
-TINY = _tiny_models()
 
 
 def test_raters_are_text_tokens_above_the_mean_relevance():
@@ -213,23 +200,7 @@ def test_hyperparameters_and_impossible_plans():
 
 
 def _trial(model: str, limit: int, **axes) -> dict:
-    return {
-        "model": model,
-        "model_config": TINY.model_config(model),
-        "benchmark": "shapes",
-        "benchmark_config": {"name": "shapes", "kind": "shapes", "split": "test"},
-        "method": "sparsevlm",
-        "hparams": axes.pop("hparams", {}),
-        "eval": {
-            "limit": limit,
-            "sample_seed": 0,
-            "max_new_tokens": 3,
-            "warmup": 0,
-            "fidelity": True,
-            "flops_convention": "pdrop",
-        },
-        **axes,
-    }
+    return TINY.trial_config(model, "sparsevlm", limit, **axes)
 
 
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.5])

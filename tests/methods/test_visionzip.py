@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
+import tiny_models as TINY
 import torch
 
 import prunelab.methods as M
@@ -14,36 +11,7 @@ from prunelab.methods.visionzip import visionzip_select, visionzip_split
 from prunelab.workers.adapters.base import grid_coords
 from prunelab.workers.runner import ReferenceCache, run_trial
 
-
-def _tiny_models():
-    """tests/workers/tiny_models.py (the tiny models, built once per session)."""
-    workers = str(Path(__file__).resolve().parents[1] / "workers")
-    if workers not in sys.path:
-        sys.path.insert(0, workers)
-    return importlib.import_module("tiny_models")
-
-
-TINY = _tiny_models()
-
-
-def _trial(model: str, method: str, limit: int, **axes) -> dict:
-    return {
-        "model": model,
-        "model_config": TINY.model_config(model),
-        "benchmark": "shapes",
-        "benchmark_config": {"name": "shapes", "kind": "shapes", "split": "test"},
-        "method": method,
-        "hparams": axes.pop("hparams", {}),
-        "eval": {
-            "limit": limit,
-            "sample_seed": 0,
-            "max_new_tokens": 3,
-            "warmup": 0,
-            "fidelity": True,
-            "flops_convention": "pdrop",
-        },
-        **axes,
-    }
+_trial = TINY.trial_config
 
 
 def test_split_reproduces_the_published_settings():

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import TINY_MODELS, load_tiny, model_config
+from tiny_models import TINY_MODELS, load_tiny
+from tiny_models import trial_config as tiny_trial_config
 
 
 @pytest.fixture(scope="session")
@@ -19,23 +20,9 @@ def tiny(request):
 
 @pytest.fixture
 def trial_config():
+    """Trial configs on tiny-llava: ``make(method, limit=6, **axes)``."""
+
     def make(method: str, limit: int = 6, **axes) -> dict:
-        return {
-            "model": "tiny-llava",
-            "model_config": model_config("tiny-llava"),
-            "benchmark": "shapes",
-            "benchmark_config": {"name": "shapes", "kind": "shapes", "split": "test"},
-            "method": method,
-            "hparams": axes.pop("hparams", {}),
-            "eval": {
-                "limit": limit,
-                "sample_seed": 0,
-                "max_new_tokens": 3,
-                "warmup": 0,
-                "fidelity": True,
-                "flops_convention": "pdrop",
-            },
-            **axes,
-        }
+        return tiny_trial_config("tiny-llava", method, limit, **axes)
 
     return make

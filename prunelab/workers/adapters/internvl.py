@@ -179,20 +179,12 @@ def model_info(config: InternVLConfig, revision: str, processor: dict | None = N
     ``NOMINAL_TILES`` tiles (2 x 2 grid + thumbnail, e.g. a square image of twice the tile
     side with max_patches >= 4; the tiny model's 48 x 48 shapes images tile exactly so)."""
     text = config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return ModelInfo(
-        family="internvl",
-        n_layers=text.num_hidden_layers,
-        n_visual=NOMINAL_TILES * tokens_per_tile(config),
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        n_heads=text.num_attention_heads,
-        n_kv_heads=text.num_key_value_heads or text.num_attention_heads,
-        head_dim=head_dim,
-        vocab_size=text.vocab_size,
-        revision=revision,
-        mlp_matrices=3,
-        vision_flops=vision_flops(config, NOMINAL_TILES),
+    return ModelInfo.from_text_config(
+        "internvl",
+        text,
+        NOMINAL_TILES * tokens_per_tile(config),
+        revision,
+        vision_flops(config, NOMINAL_TILES),
     )
 
 

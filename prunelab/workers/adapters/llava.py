@@ -93,21 +93,7 @@ def model_info(config: LlavaConfig, revision: str, processor: dict | None = None
     n_visual = per_side * per_side
     if config.vision_feature_select_strategy == "full":
         n_visual += 1
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return ModelInfo(
-        family="llava",
-        n_layers=text.num_hidden_layers,
-        n_visual=n_visual,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        n_heads=text.num_attention_heads,
-        n_kv_heads=text.num_key_value_heads or text.num_attention_heads,
-        head_dim=head_dim,
-        vocab_size=text.vocab_size,
-        revision=revision,
-        mlp_matrices=3,
-        vision_flops=vision_flops(config),
-    )
+    return ModelInfo.from_text_config("llava", text, n_visual, revision, vision_flops(config))
 
 
 def vision_flops(config: LlavaConfig) -> float:

@@ -143,20 +143,8 @@ def model_info(config: LlavaNextConfig, revision: str, processor: dict | None = 
     crops = image_size_to_num_patches(
         (height, width), config.image_grid_pinpoints, vision.image_size
     )
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return ModelInfo(
-        family="llava_next",
-        n_layers=text.num_hidden_layers,
-        n_visual=n_visual,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        n_heads=text.num_attention_heads,
-        n_kv_heads=text.num_key_value_heads or text.num_attention_heads,
-        head_dim=head_dim,
-        vocab_size=text.vocab_size,
-        revision=revision,
-        mlp_matrices=3,
-        vision_flops=vision_flops(config, crops),
+    return ModelInfo.from_text_config(
+        "llava_next", text, n_visual, revision, vision_flops(config, crops)
     )
 
 

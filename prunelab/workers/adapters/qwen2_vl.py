@@ -200,20 +200,12 @@ def model_info(config, revision: str, processor: dict | None = None) -> ModelInf
     """Shapes and costs; ``n_visual`` / ``vision_flops`` for the nominal image."""
     text, vision = config.text_config, config.vision_config
     grid = nominal_grid(config, processor)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return ModelInfo(
-        family=_family(config),
-        n_layers=text.num_hidden_layers,
-        n_visual=int(grid.prod()) // vision.spatial_merge_size**2,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        n_heads=text.num_attention_heads,
-        n_kv_heads=text.num_key_value_heads or text.num_attention_heads,
-        head_dim=head_dim,
-        vocab_size=text.vocab_size,
-        revision=revision,
-        mlp_matrices=3,
-        vision_flops=vision_flops(config, grid),
+    return ModelInfo.from_text_config(
+        _family(config),
+        text,
+        int(grid.prod()) // vision.spatial_merge_size**2,
+        revision,
+        vision_flops(config, grid),
     )
 
 

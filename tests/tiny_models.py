@@ -34,3 +34,24 @@ def guide_for(name: str) -> tuple | None:
     """The loaded guidance model of tiny model ``name`` (None: it has none)."""
     guide = model_config(name).get("guidance")
     return load_tiny(guide) if guide else None
+
+
+def trial_config(model: str, method: str, limit: int = 6, **axes) -> dict:
+    """A trial config as the orchestrator sends it (see ``TrialSpec.config``), on shapes."""
+    return {
+        "model": model,
+        "model_config": model_config(model),
+        "benchmark": "shapes",
+        "benchmark_config": {"name": "shapes", "kind": "shapes", "split": "test"},
+        "method": method,
+        "hparams": axes.pop("hparams", {}),
+        "eval": {
+            "limit": limit,
+            "sample_seed": 0,
+            "max_new_tokens": 3,
+            "warmup": 0,
+            "fidelity": True,
+            "flops_convention": "pdrop",
+        },
+        **axes,
+    }
