@@ -267,15 +267,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    width = max((len(row["name"]) for row in rows), default=0) + 1
+    pad = " " * (width + 2)
     for row in rows:
         hps = ", ".join(f"{k}={v!r}" for k, v in row["hyperparameters"].items()) or "-"
         layer = row["default_prune_layer"]
-        print(f"{row['name']:10} v{row['version']}  stage: {row['stages']}")
-        print(f"{'':12}axes: {', '.join(row['axes']) or '-'}"
+        print(f"{row['name']:{width}} v{row['version']}  stage: {row['stages']}")
+        print(f"{pad}axes: {', '.join(row['axes']) or '-'}"
               + (f" (default prune_layer={layer})" if layer is not None else ""))  # fmt: skip
-        print(f"{'':12}hyperparameters: {hps}")
+        print(f"{pad}hyperparameters: {hps}")
         if row["paper"]:
-            print(f"{'':12}paper: {row['paper']}")
+            print(f"{pad}paper: {row['paper']}")
     return 0
 
 
