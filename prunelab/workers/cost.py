@@ -31,7 +31,9 @@ __all__ = [
     "exact_layer_flops",
     "kv_cache_bytes",
     "prefill_flops",
+    "projector_flops",
     "trial_flops",
+    "vit_flops",
 ]
 
 FLOPS_CONVENTIONS = {"fastv": 2, "pdrop": 3}  # FFN multiplier k in k*n*d*m; plus "exact"
@@ -84,6 +86,26 @@ def exact_layer_flops(new: int, context: int, info: ModelInfo) -> float:
     attention = 4 * new * context * q_width
     mlp = 2 * info.mlp_matrices * new * d * info.intermediate_size
     return float(projections + attention + mlp)
+
+
+def vit_flops(
+    patches: int, patch_inputs: int, width: int, mlp_width: int, layers: int, extra_tokens: int = 1
+) -> float:
+    """Exact FLOPs of a ViT encoder (CLIP, InternViT) on one image or crop.
+
+    Patch embedding: a linear over ``patch_inputs`` (channels * patch area) values per patch,
+    2 * patches * patch_inputs * d. Every layer runs (transformers computes all hidden states),
+    over n = patches + ``extra_tokens`` (CLS) tokens of width d with MLP width m: q, k, v, o
+    projections 8nd^2, attention scores and values 4n^2d, MLP 4ndm (norms: no matmul).
+    """
+    n, d, m = patches + extra_tokens, width, mlp_width
+    per_layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
+    return float(layers * per_layer + 2 * patches * patch_inputs * d)
+
+
+def projector_flops(rows: int, d_in: int, d_out: int) -> float:
+    """Exact FLOPs of a two-linear projector d_in -> d_out -> d_out over ``rows`` tokens."""
+    return float(2 * rows * d_in * d_out + 2 * rows * d_out * d_out)
 
 
 def exact_generation_flops(

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from prunelab.methods.base import VisionSignals
 from prunelab.workers.attention import AttentionProbe, probe_attention, wrap_attention
@@ -284,8 +285,6 @@ class VLMAdapter:
 
         def forward(**kwargs: Any) -> torch.Tensor:
             return self.model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
-
-        from transformers import DynamicCache
 
         tokens, first_logprobs, first_ready = greedy_generate(
             forward=forward,

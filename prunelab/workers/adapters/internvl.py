@@ -39,6 +39,7 @@ from prunelab.methods.base import VisionSignals
 from prunelab.workers.adapters.base import LLMInput, Prepared, VLMAdapter, grid_coords
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
+from prunelab.workers.cost import projector_flops, vit_flops
 from prunelab.workers.models import ModelInfo, ModelSpec
 from prunelab.workers.text import build_word_tokenizer
 
@@ -200,13 +201,17 @@ def vision_flops(config: InternVLConfig, tiles: int) -> float:
     _check_strategy(config)
     vision, text = config.vision_config, config.text_config
     patches = _side(config) ** 2
-    n, d, m = patches + 1, vision.hidden_size, vision.intermediate_size
     p_h, p_w = vision.patch_size
-    per_layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
-    embed = 2 * patches * vision.num_channels * p_h * p_w * d
-    merged, width = tokens_per_tile(config), patches * d // tokens_per_tile(config)
-    projector = 2 * merged * width * text.hidden_size + 2 * merged * text.hidden_size**2
-    return float(tiles * (vision.num_hidden_layers * per_layer + embed + projector))
+    encoder = vit_flops(
+        patches,
+        vision.num_channels * p_h * p_w,
+        vision.hidden_size,
+        vision.intermediate_size,
+        vision.num_hidden_layers,
+    )
+    merged = tokens_per_tile(config)
+    projector = projector_flops(merged, patches * vision.hidden_size // merged, text.hidden_size)
+    return float(tiles * (encoder + projector))
 
 
 def build_tiny(

@@ -17,6 +17,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
     LlavaProcessor,
 )
 
@@ -24,6 +25,7 @@ from prunelab.methods.base import VisionSignals
 from prunelab.workers.adapters.base import Prepared, VLMAdapter, grid_coords
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
+from prunelab.workers.cost import projector_flops, vit_flops
 from prunelab.workers.models import ModelInfo, ModelSpec
 from prunelab.workers.text import IMAGE_TOKEN, build_word_tokenizer
 
@@ -96,22 +98,21 @@ def model_info(config: LlavaConfig, revision: str, processor: dict | None = None
     return ModelInfo.from_text_config("llava", text, n_visual, revision, vision_flops(config))
 
 
-def vision_flops(config: LlavaConfig) -> float:
-    """Exact FLOPs (2 per multiply-add) of the CLIP tower and projector for one image.
-
-    All encoder layers run even when features come from an earlier layer (HF computes every
-    hidden state). Per layer with n = patches + CLS tokens of width d and MLP width m:
-    q, k, v, o projections 8nd^2, attention scores and values 4n^2d, MLP 4ndm. Patch embedding:
-    2 * patches * (channels * p^2) * d. Projector: two linears d -> D -> D over the kept patches.
-    """
+def vision_flops(config: LlavaConfig | LlavaNextConfig) -> float:
+    """Exact FLOPs (2 per multiply-add) of the CLIP tower and projector for one image (crop):
+    :func:`~prunelab.workers.cost.vit_flops` over the patches + CLS, and the projector
+    (d -> D -> D) over the features it keeps (patches, plus CLS with the ``full`` strategy)."""
     vision, text = config.vision_config, config.text_config
     patches = (vision.image_size // vision.patch_size) ** 2
-    n, d, m = patches + 1, vision.hidden_size, vision.intermediate_size
-    per_layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
-    embed = 2 * patches * vision.num_channels * vision.patch_size**2 * d
+    encoder = vit_flops(
+        patches,
+        vision.num_channels * vision.patch_size**2,
+        vision.hidden_size,
+        vision.intermediate_size,
+        vision.num_hidden_layers,
+    )
     features = patches + (1 if config.vision_feature_select_strategy == "full" else 0)
-    projector = 2 * features * d * text.hidden_size + 2 * features * text.hidden_size**2
-    return float(vision.num_hidden_layers * per_layer + embed + projector)
+    return encoder + projector_flops(features, vision.hidden_size, text.hidden_size)
 
 
 def build_tiny(spec: ModelSpec, config: LlavaConfig) -> tuple[torch.nn.Module, LlavaProcessor]:

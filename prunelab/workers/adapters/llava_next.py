@@ -56,6 +56,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from prunelab.methods.base import VisionSignals
 from prunelab.workers.adapters.base import LLMInput, Prepared, VLMAdapter, grid_coords
 from prunelab.workers.adapters.llava import feature_attention_layer
+from prunelab.workers.adapters.llava import vision_flops as clip_vision_flops
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
 from prunelab.workers.models import ModelInfo, ModelSpec
@@ -149,22 +150,10 @@ def model_info(config: LlavaNextConfig, revision: str, processor: dict | None = 
 
 
 def vision_flops(config: LlavaNextConfig, crops: int) -> float:
-    """Exact FLOPs (2 per multiply-add) of CLIP and the projector over ``crops`` crops.
-
-    Per crop, as LLaVA-1.5: every encoder layer runs (HF computes all hidden states); per layer
-    with n = patches + CLS tokens of width d and MLP width m: q, k, v, o 8nd^2, scores and
-    values 4n^2d, MLP 4ndm; patch embedding 2 * patches * (channels * p^2) * d. The projector
-    (d -> D -> D) runs on the patch features of every crop *before* unpadding, so padded patches
-    count too.
-    """
-    vision, text = config.vision_config, config.text_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    n, d, m = patches + 1, vision.hidden_size, vision.intermediate_size
-    per_layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
-    embed = 2 * patches * vision.num_channels * vision.patch_size**2 * d
-    features = patches + (1 if config.vision_feature_select_strategy == "full" else 0)
-    projector = 2 * features * d * text.hidden_size + 2 * features * text.hidden_size**2
-    return float(crops * (vision.num_hidden_layers * per_layer + embed + projector))
+    """Exact FLOPs (2 per multiply-add) of CLIP and the projector over ``crops`` crops: per crop
+    as LLaVA-1.5 (:func:`prunelab.workers.adapters.llava.vision_flops`). The projector runs on
+    the patch features of every crop *before* unpadding, so padded patches count too."""
+    return crops * clip_vision_flops(config)
 
 
 def build_tiny(
