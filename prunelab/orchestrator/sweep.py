@@ -173,6 +173,8 @@ class _Recorder:
         predictions = (result or {}).get("predictions")
         if predictions:
             artifacts["predictions.jsonl"] = "".join(json.dumps(p) + "\n" for p in predictions)
+        # files the worker made (importance heatmaps, method diagnostics): name -> text or bytes
+        artifacts.update((result or {}).get("artifacts") or {})
         layer = config.get("prune_layer")
         run_name = f"{config['method']}-{budget_label(config)}" + (
             f"-L{layer}" if layer is not None else ""

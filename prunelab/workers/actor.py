@@ -86,6 +86,7 @@ class Worker:
         return {
             "metrics": output.metrics,
             "predictions": output.predictions,
+            "artifacts": output.artifacts,
             "run_s": time.perf_counter() - start,
             "load_s": load_s,
             "model_loads": self.model_loads,

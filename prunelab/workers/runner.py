@@ -93,6 +93,8 @@ class SampleResult:
 class TrialOutput:
     metrics: dict[str, float]
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    # files for the trial's MLflow run: relative name -> text or bytes (e.g. importance/*.png)
+    artifacts: dict[str, str | bytes] = field(default_factory=dict)
 
 
 def _sample_generator(seed: int | None, sample_id: str) -> torch.Generator:
