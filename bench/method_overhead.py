@@ -18,7 +18,10 @@ Signals (LLaVA-1.5-7B sizes whatever the device):
   tokens; fewer visual tokens after earlier stages); ``attention`` (32, Q, S) causal softmax
   rows (float32) for the queries the step asks for (``last`` Q=1, ``text`` Q=#text, ``visual``
   Q=#visual, ``all`` Q=S); ``hidden`` (S, 4096) random normal in the model dtype when
-  ``needs_hidden``; ``guidance`` (V,) positive scores for guidance methods.
+  ``needs_hidden``, and ``embeddings`` likewise when ``needs_embeddings``; ``guidance`` (V,)
+  positive scores for guidance methods. PyramidDrop's ranking row is computed by the adapter
+  with layer l_s's own q/k (``attention_from="self"``): signal work, not timed here (one key
+  projection over the sequence per stage, about 0.25% of the 7B prefill's FLOPs each).
 - guidance methods (``needs_guidance``): ``score_guidance`` over the rows of a guide shaped
   like LLaVA-1.5-7B (32 layers x 32 heads; the prompt's text queries in the prefill, then one
   row per layer for each of 3 decode steps, as with eval.max_new_tokens=4). The guide's own
@@ -168,6 +171,8 @@ def layer_signals(
         signals.query_positions = queries.to(device)
     if step.needs_hidden:
         signals.hidden = torch.randn(seq, HIDDEN, generator=gen).to(device=device, dtype=dtype)
+    if step.needs_embeddings:
+        signals.embeddings = torch.randn(seq, HIDDEN, generator=gen).to(device=device, dtype=dtype)
     if getattr(method, "needs_guidance", False):
         signals.guidance = torch.rand(n_visual, generator=gen).to(device)
     return signals

@@ -81,8 +81,12 @@ class PlanContext:
 class LayerStep:
     """Drop visual tokens at the input of decoder layer ``layer`` (0-based), keeping ``keep``.
 
-    The signals are taken from the previous layer (``layer - 1``): attention rows of the queries
-    named by ``queries`` over the whole current sequence, and/or that layer's output hidden states.
+    Signals: attention rows of the queries named by ``queries`` over the whole current
+    sequence, taken from the previous layer's attention (``attention_from="previous"``: layer
+    ``layer - 1``, as FastV) or computed with layer ``layer``'s own query/key projections and
+    rotary embedding on its input (``"self"``: PyramidDrop's lightweight attention); the hidden
+    states entering the layer (``needs_hidden``); the LLM's input embeddings of the current
+    tokens (``needs_embeddings``, SparseVLM's raters).
     """
 
     layer: int
@@ -90,6 +94,8 @@ class LayerStep:
     queries: QueryRows | None = "last"
     needs_hidden: bool = False
     positions: Literal["original", "renumber"] = "original"
+    attention_from: Literal["previous", "self"] = "previous"
+    needs_embeddings: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,7 @@ class LayerSignals:
     attention: torch.Tensor | None = None  # (H, Q, S) softmax rows of the requested queries
     query_positions: torch.Tensor | None = None  # (Q,) sequence positions of those queries
     hidden: torch.Tensor | None = None  # (S, D) hidden states entering the layer
+    embeddings: torch.Tensor | None = None  # (S, D) the LLM's input embeddings of those tokens
     generator: torch.Generator | None = None
     guidance: torch.Tensor | None = None  # (V,) guidance-model scores of the visual tokens
 

@@ -41,11 +41,13 @@ Choices:
 - Layer numbering: the official ``layer_list`` entry l drops after 0-based layer l - 1
   (``rank_layer = layer_idx + 1``), so 0-based layer l is the first with fewer tokens:
   ``LayerStep(layer=l)``.
-- Ranking attention: the official code computes (1) with the q/k projections of layer l_s
-  applied to layer l_s's input (a separate "lightweight attention" for the last instruction
-  token's query only). Here the row comes from layer l_s - 1 (the attention rows this project's
-  layer stages receive, as FastV's), computed from post-RoPE q/k of that row only, so SDPA and
-  FlashAttention stay on. One layer earlier than the official code; not configurable.
+- Ranking attention (``rank_attention``): the official code computes (1) with the q/k
+  projections of layer l_s applied to layer l_s's input (a separate "lightweight attention"
+  for the last instruction token's query only, after the input norm and RoPE). ``"self"``
+  (default) does exactly that in the layer-l_s pre-hook (``LayerStep.attention_from="self"``:
+  one query row and the keys are projected; the model's SDPA/FlashAttention kernels are
+  untouched); ``"previous"`` reads layer l_s - 1's real attention row instead, as FastV-style
+  reimplementations of PyramidDrop do (one layer earlier, no extra projection).
 - Query: the last token of the prompt (the official ``prompt_len + image_tokens - 1`` at
   inference); ``queries="last"``. Heads: mean (official ``torch.mean(attn_weights, dim=0)``).
 - Positions: renumbered after each drop (official ``position_ids[i, :cur_len] = arange``, and
@@ -60,7 +62,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -224,7 +226,8 @@ def check_layers(name: str, layers: Sequence[int] | None, lowest: int) -> tuple[
 def pdrop_scores(attention: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """Eq. (1): attention the query rows give each visual token, mean over heads and rows.
 
-    attention: (H, Q, S) softmax rows (Q = 1: the last instruction token) at layer l_s - 1.
+    attention: (H, Q, S) softmax rows (Q = 1: the last instruction token) of layer l_s's
+    own attention on its input (or layer l_s - 1's, ``rank_attention="previous"``).
     visual: (V,) positions of the visual tokens in the current sequence. Returns (V,).
     """
     return attention[:, :, visual].float().mean(dim=(0, 1))
@@ -236,12 +239,15 @@ class PyramidDrop(PruningMethod):
     """See the module docstring. ``layers``: first decoder layer (0-based) of each stage after
     the first, i.e. the official ``layer_list``; None = 8,16,24 or 2,8,16 (whichever reaches the
     budget with lambda closest to 0.5) scaled to the model's depth. ``lam``: None = solved from
-    the budget; a number = fixed lambda with the first-stage keep solved."""
+    the budget; a number = fixed lambda with the first-stage keep solved. ``rank_attention``:
+    which layer's attention ranks at stage l_s (``self``: l_s's own q/k, as official)."""
 
     layers: tuple[int, ...] | None = None
     lam: float | None = None
+    rank_attention: Literal["self", "previous"] = "self"
 
     name: ClassVar[str] = "pdrop"
+    version: ClassVar[str] = "2"  # 2: ranking by layer l_s's own attention (was l_s - 1)
     stages: ClassVar[str] = "layers 8,16,24 of 32 (2,8,16 at low budgets), scaled to depth"
     budget_is_average: ClassVar[bool] = True
     paper: ClassVar[str] = "Xing et al., CVPR 2025, arXiv:2410.17247"
@@ -297,7 +303,13 @@ class PyramidDrop(PruningMethod):
         layers, (keeps, _) = min(reachable, key=lambda item: abs(item[1][1] - pyramid))
 
         def make(layer: int, keep: int) -> LayerStep:
-            return LayerStep(layer=layer, keep=keep, queries="last", positions="renumber")
+            return LayerStep(
+                layer=layer,
+                keep=keep,
+                queries="last",
+                positions="renumber",
+                attention_from=self.rank_attention,
+            )
 
         return Plan(layers=layer_steps(n, layers, keeps, make))
 

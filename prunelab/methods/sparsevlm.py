@@ -54,10 +54,12 @@ Choices:
   official lists average 206/145/82 visual tokens per layer on LLaVA-1.5 by this project's
   count (every layer up to l sees all tokens), not the named budgets. So the counts are the
   geometric schedule above; the rank is not used.
-- Rater hidden states: the official code computes (1)-(2) once, from the input embeddings, and
-  reuses the raters at every stage. A layer stage here sees the hidden states entering layer
-  l+1 (the output of layer l), so (1)-(2) are recomputed at each stage from those (the method
-  holds no state between stages). Raw residual stream, no norm, as the official embeddings.
+- Rater states (``rater_source``): the official code computes (1)-(2) once, from the LLM's
+  input embeddings, and reuses the raters at every stage. ``"embeddings"`` (default) does the
+  same: each stage gets the input embeddings of the current tokens (``needs_embeddings``);
+  text tokens are never dropped, so every stage finds the same raters. ``"hidden"`` recomputes
+  (1)-(2) at each stage from the hidden states entering layer l+1 (the output of layer l), as
+  the paper's description of layer-wise rating reads. Raw states, no norm, in both.
 - Layer: as official, layer l's own attention rates and layer l+1 is the first with fewer
   tokens (``LayerStep(layer=l + 1)``, whose signals come from layer l).
 - Attention: head mean of layer l's softmax rows (post-RoPE, causal) of the text queries
@@ -219,8 +221,10 @@ class SparseVLM(PruningMethod):
     cluster_ratio: float = 0.1
     recycle_position: Literal["end", "anchor"] = "end"
     min_stage_ratio: float = 0.5
+    rater_source: Literal["embeddings", "hidden"] = "embeddings"
 
     name: ClassVar[str] = "sparsevlm"
+    version: ClassVar[str] = "2"  # 2: raters from the input embeddings, as official
     stages: ClassVar[str] = "after layers 2,6,15 of 32 (scaled to depth), recycling merged tokens"
     budget_is_average: ClassVar[bool] = True
     paper: ClassVar[str] = "Zhang et al., ICML 2025, arXiv:2410.04417"
@@ -262,7 +266,12 @@ class SparseVLM(PruningMethod):
 
         def make(layer: int, keep: int) -> LayerStep:
             return LayerStep(
-                layer=layer, keep=keep, queries="text", needs_hidden=True, positions="renumber"
+                layer=layer,
+                keep=keep,
+                queries="text",
+                needs_hidden=True,
+                positions="renumber",
+                needs_embeddings=self.rater_source == "embeddings",
             )
 
         return Plan(layers=layer_steps(n, layers, solved[0], make))
@@ -279,7 +288,9 @@ class SparseVLM(PruningMethod):
         after = signals.text[signals.text > visual.max()]  # text after the image
         if after.numel() == 0:
             after = signals.text
-        raters = after[rater_relevance(hidden[visual], hidden[after])]
+        rating = signals.embeddings if self.rater_source == "embeddings" else hidden
+        assert rating is not None
+        raters = after[rater_relevance(rating[visual], rating[after])]
         scores = rater_scores(signals.attention, signals.query_positions, raters, visual)  # (V,)
         order = torch.sort(scores, descending=True, stable=True).indices  # (V,)
         n_visual = visual.numel()

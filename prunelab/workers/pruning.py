@@ -4,7 +4,8 @@ One :class:`LayerPruner` serves one generation (prefill + greedy decode) of one 
 
 - records the sequence length and visual-token count every decoder layer sees (cost accounting);
 - asks the attention probe for the rows a :class:`~prunelab.methods.LayerStep` needs at layer
-  ``step.layer - 1``;
+  ``step.layer - 1``, or computes them with layer ``step.layer``'s own q/k projections on its
+  input (``attention_from="self"``);
 - at the input of ``step.layer`` lets the method choose which visual tokens stay, then drops the
   others from the hidden states, and from the per-layer inputs every later layer receives
   (rotary embeddings, position ids, attention mask). Keys and values of dropped tokens are never
@@ -16,6 +17,7 @@ All hooks are removed when the context exits; the model is untouched afterwards.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from prunelab.methods.base import LayerSelection, LayerSignals, LayerStep, PruningMethod
-from prunelab.workers.attention import AttentionProbe
+from prunelab.workers.attention import AttentionProbe, attention_rows
 
 __all__ = ["LayerLengths", "LayerPruner"]
 
@@ -91,12 +93,15 @@ class LayerPruner:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._prefill_done = False
         self._decode_step = 0  # generated tokens fed back so far (decode forwards)
+        # (S0, D) the LLM's input embeddings of the prefill, kept when a step asks for them
+        self.embeddings: torch.Tensor | None = None
+        self._keep_embeddings = any(step.needs_embeddings for step in steps)
         for step in steps:
             if not 1 <= step.layer < len(self.layers):
                 raise ValueError(
                     f"layer step at {step.layer}: must be in [1, {len(self.layers) - 1}]"
                 )
-            if step.queries is None:
+            if step.queries is None or step.attention_from == "self":
                 continue
             if probe is None:
                 raise ValueError("a layer step asks for attention rows but no probe is given")
@@ -149,9 +154,11 @@ class LayerPruner:
             if index == 0:
                 self._decode_step += 1
             return args, self._decode_kwargs(index, kwargs, hidden)
+        if index == 0 and self._keep_embeddings:
+            self.embeddings = hidden[0]
         step = self.steps.get(index)
         if step is not None:
-            hidden = self._apply_step(step, index, hidden)
+            hidden = self._apply_step(step, module, hidden, kwargs)
         visual_now = int(self.is_visual[self.current].sum())
         self.lengths.tokens.append(int(hidden.shape[1]))
         self.lengths.visual.append(visual_now)
@@ -169,13 +176,19 @@ class LayerPruner:
     def _layer_index(self, module: nn.Module) -> int:
         return self._index[id(module)]
 
-    def _apply_step(self, step: LayerStep, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _apply_step(
+        self, step: LayerStep, layer: nn.Module, hidden: torch.Tensor, kwargs: dict
+    ) -> torch.Tensor:
         assert self.method is not None
+        index = self._layer_index(layer)
         visual_flags = self.is_visual[self.current]
         visual = visual_flags.nonzero().squeeze(-1)  # (V,) positions in the current sequence
         text = (~visual_flags).nonzero().squeeze(-1)
         attention = positions = None
-        if step.queries is not None:
+        if step.queries is not None and step.attention_from == "self":
+            positions = self._query_positions(step)(hidden.shape[1]).to(hidden.device)
+            attention = self._own_attention(layer, hidden, kwargs, positions)
+        elif step.queries is not None:
             assert self.probe is not None
             attention = self.probe.rows.get(index - 1)
             positions = self.probe.query_positions.get(index - 1)
@@ -187,6 +200,7 @@ class LayerPruner:
             attention=attention,
             query_positions=positions,
             hidden=hidden[0] if step.needs_hidden else None,
+            embeddings=self._embeddings() if step.needs_embeddings else None,
             generator=self.generator,
             guidance=self._guidance(visual),
         )
@@ -215,6 +229,37 @@ class LayerPruner:
         if step.positions == "renumber":
             self.renumbered = True
         return hidden[:, selected]
+
+    def _own_attention(
+        self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict, queries: torch.Tensor
+    ) -> torch.Tensor:
+        """(H, Q, S) softmax rows of ``queries`` (Q,) computed with ``layer``'s own attention
+        on its input ``hidden`` (1, S, D): input norm, q/k projections (and q/k norms where the
+        model has them), the rotary embedding of the current positions, causal mask, head by
+        head. Only Q query rows and S keys are projected: O(S * D * D_kv) extra work."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)  # (1, S, D)
+        length, head_dim = x.shape[1], attn.head_dim
+        q = attn.q_proj(x[:, queries]).view(1, queries.numel(), -1, head_dim)
+        k = attn.k_proj(x).view(1, length, -1, head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (1, H, Q, hd), (1, H_kv, S, hd)
+        if self.current.shape[0] != self.seq_len:  # the positions of the current tokens
+            kwargs = self._slice_kwargs(kwargs, hidden)
+        cos, sin = kwargs["position_embeddings"]  # (1, S, hd)
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q = rotate(q, q, cos[:, queries], sin[:, queries])[0]
+        k = rotate(k, k, cos, sin)[0]
+        causal = torch.arange(length, device=x.device)[None, :] <= queries[:, None]  # (Q, S)
+        rows = torch.arange(queries.numel(), device=x.device)
+        return attention_rows(q, k, rows, attn.scaling, causal[None, None])
+
+    def _embeddings(self) -> torch.Tensor:
+        """(S, D) input embeddings of the tokens currently in the sequence."""
+        if self.embeddings is None:
+            raise RuntimeError("a layer step needs the input embeddings; none were recorded")
+        return self.embeddings[self.current]
 
     def _guidance(self, visual: torch.Tensor) -> torch.Tensor | None:
         """Guidance scores (V,) of the visual tokens now at positions ``visual``."""

@@ -45,9 +45,14 @@ def test_official_default_setting_is_lambda_one_half():
     plan = _plan(576, 32, keep_tokens=270)
     assert plan.vision_keep is None
     assert plan.layers == tuple(
-        M.LayerStep(layer=layer, keep=keep, queries="last", positions="renumber")
+        M.LayerStep(
+            layer=layer, keep=keep, queries="last", positions="renumber", attention_from="self"
+        )
         for layer, keep in [(8, 288), (16, 144), (24, 72)]
     )
+    # the FastV-style variant reads layer l_s - 1's attention row instead
+    previous = _plan(576, 32, {"rank_attention": "previous"}, keep_tokens=270)
+    assert [s.attention_from for s in previous.layers] == ["previous"] * 3
 
 
 def test_low_budgets_move_the_stages_earlier_as_the_author_advises():
@@ -115,7 +120,7 @@ def test_ranks_by_last_token_attention_head_mean():
 
 def test_hyperparameters():
     cls = M.get("pdrop")
-    assert cls.hyperparameters() == {"layers": None, "lam": None}
+    assert cls.hyperparameters() == {"layers": None, "lam": None, "rank_attention": "self"}
     assert cls.budget_is_average and cls.uses_budget and not cls.uses_layer
     assert cls.from_hparams({"layers": [2, 10, 20]}).layers == (2, 10, 20)
     with pytest.raises(M.HyperparameterError, match=r"pdrop.layers=\[16, 8\]: must be strictly"):

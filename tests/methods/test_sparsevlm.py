@@ -90,8 +90,9 @@ def test_dpc_knn_centers_are_density_times_distance_peaks():
     assert assignment.tolist() == [0, 0, 1, 1]
 
 
-def _stage(recycle_position="end", recycle=True):
-    """One stage by hand: text at 0, visual tokens at 1..8, text after the image at 9, 10."""
+def _stage(recycle_position="end", recycle=True, embeddings=None, rater_source="embeddings"):
+    """One stage by hand: text at 0, visual tokens at 1..8, text after the image at 9, 10.
+    The raters come from ``embeddings`` (default: the same states as ``hidden``)."""
     hidden = torch.zeros(11, 2)
     hidden[1:9] = torch.arange(16.0).view(8, 2) / 10  # visual states (0, .1), (.2, .3), ...
     hidden[9] = torch.tensor([1.0, 1.0])  # aligned with every visual state: the only rater
@@ -107,8 +108,11 @@ def _stage(recycle_position="end", recycle=True):
         attention=attention,
         query_positions=text,
         hidden=hidden,
+        embeddings=hidden if embeddings is None else embeddings,
     )
-    method = M.get("sparsevlm")(recycle=recycle, recycle_position=recycle_position)
+    method = M.get("sparsevlm")(
+        recycle=recycle, recycle_position=recycle_position, rater_source=rater_source
+    )
     step = M.LayerStep(layer=3, keep=4, queries="text", needs_hidden=True, positions="renumber")
     return method.select_layer(step, signals), hidden[1:9]
 
@@ -129,6 +133,19 @@ def test_stage_keeps_top_rated_and_recycles_the_best_pruned():
     assert selection.tolist() == [0, 2, 3, 4]  # plain top-4
 
 
+def test_raters_come_from_the_input_embeddings_by_default():
+    # in the embeddings token 10 (not 9) is aligned with the visual tokens: it alone rates,
+    # and its row (0.9 on visual index 1, zero elsewhere) decides; ties keep index order
+    embeddings = torch.zeros(11, 2)
+    embeddings[1:9] = torch.arange(16.0).view(8, 2) / 10
+    embeddings[10] = torch.tensor([1.0, 1.0])
+    selection, _ = _stage(recycle=False, embeddings=embeddings)
+    assert selection.tolist() == [0, 1, 2, 3]
+    # rater_source="hidden": the layer's hidden states choose token 9 as before
+    selection, _ = _stage(recycle=False, embeddings=embeddings, rater_source="hidden")
+    assert selection.tolist() == [0, 2, 3, 4]
+
+
 def _plan(n_visual, n_layers, hparams=None, **budget):
     method = M.get("sparsevlm").from_hparams(hparams or {})
     return method.plan(M.PlanContext(n_visual, n_layers, M.Budget(**budget), None, 0))
@@ -146,7 +163,8 @@ def test_plan_prunes_after_layers_2_6_15_with_text_rows_and_hidden_states():
     plan = _plan(576, 32, keep_tokens=192)
     assert [s.layer for s in plan.layers] == [3, 7, 16]
     assert all(
-        s.queries == "text" and s.needs_hidden and s.positions == "renumber" for s in plan.layers
+        s.queries == "text" and s.needs_hidden and s.needs_embeddings and s.positions == "renumber"
+        for s in plan.layers
     )
     assert abs(_average(plan, 576, 32) - 192) <= 1
     # below x = 0.5 each stage keeps half of the previous one (min_stage_ratio)
@@ -182,6 +200,7 @@ def test_hyperparameters_and_impossible_plans():
         "cluster_ratio": 0.1,
         "recycle_position": "end",
         "min_stage_ratio": 0.5,
+        "rater_source": "embeddings",
     }
     assert cls.budget_is_average and not cls.uses_layer
     assert cls.from_hparams({"layers": [0, 1]}).layers == (0, 1)

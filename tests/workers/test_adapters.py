@@ -294,3 +294,49 @@ def test_llava_cls_attention_matches_eager():
 def test_model_config_names_match_files():
     for name in TINY_MODELS:
         assert model_config(name)["name"] == name
+
+
+class _Recorder(M.PruningMethod):
+    """Test-only layer method: keeps the first ``step.keep`` visual tokens and records the
+    attention rows and embeddings each step receives."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.seen: dict[int, M.LayerSignals] = {}
+
+    def select_layer(self, step, signals):
+        self.seen[step.layer] = signals
+        return torch.arange(min(step.keep, signals.visual.numel()))
+
+
+@pytest.mark.parametrize("positions", ["original", "renumber"])
+@torch.inference_mode()
+def test_own_layer_attention_matches_the_layers_attention(tiny, positions):
+    """``attention_from="self"`` rows at layer l (computed from layer l's q/k on its input)
+    equal the rows layer l's real attention produces (read by a step at l + 1), on the full
+    sequence and after an earlier drop (original or renumbered positions)."""
+    _, adapter = tiny
+    prepared = _prepared(adapter, 2)
+    n, half = prepared.n_visual, prepared.n_visual // 2
+    embeds = adapter._sequence(prepared, adapter.vision_signals(prepared, frozenset()).tokens, None)
+
+    def seen(*steps):
+        recorder = _Recorder()
+        _generate(adapter, prepared, recorder, M.Plan(layers=steps), max_new_tokens=1)
+        return recorder.seen
+
+    drop = M.LayerStep(1, half, queries=None, positions=positions)
+    cases = [  # (own rows at layer l, real rows of layer l)
+        (seen(M.LayerStep(1, n, "text", attention_from="self", needs_embeddings=True))[1],
+         seen(M.LayerStep(2, n, "text"))[2]),
+        (seen(drop, M.LayerStep(2, half, "text", attention_from="self"))[2],
+         seen(drop, M.LayerStep(3, half, "text"))[3]),
+        (seen(drop, M.LayerStep(2, half, "last", attention_from="self"))[2],
+         seen(drop, M.LayerStep(3, half, "last"))[3]),
+    ]  # fmt: skip
+    for mine, real in cases:
+        assert torch.equal(mine.query_positions, real.query_positions)
+        assert mine.attention.shape == real.attention.shape
+        assert torch.allclose(mine.attention, real.attention, atol=1e-5)
+    assert torch.equal(cases[0][0].embeddings, embeds.inputs_embeds[0])
