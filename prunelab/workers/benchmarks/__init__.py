@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from prunelab.workers.benchmarks.base import Benchmark, Sample
+from prunelab.workers.benchmarks.lmms import KINDS as LMMS_KINDS
 from prunelab.workers.benchmarks.shapes import ShapesBenchmark
 
 __all__ = ["KINDS", "Benchmark", "Sample", "build_benchmark"]
 
-KINDS = {"shapes": ShapesBenchmark}
+KINDS: dict[str, type] = {"shapes": ShapesBenchmark, **LMMS_KINDS}
+"""Benchmark classes by config ``kind``: the synthetic ``shapes`` and the lmms-eval parquet ones."""
 
 
 def build_benchmark(cfg: dict[str, Any]) -> Benchmark:

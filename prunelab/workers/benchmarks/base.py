@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Benchmark", "Sample"]
+__all__ = ["AggregatingBenchmark", "Benchmark", "Sample"]
 
 
 @dataclass
@@ -30,4 +31,22 @@ class Benchmark(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """What identifies the data (split, version): part of the trial key."""
+        ...
+
+
+class AggregatingBenchmark(Benchmark, Protocol):
+    """A benchmark whose official metrics are not per-sample means (MME acc+, POPE F1, ...).
+
+    Optional on top of :class:`Benchmark`: the runner calls ``aggregate`` when a benchmark has
+    it (else ``score`` = 100 x mean per-sample score, ``score.<category>`` likewise), and
+    ``check`` in sweep validation, before anything runs.
+    """
+
+    def aggregate(self, results: Sequence[tuple[Sample, str, float]]) -> dict[str, float]:
+        """From (sample, prediction, per-sample score) of every sample: the headline ``score``,
+        ``score.<category>`` per category and any extra metrics (e.g. ``pope_f1``)."""
+        ...
+
+    def check(self) -> None:
+        """Raise ValueError naming the path when the data is missing or malformed."""
         ...
