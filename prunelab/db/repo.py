@@ -315,7 +315,11 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
 def finish_trial(
     session: Session, trial_id: int, metrics: dict[str, Any], worker: str, node: str | None
 ) -> None:
-    """Mark a trial ``finished`` with its metrics (non-finite floats stored as null)."""
+    """Mark a trial ``finished`` with its metrics (non-finite floats stored as null).
+
+    ``error`` is kept: after a retry it says why the earlier attempt failed (worker died,
+    timeout); ``attempts`` says how many there were.
+    """
     changed = _update_trials(
         session,
         [Trial.id == trial_id],
@@ -324,7 +328,6 @@ def finish_trial(
         worker=worker,
         node=node,
         finished=utcnow(),
-        error=None,
         claimed_by=None,
     )
     if changed == 0:

@@ -41,6 +41,7 @@ class EvalConfig:
     warmup: int = 2  # untimed forwards before timing
     fidelity: bool = True  # compare first-token distributions with the unpruned model
     flops_convention: str = "pdrop"  # one of FLOPS_CONVENTIONS
+    heatmaps: int = 2  # samples per trial with an importance heatmap artifact (0: none)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class WorkersConfig:
     gpus_per_worker: float = 0.0  # fractions allowed on a GPU cluster
     cpus_per_worker: float = 1.0
     max_attempts: int = 3  # tries per trial before it is marked failed
+    trial_timeout_s: float | None = None  # a trial running longer: worker killed and replaced
 
 
 @dataclass
@@ -61,6 +63,8 @@ class SweepConfig:
     grid: dict[str, Any] = field(default_factory=dict)  # axis -> value in override grammar
     eval: EvalConfig = field(default_factory=EvalConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    # training stages run before the trials that consume them (pgp's VIB heads): name -> settings
+    stages: dict[str, Any] = field(default_factory=dict)
 
 
 def range_problems(section: str, values: dict[str, Any]) -> dict[str, str]:
@@ -70,14 +74,20 @@ def range_problems(section: str, values: dict[str, Any]) -> dict[str, str]:
     """
     minimum: dict[str, dict[str, float]] = {
         "eval": {"limit": 1, "max_new_tokens": 1, "warmup": 0},
-        "workers": {"count": 1, "gpus_per_worker": 0, "cpus_per_worker": 0, "max_attempts": 1},
+        "workers": {
+            "count": 1,
+            "gpus_per_worker": 0,
+            "cpus_per_worker": 0,
+            "max_attempts": 1,
+            "trial_timeout_s": 0,
+        },
     }
     problems: dict[str, str] = {}
     for key, lowest in minimum.get(section, {}).items():
         value = values.get(key)
         if value is None:
             continue
-        if key == "cpus_per_worker" and value <= lowest:
+        if key in ("cpus_per_worker", "trial_timeout_s") and value <= lowest:
             problems[key] = "must be > 0"
         elif value < lowest:
             problems[key] = f"must be >= {lowest}"

@@ -44,6 +44,12 @@ TAG_PARENT: Final = "mlflow.parentRunId"
 _MAX_PARAMS_PER_BATCH: Final = 100
 _MAX_ENTRIES_PER_BATCH: Final = 1000
 
+# MLflow's SQLAlchemy store on PostgreSQL: at most 5 + 5 connections per process
+_MLFLOW_PG_POOL: Final = {
+    "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "5",
+    "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "5",
+}
+
 _DB_SCHEMES: Final = frozenset({"postgresql", "postgres", "mysql", "sqlite", "mssql"})
 _SAFE_TAG_VALUE = re.compile(r"[A-Za-z0-9_.:-]+")
 
@@ -123,6 +129,11 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, artifact_root: str | None = None) -> None:
         self.tracking_uri = _normalize_tracking_uri(tracking_uri)
+        if urlparse(self.tracking_uri).scheme.startswith("postgresql"):
+            # MLflow's own engine on PostgreSQL: a bounded pool, like prunelab's (make_engine);
+            # read by MLflow when the store is created, so an explicit setting still wins
+            for name, value in _MLFLOW_PG_POOL.items():
+                os.environ.setdefault(name, value)
         self.artifact_root = artifact_root
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self._experiment_ids: dict[str, str] = {}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from prunelab.workers.adapters import adapter_for
+from prunelab.workers.faults import inject as inject_faults
 from prunelab.workers.models import load_model
 from prunelab.workers.runner import ReferenceCache, run_trial
 
@@ -73,15 +74,20 @@ class Worker:
 
     def run(self, config: dict[str, Any]) -> dict[str, Any]:
         """Run one trial config; returns metrics, predictions and where it ran."""
-        load_s = self._ensure_model(config["model"], config["model_config"])
-        guide, guide_s = self._ensure_guide(config.get("guidance_config"))
-        load_s += guide_s
-        start = time.perf_counter()
         try:
+            load_s = self._ensure_model(config["model"], config["model_config"])
+            guide, guide_s = self._ensure_guide(config.get("guidance_config"))
+            load_s += guide_s
+            start = time.perf_counter()
+            inject_faults(config)  # test-only; a no-op unless PRUNELAB_TEST_FAULTS is set
             output = run_trial(self.loaded, self.adapter, config, self.references, guide=guide)
         except torch.cuda.OutOfMemoryError as exc:
+            # free what the failed trial held; the model (if fully loaded) stays for the next
+            if self.adapter is None:
+                self.loaded, self.model_key = None, None
             gc.collect()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             raise TrialFailure(f"out of memory: {exc}") from None
         return {
             "metrics": output.metrics,

@@ -385,6 +385,7 @@ def test_sqlite_engine_settings(tmp_path: Path) -> None:
             assert pragma("PRAGMA journal_mode").scalar() == "wal"
             assert pragma("PRAGMA busy_timeout").scalar() == 30000
             assert pragma("PRAGMA foreign_keys").scalar() == 1
+            assert pragma("PRAGMA synchronous").scalar() == 1  # NORMAL
         assert path.exists()
     finally:
         engine.dispose()
