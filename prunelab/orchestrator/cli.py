@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,25 +101,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _dry_run(plan: Any, stores) -> int:
     from prunelab.db import repo, session_factory
-    from prunelab.orchestrator.estimate import estimate_tflops
+    from prunelab.orchestrator.estimate import earlier_throughput, estimate_tflops
     from prunelab.orchestrator.results import budget_label
 
     done: set[str] = set()
+    throughput: dict[str, Any] = {}  # model -> Throughput of its earlier finished trials
     engine = _engine_if_exists(stores.db_url)
     if engine is not None:
         with session_factory(engine)() as session:
             found = repo.trials_by_keys(session, [t.key for t in plan.trials])
             done = {k for k, t in found.items() if t.status == "finished"}
+            throughput = earlier_throughput(session, {t.model for t in plan.trials})
     print(f"sweep {plan.name}: {len(plan.trials)} trials, {len(done)} already finished")
     print(
         f"{'key':10}  {'model':16} {'benchmark':10} {'method':12} {'budget':7} {'layer':5} "
         f"{'seed':4}  hparams"
     )
     total_tflops = 0.0
+    model_tflops: dict[str, float] = {}  # per model, of the trials to run
     for trial in plan.trials:
         config = trial.config()
         tflops = estimate_tflops(config)
-        total_tflops += 0.0 if trial.key in done else tflops
+        if trial.key not in done:
+            total_tflops += tflops
+            model_tflops[trial.model] = model_tflops.get(trial.model, 0.0) + tflops
         mark = " (done)" if trial.key in done else ""
         print(
             f"{trial.key[:10]}  {trial.model:16} {trial.benchmark:10} {trial.method:12} "
@@ -133,7 +138,28 @@ def _dry_run(plan: Any, stores) -> int:
         f"to run: {len(todo)} trials, {samples}, about {total_tflops:.3g} TFLOPs of LLM "
         f"prefill ({plan.eval.get('flops_convention', 'pdrop')} convention)"
     )
+    workers = max(1, int(plan.workers.get("count", 1)))
+    for model, tflops in model_tflops.items():
+        measured = throughput.get(model)
+        if measured is None:
+            print(f"  {model}: no finished trials of this model yet, no measured time estimate")
+            continue
+        seconds = measured.seconds(tflops)
+        print(
+            f"  {model}: about {_duration(seconds)} of model time at the throughput of "
+            f"{measured.trials} earlier trial(s) ({measured.tflops_per_s:.3g} TFLOPs/s), "
+            f"~{_duration(seconds / workers)} on {workers} worker(s)"
+        )
     return 0
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min`` or ``2.1 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _blank(value: Any) -> str:
@@ -204,11 +230,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             }
             for t in repo.sweep_trials(session, sweep.id)
         ]
+    progress = _progress(t["status"] for t in trials)
     if args.json:
         print(json.dumps({"id": sweep.id, "name": sweep.name, "status": sweep.status,
-                          "trials": trials}, indent=2))  # fmt: skip
+                          "progress": progress, "trials": trials}, indent=2))  # fmt: skip
         return 0
     print(f"sweep {sweep.name} ({sweep.id}): {sweep.status}")
+    print(
+        f"progress: {progress['finished']}/{progress['total']} finished, "
+        f"{progress['running']} running, {progress['pending']} pending, "
+        f"{progress['failed']} failed"
+    )
     for t in trials:
         budget = t["keep_tokens"] or t["keep_ratio"] or ""
         score = "" if t["score"] is None else f"{t['score']:.1f}"
@@ -221,9 +253,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(statuses: Iterable[str]) -> dict[str, int]:
+    """Trials per status (every status, zero included) and ``total``."""
+    counts = dict.fromkeys(("finished", "running", "pending", "failed"), 0)
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
+    return {**counts, "total": sum(counts.values())}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from prunelab.db import repo, session_factory
-    from prunelab.orchestrator.results import results_rows, table_csv, table_latex, table_markdown
+    from prunelab.orchestrator.results import (
+        build_report,
+        report_csv,
+        report_latex,
+        report_markdown,
+    )
 
     stores = _stores(args)
     engine = _engine_if_exists(stores.db_url)
@@ -233,15 +278,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         sweep = repo.get_sweep(session, args.sweep)
         if sweep is None:
             raise UsageError([f"no sweep with id or name {args.sweep!r}"])
-        rows = results_rows(
+        report = build_report(
             (t.config, t.status, t.metrics) for t in repo.sweep_trials(session, sweep.id)
         )
-    render = {"md": table_markdown, "csv": table_csv, "latex": table_latex}[args.format]
-    text = render(rows)
+    render = {"md": report_markdown, "csv": report_csv, "latex": report_latex}[args.format]
+    text = render(report)
     if args.out:
         Path(args.out).write_text(text)
     else:
         sys.stdout.write(text)
+    if args.pareto:
+        from prunelab.orchestrator.plots import pareto_png
+
+        Path(args.pareto).write_bytes(pareto_png(report))
     return 0
 
 
@@ -281,13 +330,120 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_vib(args: argparse.Namespace) -> int:
+    """Train (or reuse) one PGP VIB head on a guide model and log it to MLflow."""
+    import prunelab.methods as methods
+    from prunelab.orchestrator.tracking import Tracker
+    from prunelab.orchestrator.vib_stage import (
+        find_head,
+        head_spec,
+        head_uri,
+        log_head,
+        stage_problems,
+    )
+    from prunelab.sweeps import group_config
+    from prunelab.workers.models import describe_model
+    from prunelab.workers.vib import train_vib
+
+    problems: list[str] = []
+    configs: dict[str, dict[str, Any]] = {}
+    for group, name in (("model", args.guide), ("benchmark", args.benchmark)):
+        try:
+            configs[group] = group_config(group, name)
+        except FileNotFoundError:
+            flag = "--guide" if group == "model" else "--benchmark"
+            problems.append(f"{flag}={name}: no {group} config prunelab/sweeps/{group}/{name}.yaml")
+    hparams: dict[str, Any] = {}
+    for item in args.hparam or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            problems.append(f"--hparam {item!r}: expected NAME=VALUE")
+            continue
+        import yaml
+
+        hparams[name] = yaml.safe_load(value)
+    method = None
+    try:
+        method = methods.get("pgp").from_hparams(hparams)
+    except (ValueError, TypeError) as exc:
+        problems.append(f"--hparam: {exc}")
+    settings = {
+        k: v
+        for k, v in {
+            "split": args.split, "steps": args.steps, "batch_size": args.batch_size,
+            "lr": args.lr, "limit": args.limit, "seed": args.seed, "lora_alpha": args.lora_alpha,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    problems += stage_problems({"train-vib": settings}, "(command line)")
+    info = None
+    if "model" in configs:
+        try:
+            info = describe_model(configs["model"])
+        except Exception as exc:  # config checks of third-party classes raise many kinds
+            problems.append(f"--guide={args.guide}: {str(exc).splitlines()[0]}")
+    if problems:
+        raise UsageError(problems)
+    assert method is not None and info is not None
+    spec = head_spec(
+        "train-vib", settings, configs["model"], info.revision, configs["benchmark"],
+        method.head_hparams(),  # type: ignore[attr-defined]
+    )  # fmt: skip
+    stores = _stores(args)
+    _check_stores(stores)
+    tracker = Tracker(stores.tracking_uri, stores.artifact_root)
+    run_id = None if args.retrain else find_head(tracker, spec["key"])
+    if run_id is not None:
+        print(f"vib head {spec['key']}: already trained (run {run_id}); --retrain to train again")
+    else:
+
+        def progress(step: int, steps: int, loss: float) -> None:
+            if step == 1 or step == steps or step % max(1, steps // 10) == 0:
+                print(f"step {step}/{steps}: loss {loss:.4f}", flush=True)
+
+        result = train_vib(spec["train"], progress=progress)
+        run_id = log_head(tracker, result, spec["train"])
+        print(
+            f"trained in {result.seconds:.1f} s; eval loss {result.eval_before:.4f} -> "
+            f"{result.eval_after:.4f}"
+        )
+    print(f"key: {spec['key']}")
+    print(f"run: {run_id}")
+    print(f"uri: {head_uri(tracker, run_id)}")
+    return 0
+
+
+def ui_command(stores, host: str, port: int) -> list[str]:
+    """The ``mlflow server`` command serving the UI (and artifacts) on ``stores``' tracking store.
+
+    A database store gets the driver prunelab uses (psycopg 3 for PostgreSQL); experiments
+    created from the UI put their artifacts under the configured artifact root, and existing
+    ones are served from where they are.
+    """
+    from prunelab.db.engine import normalize_db_url
+
+    store = stores.tracking_uri
+    if store.split(":", 1)[0] in ("postgresql", "postgres"):
+        store = normalize_db_url(store).render_as_string(hide_password=False)
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", store,
+        "--host", host, "--port", str(port),
+    ]  # fmt: skip
+    if stores.artifact_root:
+        root = stores.artifact_root
+        if "://" not in root:
+            root = Path(root).expanduser().resolve().as_uri()
+        command += ["--serve-artifacts", "--artifacts-destination", root]
+    return command
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     stores = _stores(args)
-    command = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", stores.tracking_uri,
-        "--host", args.host, "--port", str(args.port),
-    ]  # fmt: skip
+    if stores.tracking_uri.startswith(("http://", "https://")):
+        print(f"the tracking store is an MLflow server already: open {stores.tracking_uri}")
+        return 0
+    command = ui_command(stores, args.host, args.port)
     print(f"MLflow UI on http://{args.host}:{args.port} (store {stores.tracking_uri})")
     sys.stdout.flush()
     os.execv(sys.executable, command)
@@ -327,12 +483,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", parents=[common], help="baseline-relative results table")
     p.add_argument("sweep")
     p.add_argument("--format", choices=("md", "csv", "latex"), default="md")
-    p.add_argument("--out")
+    p.add_argument("--out", help="write the table to this file instead of stdout")
+    p.add_argument("--pareto", metavar="PNG", help="also write the Pareto plot to this file")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("methods", help="registered methods and their hyperparameters")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("train-vib", parents=[common], help="train a PGP VIB head on a guide")
+    p.add_argument("--guide", required=True, help="guide model config (e.g. tiny-llava-small)")
+    p.add_argument("--benchmark", default="shapes", help="training data (benchmark config)")
+    p.add_argument("--split", help="benchmark split (default train)")
+    p.add_argument("--steps", type=int, help="optimiser steps (0: one epoch over --limit)")
+    p.add_argument("--batch-size", type=int, help="samples per step")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--limit", type=int, help="training samples")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (scale = alpha/rank)")
+    p.add_argument("--hparam", action="append", metavar="NAME=VALUE",
+                   help="a pgp head hyperparameter, e.g. gate=exp, lora_rank=0")  # fmt: skip
+    p.add_argument("--retrain", action="store_true", help="train even if the head exists")
+    p.set_defaults(func=cmd_train_vib)
 
     p = sub.add_parser("ui", parents=[common], help="serve the MLflow UI on the store")
     p.add_argument("--host", default="127.0.0.1")

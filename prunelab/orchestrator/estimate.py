@@ -1,17 +1,37 @@
-"""Analytic compute estimate of a trial before it runs (for ``prunelab sweep --dry-run``)."""
+"""Compute estimate of a trial before it runs (for ``prunelab sweep --dry-run``).
+
+Analytic: the LLM prefill FLOPs the trial's plan implies (:func:`estimate_tflops`). Measured:
+when the database holds finished trials of the same model, their measured model time gives a
+throughput (analytic TFLOPs per second, :func:`earlier_throughput`) that turns the analytic
+estimate into seconds.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from prunelab.db import Trial
 from prunelab.methods.base import PlanContext
 from prunelab.workers.cost import trial_flops
 from prunelab.workers.models import ModelInfo, describe_model
 from prunelab.workers.runner import build_method
 
-__all__ = ["ASSUMED_TEXT_TOKENS", "estimate_tflops", "planned_visual_per_layer"]
+__all__ = [
+    "ASSUMED_TEXT_TOKENS",
+    "Throughput",
+    "earlier_throughput",
+    "estimate_tflops",
+    "measured_seconds",
+    "measured_throughput",
+    "planned_visual_per_layer",
+]
 
 ASSUMED_TEXT_TOKENS = 40  # prompt text around the image; the real count is measured per sample
 
@@ -31,6 +51,7 @@ def planned_visual_per_layer(config: dict[str, Any], info: ModelInfo) -> list[in
             budget=budget,
             prune_layer=config.get("prune_layer"),
             seed=config.get("seed") or 0,
+            family=info.family,
         )
     )
     visual = plan.vision_keep if plan.vision_keep is not None else info.n_visual
@@ -49,3 +70,68 @@ def estimate_tflops(config: dict[str, Any]) -> float:
     convention = config["eval"].get("flops_convention", "pdrop")
     per_sample = trial_flops(tokens, 1, info, convention)
     return per_sample * int(config["eval"]["limit"]) / 1e12
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """How fast a model ran earlier trials: analytic TFLOPs (:func:`estimate_tflops`) per
+    second of measured model time (median per-sample latency, prefill + decode, x samples)."""
+
+    tflops_per_s: float
+    trials: int  # earlier finished trials it was measured on
+
+    def seconds(self, tflops: float) -> float:
+        """Model time a trial of ``tflops`` estimated TFLOPs should take."""
+        return tflops / self.tflops_per_s
+
+
+def measured_seconds(metrics: dict[str, Any] | None) -> float | None:
+    """Model time of a finished trial from its metrics: ``latency_ms`` x ``samples`` (s).
+
+    Excludes model loading, warm-up and the unpruned reference passes of fidelity metrics.
+    """
+    metrics = metrics or {}
+    latency, samples = metrics.get("latency_ms"), metrics.get("samples")
+    if latency is None or samples is None or latency <= 0 or samples <= 0:
+        return None
+    return float(latency) / 1000.0 * float(samples)
+
+
+def measured_throughput(
+    finished: Iterable[tuple[dict[str, Any], dict[str, Any] | None]],
+) -> dict[str, Throughput]:
+    """Per model name, the throughput of its earlier finished trials, given as (config,
+    metrics). Trials without timings, or whose config no longer plans (a method since
+    removed or changed), are skipped."""
+    work: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for config, metrics in finished:
+        elapsed = measured_seconds(metrics)
+        if elapsed is None:
+            continue
+        try:
+            tflops = estimate_tflops(config)
+        except (KeyError, ValueError, TypeError):
+            continue
+        model = config["model"]
+        work[model] = work.get(model, 0.0) + tflops
+        seconds[model] = seconds.get(model, 0.0) + elapsed
+        counts[model] = counts.get(model, 0) + 1
+    return {
+        model: Throughput(work[model] / seconds[model], counts[model])
+        for model in work
+        if work[model] > 0 and seconds[model] > 0
+    }
+
+
+def earlier_throughput(session: Session, models: Iterable[str]) -> dict[str, Throughput]:
+    """:func:`measured_throughput` of every finished trial in the database of ``models``."""
+    wanted = set(models)
+    query = select(Trial.config, Trial.metrics).where(Trial.status == "finished")
+    rows = (
+        (config, metrics)
+        for config, metrics in session.execute(query).tuples()
+        if config.get("model") in wanted
+    )
+    return measured_throughput(rows)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from sqlalchemy import create_engine, text
 
 import prunelab.methods as M
@@ -68,16 +69,22 @@ def check_mlflow(tracking_uri: str, trials: int) -> None:
         assert expected <= set(child.data.metrics), (method, set(child.data.metrics))
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"predictions.jsonl", "trial.yaml"} <= artifacts
+        if method != "none":  # importance heatmaps of the first eval.heatmaps=2 samples
+            maps = client.list_artifacts(child.info.run_id, "importance")
+            assert len(maps) == 2 and all(a.path.endswith(".png") for a in maps)
         assert child.info.status == "FINISHED"
     assert len(keys) == trials
     parent_artifacts = {a.path for a in client.list_artifacts(first_parent.info.run_id)}
-    assert {"table.md", "table.csv"} <= parent_artifacts
+    assert {"table.md", "table.csv", "table.tex", "pareto.png", "trials.csv"} <= parent_artifacts
+    png = client.download_artifacts(first_parent.info.run_id, "pareto.png")
+    Image.open(png).verify()  # a real PNG
 
 
 def test_quickstart_on_sqlite_then_rerun_runs_nothing(tmp_path):
     first = prunelab("sweep", *ARGS, cwd=tmp_path)
     assert "5 trials, 0 already finished, 5 to run" in first.stdout
-    assert "| tiny-llava | shapes | fastv | 11.1% | 2 |" in first.stdout
+    assert "| model | method | budget | shapes | mean score ratio (%) |" in first.stdout
+    assert "| toy-llava | fastv | 11.1% |" in first.stdout
     runs = tmp_path / "prunelab-runs"
     assert (runs / "mlflow.db").exists() and (runs / "prunelab.db").exists()
     check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", trials=5)
@@ -93,10 +100,10 @@ def test_quickstart_on_sqlite_then_rerun_runs_nothing(tmp_path):
     assert len(sweeps) == 2 and all(s["status"] == "finished" for s in sweeps)
 
     md = prunelab("report", "quickstart", "--format", "md", cwd=tmp_path).stdout
-    assert md.count("| tiny-llava |") == 5
+    assert md.count("| toy-llava |") == 5
     csv_out = tmp_path / "t.csv"
     prunelab("report", "quickstart", "--format", "csv", "--out", str(csv_out), cwd=tmp_path)
-    assert csv_out.read_text().splitlines()[0].startswith("model,benchmark,method,budget")
+    assert csv_out.read_text().splitlines()[0] == "model,method,budget,shapes,mean score ratio (%)"
     latex = prunelab("report", "quickstart", "--format", "latex", cwd=tmp_path).stdout
     assert "\\begin{tabular}" in latex
 

@@ -1,0 +1,384 @@
+"""The paper-style report (md, csv, LaTeX), the Pareto plot, dry-run estimates and status.
+
+Tables are checked against exact strings built by hand from the trials below: scores are
+chosen so that every ratio is exact in binary and no rounding is ambiguous.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from prunelab.db import init_db, repo, session_factory
+from prunelab.orchestrator.cli import main
+from prunelab.orchestrator.estimate import (
+    Throughput,
+    earlier_throughput,
+    estimate_tflops,
+    measured_seconds,
+    measured_throughput,
+)
+from prunelab.orchestrator.plots import pareto_png, pareto_points
+from prunelab.orchestrator.results import (
+    build_report,
+    latex_escape,
+    report_artifacts,
+    report_csv,
+    report_latex,
+    report_markdown,
+)
+from prunelab.orchestrator.spec import load_sweep
+
+
+def trial(model, benchmark, method, score, status="finished", tflops=1.0, hparams=None, **axes):
+    """(config, status, metrics) as the database holds them."""
+    config = {
+        "model": model,
+        "benchmark": benchmark,
+        "method": method,
+        "hparams": hparams or {},
+        "keep_ratio": None,
+        "keep_tokens": None,
+        "prune_layer": None,
+        "seed": None,
+        **axes,
+    }
+    metrics = {"score": score, "tflops": tflops} if status == "finished" else None
+    return config, status, metrics
+
+
+# model m: two benchmarks, two methods at 128 and 64 tokens (random's pope at 128 failed);
+# model n_2: one benchmark, one method (nothing to compare, so nothing bold)
+TRIALS = [
+    trial("m", "textvqa", "none", 60.0, tflops=4.0),
+    trial("m", "pope", "none", 80.0, tflops=4.0),
+    trial("m", "textvqa", "fastv", 54.0, keep_tokens=64, prune_layer=2, tflops=1.0),
+    trial("m", "pope", "fastv", 72.0, keep_tokens=64, prune_layer=2, tflops=1.5),
+    trial("m", "textvqa", "random", 48.0, keep_tokens=64, prune_layer=2),
+    trial("m", "pope", "random", 76.0, keep_tokens=64, prune_layer=2),
+    trial("m", "textvqa", "fastv", 57.0, keep_tokens=128, prune_layer=2, tflops=2.0),
+    trial("m", "pope", "fastv", 77.0, keep_tokens=128, prune_layer=2, tflops=2.0),
+    trial("m", "textvqa", "random", 51.0, keep_tokens=128, prune_layer=2),
+    trial("m", "pope", "random", None, status="failed", keep_tokens=128, prune_layer=2),
+    trial("n_2", "textvqa", "none", 50.0),
+    trial("n_2", "textvqa", "fastv", 45.0, keep_ratio=0.25, prune_layer=2),
+]
+
+MARKDOWN = """\
+| model | method | budget | textvqa | pope | mean score ratio (%) |
+|---|---|---|---:|---:|---:|
+| m | none | upper bound | 60.0 | 80.0 | 100.0 |
+| m | fastv | 128 tokens | **57.0** | **77.0** | **95.6** |
+| m | random | 128 tokens | 51.0 | failed | - |
+| m | fastv | 64 tokens | **54.0** | 72.0 | **90.0** |
+| m | random | 64 tokens | 48.0 | **76.0** | 87.5 |
+| n_2 | none | upper bound | 50.0 | - | 100.0 |
+| n_2 | fastv | 25.0% | 45.0 | - | 90.0 |
+"""
+
+CSV = """\
+model,method,budget,textvqa,pope,mean score ratio (%)
+m,none,upper bound,60.0,80.0,100.0
+m,fastv,128 tokens,57.0,77.0,95.6
+m,random,128 tokens,51.0,failed,-
+m,fastv,64 tokens,54.0,72.0,90.0
+m,random,64 tokens,48.0,76.0,87.5
+n_2,none,upper bound,50.0,-,100.0
+n_2,fastv,25.0%,45.0,-,90.0
+"""
+
+LATEX = r"""\begin{tabular}{llrrr}
+\toprule
+Method & Budget & textvqa & pope & mean score ratio (\%) \\
+\midrule
+\multicolumn{5}{l}{\textit{m}} \\
+none & upper bound & 60.0 & 80.0 & 100.0 \\
+\midrule
+fastv & 128 tokens & \textbf{57.0} & \textbf{77.0} & \textbf{95.6} \\
+random & 128 tokens & 51.0 & failed & -- \\
+\midrule
+fastv & 64 tokens & \textbf{54.0} & 72.0 & \textbf{90.0} \\
+random & 64 tokens & 48.0 & \textbf{76.0} & 87.5 \\
+\midrule
+\multicolumn{5}{l}{\textit{n\_2}} \\
+none & upper bound & 50.0 & -- & 100.0 \\
+\midrule
+fastv & 25.0\% & 45.0 & -- & 90.0 \\
+\bottomrule
+\end{tabular}
+"""
+
+
+def test_markdown_csv_latex_exact():
+    report = build_report(TRIALS)
+    assert report_markdown(report) == MARKDOWN
+    assert report_csv(report) == CSV
+    assert report_latex(report) == LATEX
+
+
+def test_rows_follow_the_papers_order_whatever_the_input_order():
+    report = build_report(list(reversed(TRIALS)))
+    # models in order of first appearance, unpruned first, then budgets largest first
+    assert [(r.model, r.method, r.budget) for r in report.rows] == [
+        ("n_2", "none", "upper bound"),
+        ("n_2", "fastv", "25.0%"),
+        ("m", "none", "upper bound"),
+        ("m", "fastv", "128 tokens"),
+        ("m", "random", "128 tokens"),
+        ("m", "fastv", "64 tokens"),
+        ("m", "random", "64 tokens"),
+    ]
+    assert report.benchmarks == ["textvqa", "pope"]
+
+
+def test_score_ratios_are_recomputed_from_the_baseline():
+    """Stored score ratios may be stale (logged before the baseline finished): ignored."""
+    stale = [(c, s, {**(m or {}), "score_ratio": 0.123}) for c, s, m in TRIALS]
+    row = build_report(stale).rows[3]  # fastv at 64 tokens on m
+    assert (row.method, row.budget) == ("fastv", "64 tokens")
+    assert row.ratios == {"textvqa": pytest.approx(0.9), "pope": pytest.approx(0.9)}
+    assert row.mean_ratio == pytest.approx(0.9)
+    assert row.mean_tflops == pytest.approx(1.25)
+
+
+def test_no_baseline_score_means_no_ratio():
+    trials = [
+        trial("m", "textvqa", "none", 0.0),
+        trial("m", "textvqa", "fastv", 10.0, keep_ratio=0.5, prune_layer=2),
+        trial("m", "textvqa", "random", 20.0, keep_ratio=0.5, prune_layer=2),
+    ]
+    report = build_report(trials)
+    assert all(row.mean_ratio is None for row in report.rows)
+    assert report_markdown(report).splitlines()[2:] == [
+        "| m | none | upper bound | 0.0 | - |",
+        "| m | fastv | 50.0% | 10.0 | - |",
+        "| m | random | 50.0% | **20.0** | - |",
+    ]
+
+
+def test_layer_and_hyperparameter_variants_get_their_own_rows():
+    trials = [
+        trial("m", "gqa", "none", 60.0),
+        trial(
+            "m", "gqa", "fastv", 48.0, keep_ratio=0.5, prune_layer=2, hparams={"queries": "last"}
+        ),
+        trial(
+            "m", "gqa", "fastv", 51.0, keep_ratio=0.5, prune_layer=3, hparams={"queries": "last"}
+        ),
+        trial(
+            "m", "gqa", "fastv", 51.0, keep_ratio=0.5, prune_layer=2, hparams={"queries": "text"}
+        ),
+        trial("m", "gqa", "visionzip", 45.0, keep_ratio=0.5),
+    ]
+    report = build_report(trials)
+    assert report.variant_columns == ["layer"]
+    assert report_markdown(report) == (
+        "| model | method | budget | layer | gqa | mean score ratio (%) |\n"
+        "|---|---|---|---|---:|---:|\n"
+        "| m | none | upper bound |  | 60.0 | 100.0 |\n"
+        "| m | fastv (queries=last) | 50.0% | 2 | 48.0 | 80.0 |\n"
+        "| m | fastv (queries=last) | 50.0% | 3 | **51.0** | **85.0** |\n"
+        "| m | fastv (queries=text) | 50.0% | 2 | **51.0** | **85.0** |\n"
+        "| m | visionzip | 50.0% |  | 45.0 | 75.0 |\n"
+    )
+    latex = report_latex(report)
+    assert latex.startswith("\\begin{tabular}{lllrr}\n")
+    assert "Method & Budget & Layer & gqa & mean score ratio (\\%) \\\\" in latex
+    assert "fastv (queries=text) & 50.0\\% & 2 & \\textbf{51.0} & \\textbf{85.0} \\\\" in latex
+
+
+def test_unfinished_trials_show_their_status():
+    trials = [
+        trial("m", "gqa", "none", 60.0),
+        trial("m", "gqa", "fastv", None, status="running", keep_tokens=64, prune_layer=2),
+        trial("m", "gqa", "random", None, status="pending", keep_tokens=64, prune_layer=2),
+    ]
+    assert report_csv(build_report(trials)).splitlines()[1:] == [
+        "m,none,upper bound,60.0,100.0",
+        "m,fastv,64 tokens,running,-",
+        "m,random,64 tokens,pending,-",
+    ]
+
+
+def test_latex_escapes_special_characters():
+    assert latex_escape("a_b 50% & #1 {x} $y ~^\\") == (
+        r"a\_b 50\% \& \#1 \{x\} \$y \textasciitilde{}\textasciicircum{}\textbackslash{}"
+    )
+    trials = [trial("llava_1.5&co", "text_vqa", "none", 10.0)]
+    latex = report_latex(build_report(trials))
+    assert r"\multicolumn{4}{l}{\textit{llava\_1.5\&co}} \\" in latex
+    assert r"Method & Budget & text\_vqa & mean score ratio (\%) \\" in latex
+
+
+def test_markdown_escapes_pipes():
+    trials = [trial("m", "gqa", "none", 10.0), trial("m", "gqa", "fastv", 5.0, keep_tokens=8,
+                                                          hparams={"q": "a|b"})]  # fmt: skip
+    trials.append(trial("m", "gqa", "fastv", 6.0, keep_tokens=8, hparams={"q": "c"}))
+    assert "| m | fastv (q=a\\|b) | 8 tokens | 5.0 | 50.0 |" in report_markdown(
+        build_report(trials)
+    )
+
+
+def test_pareto_points_and_png():
+    report = build_report(TRIALS)
+    baseline, lines = pareto_points(report, "m")
+    assert baseline == (4.0, 100.0)
+    assert lines["fastv"] == [(1.25, pytest.approx(90.0)), (2.0, pytest.approx(95.625))]
+    assert lines["random"] == [(1.0, pytest.approx(87.5))]  # 128 tokens: pope failed
+    png = pareto_png(report)
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG"
+    assert image.width > image.height  # two models side by side
+    image.load()
+
+
+def test_report_artifacts_bundle():
+    files = report_artifacts(TRIALS)
+    assert set(files) == {"table.md", "table.csv", "table.tex", "pareto.png", "trials.csv"}
+    assert files["table.md"] == MARKDOWN and files["table.tex"] == LATEX
+    assert (
+        isinstance(files["pareto.png"], bytes) and files["pareto.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    )
+    assert str(files["trials.csv"]).splitlines()[0].startswith("model,benchmark,method,budget")
+
+
+# -- estimates ----------------------------------------------------------------------------------
+def _quickstart_configs() -> list[dict]:
+    plan = load_sweep("quickstart", ["keep_ratio=0.111,0.333", "eval.limit=4"])
+    return [t.config() for t in plan.trials]
+
+
+def test_measured_throughput_from_earlier_trials():
+    configs = _quickstart_configs()
+    analytic = [estimate_tflops(c) for c in configs[:2]]
+    finished = [
+        (configs[0], {"latency_ms": 250.0, "samples": 4.0}),  # 1 s
+        (configs[1], {"latency_ms": 750.0, "samples": 4.0}),  # 3 s
+        (configs[2], {"samples": 4.0}),  # no timing: skipped
+        ({**configs[2], "model": "other", "method": "no-such-method"}, {"latency_ms": 1.0,
+                                                                        "samples": 1.0}),
+    ]  # fmt: skip
+    measured = measured_throughput(finished)
+    assert set(measured) == {"tiny-llava"}
+    assert measured["tiny-llava"].trials == 2
+    assert measured["tiny-llava"].tflops_per_s == pytest.approx(sum(analytic) / 4.0)
+    assert Throughput(2.0, 1).seconds(5.0) == 2.5
+    assert measured_seconds({"latency_ms": 100.0, "samples": 3}) == pytest.approx(0.3)
+    assert measured_seconds({"latency_ms": 0.0, "samples": 3}) is None
+
+
+def _fake_db(tmp_path, statuses: list[str], metrics: dict | None = None):
+    """A database with a quickstart sweep whose trials are in ``statuses``."""
+    url = f"sqlite:///{tmp_path}/prunelab.db"
+    plan = load_sweep("quickstart", ["keep_ratio=0.111,0.333", "eval.limit=4"])
+    sessions = session_factory(init_db(url))
+    with sessions.begin() as session:
+        sweep = repo.create_sweep(session, "quickstart", plan.spec, plan.spec_yaml, "host:1:x")
+        rows, _ = repo.add_trials(
+            session, sweep.id, [(t.key, t.config(), t.is_baseline) for t in plan.trials]
+        )
+        for row, status in zip(rows, statuses, strict=True):
+            if status in ("running", "finished"):
+                assert repo.claim_trial(session, row.id, "host:1:x", "w0", None)
+            if status == "finished":
+                repo.finish_trial(session, row.id, metrics or {"score": 50.0}, "w0", None)
+            if status == "failed":
+                repo.fail_trial(session, row.id, "boom")
+    return url, plan
+
+
+def test_dry_run_estimates_time_from_earlier_trials(tmp_path, capsys):
+    url, plan = _fake_db(
+        tmp_path, ["finished"] * 2 + ["pending"] * 3, {"latency_ms": 500.0, "samples": 4.0}
+    )
+    args = ["sweep", "quickstart", "keep_ratio=0.111,0.333", "eval.limit=4", "--dry-run",
+            "--db-url", url, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "5 trials, 2 already finished" in out
+    configs = [t.config() for t in plan.trials]
+    rate = sum(estimate_tflops(c) for c in configs[:2]) / 4.0  # 2 trials x 2 s
+    todo = sum(estimate_tflops(c) for c in configs[2:])
+    seconds = todo / rate
+    assert f"about {seconds:.0f} s of model time" in out
+    assert "throughput of 2 earlier trial(s)" in out
+    assert f"~{seconds / 2:.0f} s on 2 worker(s)" in out
+    with session_factory(init_db(url))() as session:
+        assert earlier_throughput(session, ["tiny-llava"])["tiny-llava"].trials == 2
+        assert earlier_throughput(session, ["tiny-qwen2-vl"]) == {}
+
+
+def test_dry_run_without_earlier_trials_says_so(tmp_path, capsys):
+    args = ["sweep", "quickstart", "eval.limit=4", "--dry-run",
+            "--db-url", f"sqlite:///{tmp_path}/none.db",
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "tiny-llava: no finished trials of this model yet" in out
+    assert not (tmp_path / "none.db").exists()  # a dry run writes nothing
+
+
+def test_status_shows_progress_of_a_running_sweep(tmp_path, capsys):
+    url, _ = _fake_db(tmp_path, ["finished", "finished", "running", "pending", "failed"])
+    assert main(["status", "quickstart", "--db-url", url]) == 0
+    out = capsys.readouterr().out
+    assert "sweep quickstart (" in out and "): running" in out
+    assert "progress: 2/5 finished, 1 running, 1 pending, 1 failed" in out
+    assert main(["status", "quickstart", "--json", "--db-url", url]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["progress"] == {
+        "finished": 2, "running": 1, "pending": 1, "failed": 1, "total": 5
+    }  # fmt: skip
+    assert [t["status"] for t in status["trials"]] == [
+        "finished", "finished", "running", "pending", "failed"
+    ]  # fmt: skip
+    assert main(["status", "--db-url", url]) == 0
+    assert "1 failed, 2 finished, 1 pending, 1 running" in capsys.readouterr().out
+
+
+def test_report_command_on_a_partial_sweep(tmp_path, capsys):
+    url, _ = _fake_db(tmp_path, ["finished", "finished", "running", "pending", "failed"])
+    pareto = tmp_path / "pareto.png"
+    assert main(["report", "quickstart", "--db-url", url, "--pareto", str(pareto)]) == 0
+    # the quickstart's trials in sweep order: none, random 11.1%, random 33.3%, fastv 11.1%,
+    # fastv 33.3%; unfinished ones show their status, and nothing competes with them for bold
+    assert capsys.readouterr().out.splitlines() == [
+        "| model | method | budget | shapes | mean score ratio (%) |",
+        "|---|---|---|---:|---:|",
+        "| tiny-llava | none | upper bound | 50.0 | 100.0 |",
+        "| tiny-llava | fastv | 33.3% | failed | - |",
+        "| tiny-llava | random | 33.3% | running | - |",
+        "| tiny-llava | fastv | 11.1% | pending | - |",
+        "| tiny-llava | random | 11.1% | **50.0** | **100.0** |",
+    ]
+    Image.open(pareto).verify()
+    out = tmp_path / "t.tex"
+    assert main(["report", "quickstart", "--db-url", url, "--format", "latex",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert out.read_text().startswith("\\begin{tabular}{llrr}")
+
+
+def test_report_of_unknown_sweep_is_bad_input(tmp_path):
+    url, _ = _fake_db(tmp_path, ["pending"] * 5)
+    result = subprocess.run(
+        [sys.executable, "-m", "prunelab.orchestrator.cli", "report", "nope", "--db-url", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "no sweep with id or name 'nope'" in result.stderr
+
+
+def test_nothing_is_bold_when_every_row_ties():
+    trials = [
+        trial("m", "gqa", "none", 10.0),
+        trial("m", "gqa", "fastv", 5.0, keep_tokens=8),
+        trial("m", "gqa", "random", 5.0, keep_tokens=8),
+    ]
+    assert "**" not in report_markdown(build_report(trials))

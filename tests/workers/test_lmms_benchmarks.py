@@ -1,0 +1,494 @@
+"""lmms-eval-layout parquet benchmarks: reading, sampling, prompts, checks and aggregates."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from prunelab.workers.benchmarks import build_benchmark
+from prunelab.workers.benchmarks.lmms import (
+    MC_PROMPT,
+    VQA_PROMPT,
+    DatasetError,
+    decode_image,
+    metric_key,
+    resolve_files,
+)
+
+
+def png(colour: tuple[int, int, int], size: tuple[int, int] = (6, 4), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, colour)
+    (image.convert(mode) if mode != "RGB" else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write(path: Path, rows: list[dict], raw_image: bool = False, row_group_size: int = 2) -> Path:
+    """A parquet file of ``rows``; ``image`` as lmms-eval's {bytes, path} struct unless raw."""
+    rows = [dict(r) for r in rows]
+    for i, row in enumerate(rows):
+        if "image" in row and not raw_image:
+            row["image"] = {"bytes": row["image"], "path": f"{i}.png"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def bench(kind: str, path: Path, **options):
+    return build_benchmark({"name": kind, "kind": kind, "path": str(path), **options})
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return (10 * i, 255 - 10 * i, 7)
+
+
+# -- files and images --------------------------------------------------------------------------
+
+
+def test_resolve_files_layouts(tmp_path: Path) -> None:
+    single = write(tmp_path / "one.parquet", [{"q": "x"}])
+    assert resolve_files(single, "test") == [single]
+    shards = [
+        write(tmp_path / "hub" / f"test-0000{i}-of-00002.parquet", [{"q": "x"}]) for i in (0, 1)
+    ]
+    write(tmp_path / "hub" / "validation-00000-of-00001.parquet", [{"q": "y"}])
+    assert resolve_files(tmp_path / "hub", "test") == shards
+    nested = write(tmp_path / "nested" / "data" / "val-00000-of-00001.parquet", [{"q": "x"}])
+    assert resolve_files(tmp_path / "nested", "val") == [nested]
+    with pytest.raises(DatasetError, match="no parquet file of split 'dev'"):
+        resolve_files(tmp_path / "hub", "dev")
+    with pytest.raises(DatasetError, match="no such file"):
+        resolve_files(tmp_path / "absent", "test")
+
+
+def test_decode_image_struct_raw_and_grey() -> None:
+    rgb = decode_image({"bytes": png((200, 10, 30)), "path": None})
+    assert rgb.shape == (4, 6, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[0, 0]) == (200, 10, 30)
+    assert tuple(decode_image(png((1, 2, 3)))[3, 5]) == (1, 2, 3)
+    grey = decode_image(png((90, 90, 90), mode="L"))
+    assert grey.shape == (4, 6, 3) and tuple(grey[1, 1]) == (90, 90, 90)
+    with pytest.raises(DatasetError, match="no encoded bytes"):
+        decode_image({"bytes": None, "path": "x.png"})
+
+
+def test_metric_key_is_mlflow_safe() -> None:
+    assert metric_key("science & technology") == "score.science _ technology"
+    assert metric_key("Doc-oriented VQA") == "score.Doc-oriented VQA"
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+
+def pope_rows(n: int) -> list[dict]:
+    categories = ("adversarial", "popular", "random")
+    return [
+        {
+            "question_id": str(i),
+            "question": f"Is there a thing {i} in the image?",
+            "answer": "yes" if i % 2 == 0 else "no",
+            "category": categories[i % 3],
+            "image": png(colour(i)),
+        }
+        for i in range(n)
+    ]
+
+
+def test_limit_and_seeded_sampling(tmp_path: Path) -> None:
+    data = write(tmp_path / "POPE" / "test-00000-of-00001.parquet", pope_rows(10), raw_image=True)
+    pope = bench("pope", data.parent)
+    everything = pope.samples(None, 0)
+    assert [s.id for s in everything] == [str(i) for i in range(10)]
+    first, again, other = pope.samples(4, 0), pope.samples(4, 0), pope.samples(4, 1)
+    ids = [int(s.id) for s in first]
+    assert len(ids) == 4 and ids == sorted(ids)
+    assert ids == [int(s.id) for s in again]
+    assert ids != [int(s.id) for s in other]
+    assert ids == sorted(np.random.default_rng(0).choice(10, 4, replace=False).tolist())
+    for sample in first:  # the image of each row (row groups read selectively) is its own
+        i = int(sample.id)
+        assert tuple(sample.image[0, 0]) == colour(i)
+        assert sample.question == f"Is there a thing {i} in the image?{VQA_PROMPT}"
+        assert sample.category == ("adversarial", "popular", "random")[i % 3]
+    assert len(pope.samples(50, 0)) == 10
+
+
+def test_shards_are_read_in_order(tmp_path: Path) -> None:
+    rows = pope_rows(6)
+    write(tmp_path / "POPE" / "test-00000-of-00002.parquet", rows[:4])
+    write(tmp_path / "POPE" / "test-00001-of-00002.parquet", rows[4:])
+    samples = bench("pope", tmp_path / "POPE").samples(None, 0)
+    assert [tuple(s.image[0, 0]) for s in samples] == [colour(i) for i in range(6)]
+
+
+# -- checks and identity -----------------------------------------------------------------------
+
+
+def test_check_reports_missing_unreadable_and_incomplete_files(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="absent"):
+        bench("pope", tmp_path / "absent").check()
+    garbage = tmp_path / "garbage" / "test.parquet"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"not a parquet file at all")
+    with pytest.raises(DatasetError, match=r"garbage/test\.parquet: not a readable parquet"):
+        bench("pope", garbage.parent).check()
+    rows = [{k: v for k, v in r.items() if k != "answer"} for r in pope_rows(2)]
+    incomplete = write(tmp_path / "incomplete" / "test.parquet", rows)
+    with pytest.raises(DatasetError, match=r"incomplete/test\.parquet: missing column\(s\) answer"):
+        bench("pope", incomplete.parent).check()
+    no_image = write(tmp_path / "noimage.parquet", [{"question": "q", "answer": "yes"}])
+    with pytest.raises(DatasetError, match=r"missing column.*image"):
+        bench("pope", no_image).check()
+    with pytest.raises(ValueError, match="path"):
+        build_benchmark({"name": "pope", "kind": "pope"})
+
+
+def test_describe_follows_content_not_location(tmp_path: Path) -> None:
+    data = write(tmp_path / "a" / "test.parquet", pope_rows(3))
+    copy = tmp_path / "b" / "test.parquet"
+    copy.parent.mkdir()
+    shutil.copy(data, copy)
+    described = bench("pope", data.parent).describe()
+    assert described["files"][0]["file"] == "test.parquet"
+    assert described == bench("pope", copy.parent).describe()
+    write(copy, pope_rows(4))
+    assert described != bench("pope", copy.parent).describe()
+    assert bench("pope", tmp_path / "absent").describe()["files"] == "missing"
+    assert described != bench("pope", data.parent, prompt="").describe()
+
+
+# -- open-ended VQA ----------------------------------------------------------------------------
+
+
+def test_textvqa(tmp_path: Path) -> None:
+    rows = [
+        {"question": "what brand is this?", "answers": ["Nokia"] * 10, "image": png(colour(0))},
+        {"question": "what number?", "answers": ["two"] * 3 + ["3"] * 7, "image": png(colour(1))},
+    ]
+    textvqa = bench("textvqa", write(tmp_path / "textvqa" / "validation.parquet", rows).parent)
+    textvqa.check()
+    first, second = textvqa.samples(None, 0)
+    assert first.question == "What brand is this?" + VQA_PROMPT  # capitalised, like lmms-eval
+    assert textvqa.score("nokia", first) == 1.0  # human answers normalised too
+    assert textvqa.score("2", second) == pytest.approx(0.9)
+    assert textvqa.aggregate([(first, "nokia", 1.0), (second, "2", 0.9)]) == {"score": 95.0}
+
+
+def test_vqav2_answer_records_and_categories(tmp_path: Path) -> None:
+    answers = [{"answer": "Red", "answer_confidence": "yes", "answer_id": i} for i in range(10)]
+    rows = [
+        {
+            "question": "What colour?",
+            "answers": answers,
+            "answer_type": "other",
+            "image": png(colour(0)),
+        }
+    ]
+    vqav2 = bench("vqav2", write(tmp_path / "VQAv2" / "validation.parquet", rows).parent)
+    (sample,) = vqav2.samples(None, 0)
+    assert sample.answers == ["Red"] * 10 and sample.category == "other"
+    assert vqav2.score("red", sample) == 0.0  # identical answers stay raw (official script)
+    assert vqav2.score("Red", sample) == 0.0  # ... while the prediction is lower-cased
+
+
+def test_vizwiz(tmp_path: Path) -> None:
+    rows = [
+        {
+            "question": "what is this?",
+            "answers": ["unanswerable"] * 6 + ["soup"] * 4,
+            "category": "unanswerable",
+            "image": png(colour(0)),
+        }
+    ]
+    vizwiz = bench("vizwiz", write(tmp_path / "VizWiz-VQA" / "val.parquet", rows).parent)
+    (sample,) = vizwiz.samples(None, 0)
+    assert sample.question.startswith("What is this?\nWhen the provided information")
+    assert vizwiz.score("Unanswerable", sample) == 1.0
+    # leaving out a "soup": 3 others -> 1 (4 times); leaving out another: 4 -> 1 (6 times)
+    assert vizwiz.score("soup", sample) == 1.0
+    assert vizwiz.score("bread", sample) == 0.0
+
+
+def test_gqa_joins_images_by_id(tmp_path: Path) -> None:
+    questions = [
+        {"id": "q1", "imageId": "n2", "question": "Is it red?", "answer": "no"},
+        {"id": "q2", "imageId": "n1", "question": "Which side?", "answer": "left"},
+    ]
+    images = [{"id": "n1", "image": png(colour(1))}, {"id": "n2", "image": png(colour(2))}]
+    root = tmp_path / "GQA"
+    write(root / "testdev_balanced_instructions" / "testdev-00000-of-00001.parquet", questions)
+    write(root / "testdev_balanced_images" / "testdev-00000-of-00001.parquet", images)
+    gqa = bench("gqa", root / "testdev_balanced_instructions")  # images: the sibling dir
+    gqa.check()
+    first, second = gqa.samples(None, 0)
+    assert tuple(first.image[0, 0]) == colour(2) and tuple(second.image[0, 0]) == colour(1)
+    assert gqa.score("Left.", second) == 1.0 and gqa.score("the left", second) == 0.0
+    assert "image_files" in gqa.describe()
+    shutil.rmtree(root / "testdev_balanced_images")
+    with pytest.raises(DatasetError, match="testdev_balanced_images"):
+        gqa.check()
+
+
+# -- yes / no ----------------------------------------------------------------------------------
+
+
+def mme_rows() -> list[dict]:
+    rows = []
+    for image, category in (
+        ("a.jpg", "existence"),
+        ("b.jpg", "existence"),
+        ("c.png", "code_reasoning"),
+    ):
+        for answer in ("Yes", "No"):
+            rows.append(
+                {
+                    "question_id": f"{category}/{image}",
+                    "question": f"Is there {answer}? Please answer yes or no.",
+                    "answer": answer,
+                    "category": category,
+                    "image": png(colour(len(rows))),
+                }
+            )
+    return rows
+
+
+def test_mme_prompt_sampling_and_totals(tmp_path: Path) -> None:
+    mme = bench("mme", write(tmp_path / "MME" / "test.parquet", mme_rows()).parent)
+    samples = mme.samples(None, 0)
+    assert samples[0].question == "Is there Yes?" + VQA_PROMPT  # MME's own instruction swapped
+    assert (
+        bench("mme", tmp_path / "MME", prompt="")
+        .samples(None, 0)[0]
+        .question.endswith("Please answer yes or no.")
+    )
+    for seed in range(5):  # the two questions of an image stay together
+        chosen = mme.samples(4, seed)
+        assert len(chosen) == 4
+        pairs = {s.extra["image_id"] for s in chosen}
+        assert len(pairs) == 2
+    predictions = ["Yes", "No", "Yes", "Yes", "no", "yes"]
+    results = [(s, p, mme.score(p, s)) for s, p in zip(samples, predictions, strict=True)]
+    # existence: a.jpg both right (200), b.jpg one right (50) -> 125; code_reasoning: c.png
+    # both wrong -> 0
+    metrics = mme.aggregate(results)
+    assert metrics["score"] == pytest.approx(125.0) == metrics["mme_perception"]
+    assert metrics["mme_cognition"] == 0.0
+    assert metrics["score.existence"] == pytest.approx(125.0)
+    assert metrics["score.code_reasoning"] == 0.0
+    assert metrics["mme_acc"] == pytest.approx(100 * 3 / 6)
+    assert metrics["mme_acc_plus"] == pytest.approx(100 / 3)
+
+
+def test_pope_aggregate(tmp_path: Path) -> None:
+    pope = bench("pope", write(tmp_path / "pope.parquet", pope_rows(6)))
+    samples = pope.samples(None, 0)  # answers yes,no,yes,no,yes,no; categories a,p,r,a,p,r
+    predictions = ["Yes", "Yes", "No", "No, not", "yes.", "no"]
+    results = [(s, p, pope.score(p, s)) for s, p in zip(samples, predictions, strict=True)]
+    assert [r[2] for r in results] == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    metrics = pope.aggregate(results)  # tp 2, fp 1, tn 2, fn 1
+    assert metrics["pope_accuracy"] == pytest.approx(100 * 4 / 6)
+    assert metrics["pope_precision"] == pytest.approx(200 / 3)
+    assert metrics["pope_recall"] == pytest.approx(200 / 3)
+    assert metrics["score"] == metrics["pope_f1"] == pytest.approx(200 / 3)
+    assert metrics["pope_yes_ratio"] == pytest.approx(50.0)
+    # adversarial: (yes,yes), (no,no) -> F1 100; popular: (yes,no), (yes,yes) -> P 1/2 R 1
+    assert metrics["score.adversarial"] == pytest.approx(100.0)
+    assert metrics["score.popular"] == pytest.approx(200 / 3)
+    assert metrics["score.random"] == 0.0  # (no,yes), (no,no): no true positive
+
+
+# -- multiple choice ---------------------------------------------------------------------------
+
+
+def test_mmbench_prompt_and_circular_eval(tmp_path: Path) -> None:
+    nan = None  # a missing option or hint (lmms-eval files also hold the text "nan")
+    rows = [
+        {"index": 7, "question": "Which animal?", "hint": "A farm.", "answer": "B", "A": "cat",
+         "B": "dog", "C": "cow", "D": nan, "category": "recognition", "image": png(colour(0))},
+        {"index": 1_000_007, "question": "Which animal?", "hint": "nan", "answer": "A",
+         "A": "dog", "B": "cow", "C": "cat", "D": nan, "category": "recognition",
+         "image": png(colour(1))},
+        {"index": 8, "question": "How many?", "hint": nan, "answer": "A", "A": "1", "B": "2",
+         "C": nan, "D": nan, "category": "counting", "image": png(colour(2))},
+    ]  # fmt: skip
+    mmbench = bench("mmbench", write(tmp_path / "MMBench" / "en" / "dev.parquet", rows).parent)
+    mmbench.check()
+    samples = mmbench.samples(None, 0)
+    assert samples[0].question == "A farm.\nWhich animal?\nA. cat\nB. dog\nC. cow" + MC_PROMPT
+    assert samples[2].extra["options"] == {"A": "1", "B": "2"}
+    predictions = ["B", "C", "A."]  # variant 2 of question 7 wrong
+    results = [(s, p, mmbench.score(p, s)) for s, p in zip(samples, predictions, strict=True)]
+    assert [r[2] for r in results] == [1.0, 0.0, 1.0]
+    metrics = mmbench.aggregate(results)
+    assert metrics["score"] == pytest.approx(50.0)  # question 7 fails circularly, 8 passes
+    assert metrics["mmbench_vanilla"] == pytest.approx(200 / 3)
+    assert metrics["score.recognition"] == 0.0 and metrics["score.counting"] == 100.0
+    assert all(len({s.extra["group"] for s in mmbench.samples(2, seed)}) == 1 for seed in range(4))
+    bad = write(tmp_path / "bad.parquet", [{**rows[2], "answer": "C"}])
+    with pytest.raises(DatasetError, match="answer 'C' is not one of the options"):
+        bench("mmbench", bad).samples(None, 0)
+
+
+def test_mmstar_macro_average_over_fine_categories(tmp_path: Path) -> None:
+    def row(i: int, l2: str, category: str) -> dict:
+        question = f"Q{i}?\nOptions: A: red, B: blue, C: green, D: white"
+        return {"index": i, "question": question, "answer": "A", "category": category,
+                "l2_category": l2, "image": png(colour(i))}  # fmt: skip
+
+    rows = [row(0, "counting", "math"), row(1, "counting", "math"), row(2, "geometry", "math"),
+            row(3, "emotion", "coarse perception")]  # fmt: skip
+    mmstar = bench("mmstar", write(tmp_path / "MMStar" / "val.parquet", rows).parent)
+    samples = mmstar.samples(None, 0)
+    assert samples[0].question.endswith("D: white" + MC_PROMPT)
+    assert samples[0].extra["options"]["C"] == "green"
+    predictions = ["A", "blue", "red", "(A)"]
+    results = [(s, p, mmstar.score(p, s)) for s, p in zip(samples, predictions, strict=True)]
+    assert [r[2] for r in results] == [1.0, 0.0, 1.0, 1.0]
+    metrics = mmstar.aggregate(results)
+    # fine categories: counting 0.5, geometry 1, emotion 1 -> mean 5/6
+    assert metrics["score"] == pytest.approx(100 * 5 / 6)
+    assert metrics["score.math"] == pytest.approx(75.0)  # mean(0.5, 1)
+    assert metrics["score.coarse perception"] == pytest.approx(100.0)
+
+
+def test_scienceqa_ai2d_seedbench(tmp_path: Path) -> None:
+    sqa_rows = [
+        {
+            "question": "Which is a mammal?",
+            "choices": ["frog", "whale"],
+            "answer": 1,
+            "hint": "Look closely.",
+            "subject": "natural science",
+            "image": png(colour(0)),
+        }
+    ]
+    sqa = bench("scienceqa_img", write(tmp_path / "sqa.parquet", sqa_rows))
+    (sample,) = sqa.samples(None, 0)
+    assert (
+        sample.question
+        == "Context: Look closely.\nWhich is a mammal?\nA. frog\nB. whale" + MC_PROMPT
+    )
+    assert sample.answers == ["B"] and sample.category == "natural science"
+    assert sqa.score("whale", sample) == 1.0 and sqa.score("A", sample) == 0.0
+
+    ai2d_rows = [
+        {
+            "question": "What eats grass?",
+            "options": ["sun", "cow", "hawk"],
+            "answer": "1",
+            "image": png(colour(1)),
+        }
+    ]
+    ai2d = bench("ai2d", write(tmp_path / "ai2d.parquet", ai2d_rows))
+    (sample,) = ai2d.samples(None, 0)
+    assert sample.answers == ["B"] and "C. hawk" in sample.question
+    assert ai2d.score("The answer is B", sample) == 1.0
+
+    seed_rows = [
+        {
+            "question_id": "x",
+            "question": "Max value?",
+            "choice_A": "1",
+            "choice_B": "5",
+            "choice_C": "9",
+            "choice_D": "3",
+            "answer": "C",
+            "question_image_type": "chart",
+            "image": png(colour(2)),
+        }
+    ]
+    seed = bench("seedbench2_plus", write(tmp_path / "seed.parquet", seed_rows))
+    (sample,) = seed.samples(None, 0)
+    assert sample.question == "Max value?\nA. 1\nB. 5\nC. 9\nD. 3" + MC_PROMPT
+    assert seed.score("C", sample) == 1.0 and sample.category == "chart"
+    assert seed.aggregate([(sample, "C", 1.0)]) == {"score": 100.0, "score.chart": 100.0}
+
+
+def test_realworldqa_letters_and_free_answers(tmp_path: Path) -> None:
+    rows = [
+        {"question": "How many cars?\nA. 1\nB. 2\nC. 3\nPlease answer directly with only the "
+         "letter of the correct option and nothing else.", "answer": "B", "image": png(colour(0))},
+        {"question": "How many lanes? Please answer directly with a single word or number.",
+         "answer": "3", "image": png(colour(1))},
+    ]  # fmt: skip
+    rwqa = bench("realworldqa", write(tmp_path / "RealWorldQA" / "test.parquet", rows).parent)
+    letter, free = rwqa.samples(None, 0)
+    assert letter.question == rows[0]["question"]  # no prompt added
+    assert rwqa.score("B.", letter) == 1.0 and rwqa.score("2", letter) == 1.0
+    assert rwqa.score("A", letter) == 0.0
+    assert rwqa.score("Three.", free) == 1.0 and rwqa.score("4", free) == 0.0
+
+
+# -- ChartQA, OCRBench -------------------------------------------------------------------------
+
+
+def test_chartqa(tmp_path: Path) -> None:
+    rows = [
+        {"type": "human_test", "question": "Peak?", "answer": "40", "image": png(colour(0))},
+        {"type": "augmented_test", "question": "Share?", "answer": "12%", "image": png(colour(1))},
+    ]
+    chartqa = bench("chartqa", write(tmp_path / "ChartQA" / "test.parquet", rows).parent)
+    human, augmented = chartqa.samples(None, 0)
+    assert human.question == "Peak?\nAnswer the question with a single word."
+    assert chartqa.score("41", human) == 1.0 and chartqa.score("43", human) == 0.0
+    assert chartqa.score("0.12", augmented) == 1.0
+    metrics = chartqa.aggregate([(human, "41", 1.0), (augmented, "x", 0.0)])
+    assert metrics == {"score": 50.0, "score.augmented_test": 0.0, "score.human_test": 100.0}
+
+
+def test_ocrbench(tmp_path: Path) -> None:
+    rows = [
+        {"dataset": "IIIT5K", "question": "what is written?",
+         "question_type": "Regular Text Recognition", "answer": ["STOP"], "image": png(colour(0))},
+        {"dataset": "HME100k", "question": "latex?",
+         "question_type": "Handwritten Mathematical Expression Recognition",
+         "answer": ["x ^ 2"], "image": png(colour(1))},
+        {"dataset": "docVQA", "question": "total?", "question_type": "Doc-oriented VQA",
+         "answer": ["$5", "5 dollars"], "image": png(colour(2))},
+        {"dataset": "docVQA", "question": "date?", "question_type": "Doc-oriented VQA",
+         "answer": ["May"], "image": png(colour(3))},
+    ]  # fmt: skip
+    ocr = bench("ocrbench", write(tmp_path / "OCRBench" / "test.parquet", rows).parent)
+    samples = ocr.samples(None, 0)
+    predictions = ["It says stop", "$x^2$", "5 dollars", "June"]
+    results = [(s, p, ocr.score(p, s)) for s, p in zip(samples, predictions, strict=True)]
+    assert [r[2] for r in results] == [1.0, 1.0, 1.0, 0.0]
+    metrics = ocr.aggregate(results)
+    assert metrics["score"] == pytest.approx(750.0)  # 3 of 4, scaled to the 1000 questions
+    assert metrics["ocrbench_correct"] == 3.0
+    assert metrics["ocrbench_text_recognition"] == 1.0
+    assert metrics["score.Doc-oriented VQA"] == pytest.approx(50.0)
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+
+def test_run_trial_on_a_parquet_benchmark(tmp_path: Path) -> None:
+    """One real trial of the tiny model on a tiny POPE file: the official metrics come out."""
+    from tiny_models import load_tiny, trial_config
+
+    from prunelab.workers.runner import run_trial
+
+    data = write(tmp_path / "POPE" / "test-00000-of-00001.parquet", pope_rows(5))
+    config = trial_config("tiny-llava", "fastv", limit=4, keep_ratio=0.25, prune_layer=2)
+    config["benchmark"] = "pope"
+    config["benchmark_config"] = {"name": "pope", "kind": "pope", "path": str(data.parent)}
+    loaded, adapter = load_tiny("tiny-llava")
+    output = run_trial(loaded, adapter, config)
+    metrics = output.metrics
+    assert metrics["samples"] == 4 and len(output.predictions) == 4
+    for key in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["score"] == metrics["pope_f1"]
+    # the per-sample scores the predictions carry give the accuracy the aggregate reports
+    correct = [p["score"] for p in output.predictions]
+    assert metrics["pope_accuracy"] == pytest.approx(100 * sum(correct) / 4)
+    categories = {p["category"] for p in output.predictions}
+    assert {k for k in metrics if k.startswith("score.")} == {f"score.{c}" for c in categories}
