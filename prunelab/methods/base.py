@@ -17,6 +17,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -30,6 +31,8 @@ __all__ = [
     "LayerStep",
     "Plan",
     "PlanContext",
+    "PreInferenceSignals",
+    "PreInferenceStep",
     "PruningMethod",
     "VisionSelection",
     "VisionSignals",
@@ -75,6 +78,7 @@ class PlanContext:
     budget: Budget | None  # None for methods that do not prune
     prune_layer: int | None  # the trial's prune_layer axis (None: the method's default)
     seed: int
+    family: str | None = None  # model family (llava, qwen2_vl, ...) for per-family defaults
 
 
 @dataclass(frozen=True)
@@ -99,10 +103,30 @@ class LayerStep:
 
 
 @dataclass(frozen=True)
+class PreInferenceStep:
+    """A cheap extra prefill that chooses the plan's layer before the real forward (PREP).
+
+    The LLM runs over the prompt with the visual tokens replaced by the method's pooled tokens
+    (``PruningMethod.pool_pre_inference``) and stops after decoder layer ``max(layers) - 1``.
+    ``layers``: depths k whose signals are recorded: with ``hidden`` the (S', D) hidden states
+    after k decoder layers (k = 0: the input embeddings); with ``text_attention`` (k >= 1) the
+    attention rows of the prompt text after the image at decoder layer k - 1. ``candidates``:
+    the layers the method chooses among (``PruningMethod.after_pre_inference``).
+    """
+
+    candidates: tuple[int, ...]
+    layers: tuple[int, ...]
+    hidden: bool = True
+    text_attention: bool = False
+
+
+@dataclass(frozen=True)
 class Plan:
     vision_keep: int | None = None  # tokens kept by the vision stage; None: no vision stage
     vision_signals: frozenset[VisionSignalName] = frozenset()
     layers: tuple[LayerStep, ...] = ()
+    # a pre-inference pass to run first; it returns the final plan (None: no such pass)
+    pre_inference: PreInferenceStep | None = None
 
     def __post_init__(self) -> None:
         layers = [s.layer for s in self.layers]
@@ -127,6 +151,10 @@ class VisionSignals:
     cls_attention: torch.Tensor | None = None
     key_metric: torch.Tensor | None = None  # (N, d_k) encoder keys at the feature layer, head mean
     generator: torch.Generator | None = None  # seeded per sample, for stochastic methods
+    guidance: torch.Tensor | None = None  # (N,) guidance-model scores (guided vision stages)
+    family: str | None = None  # model family (llava, qwen2_vl, ...) for per-family defaults
+    # the runner asks for VisionSelection.diagnostics (only for the first samples of a trial)
+    want_diagnostics: bool = False
 
 
 @dataclass
@@ -138,6 +166,9 @@ class VisionSelection:
     assignment: torch.Tensor | None = (
         None  # (N,) output index each input was merged into, -1: dropped
     )
+    # named curves (e.g. infoprune's MFI / MGI per selection step) when want_diagnostics asked
+    # for them; the runner logs those of the first samples as a trial artifact
+    diagnostics: dict[str, list[float]] | None = None
 
 
 @dataclass
@@ -167,6 +198,20 @@ class LayerSignals:
     guidance: torch.Tensor | None = None  # (V,) guidance-model scores of the visual tokens
 
 
+@dataclass
+class PreInferenceSignals:
+    """What a pre-inference pass recorded; S' = its sequence length, r = pooled visual tokens.
+
+    ``text`` are the prompt's text tokens after the last visual token (the question), the
+    queries of ``attention``; text before the image (system prompt) is not among them.
+    """
+
+    visual: torch.Tensor  # (r,) positions of the pooled visual tokens in the pass's sequence
+    text: torch.Tensor  # (M,) positions of the text tokens after the last visual token
+    hidden: dict[int, torch.Tensor]  # depth k -> (S', D) hidden states after k decoder layers
+    attention: dict[int, torch.Tensor]  # depth k -> (H, M, S') rows of ``text`` at layer k - 1
+
+
 @dataclass(frozen=True)
 class PruningMethod:
     """Base of every method: hyperparameters are the dataclass fields of a subclass.
@@ -185,6 +230,12 @@ class PruningMethod:
     uses_layer: ClassVar[bool] = False
     uses_seed: ClassVar[bool] = False
     needs_guidance: ClassVar[bool] = False  # runs the model config's smaller `guidance` model
+    needs_pre_inference: ClassVar[bool] = False  # its plans have a `pre_inference` pass
+    # what the guide supplies: "attention" rows of its generation (score_guidance) or the
+    # "hidden" states of its visual tokens from one prefill (score_hidden)
+    guidance_signal: ClassVar[Literal["attention", "hidden"]] = "attention"
+    # needs a head trained before its trials (a sweep's `stages:`, `prunelab train-vib`)
+    needs_training: ClassVar[bool] = False
     default_prune_layer: ClassVar[int | None] = None
     min_prune_layer: ClassVar[int] = 0
     paper: ClassVar[str] = ""
@@ -216,6 +267,27 @@ class PruningMethod:
         the prompt's text tokens in the prefill and the new token in each decode step) over
         the N ``visual`` sequence positions."""
         raise NotImplementedError(f"{self.name} does not use a guidance model")
+
+    def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Guidance methods with ``guidance_signal = "hidden"``: (N,) scores of the visual
+        tokens from the guide's (N, d) hidden states of them (layer ``guidance_layer``)."""
+        raise NotImplementedError(f"{self.name} does not score guide hidden states")
+
+    def bind(self, assets: Mapping[str, Any]) -> PruningMethod:
+        """The method with a trial's trained assets (e.g. a VIB head) attached; by default
+        the method itself. ``assets`` are read by the worker from the trial config."""
+        return self
+
+    def pool_pre_inference(self, signals: VisionSignals) -> VisionSelection:
+        """Pre-inference methods: the (r, D) tokens that stand for the N visual tokens in the
+        pre-inference pass, ``kept`` (r,) strictly increasing anchors into the N inputs (their
+        placeholders and positions), ``assignment`` (N,) the pooled token of each input."""
+        raise NotImplementedError(f"{self.name} has no pre-inference pass")
+
+    def after_pre_inference(self, plan: Plan, signals: PreInferenceSignals) -> tuple[Plan, int]:
+        """Pre-inference methods: the final plan for the sample (no ``pre_inference`` left) and
+        the layer chosen from the pass's ``signals``."""
+        raise NotImplementedError(f"{self.name} has no pre-inference pass")
 
     # -- hyperparameters ------------------------------------------------------------------
     @classmethod

@@ -28,6 +28,8 @@ on their hidden states x_i, d_ij = ||x_i - x_j|| / sqrt(D):
     (7)  centers = top-c of rho_i * delta_i;  each token joins its nearest center
     (8)  merged_c = mean of the tokens of cluster c               (c, D) new visual tokens
 
+(5)-(8) are ``prunelab.methods.dpc``, shared with Polymorphic.
+
 Budget (``budget_is_average``): the official code adds the c merged tokens after the m kept
 ones, so a stage leaves K = m + c visual tokens. Here K is planned (the only count a layer
 stage can have) and m solves m + c(V - m) = K with c(.) the official cluster count above; the
@@ -83,7 +85,6 @@ Choices:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -99,6 +100,7 @@ from prunelab.methods.base import (
     PlanContext,
     PruningMethod,
 )
+from prunelab.methods.dpc import dpc_knn, merge_clusters
 from prunelab.methods.pdrop import (
     average_target,
     average_visual,
@@ -170,41 +172,6 @@ def recycle_split(
             return kept, clusters
     clusters = min(cluster_count(n_visual - slots, recycle_ratio, cluster_ratio), slots // 2)
     return slots - clusters, clusters
-
-
-def dpc_knn(tokens: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. (5)-(7), density-peak clustering with k = ``n_clusters`` nearest neighbours.
-
-    tokens: (n, D). Returns centers (c,) token indices, best center score first, and the
-    assignment (n,) of every token to a cluster in [0, c) (a center to its own cluster)."""
-    n, dim = tokens.shape
-    x = tokens.float()
-    # direct differences, as the official ||x_i - x_j|| (the matmul form is inexact near 0)
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(dim)
-    k = min(n_clusters, n)
-    nearest = dist.topk(k, dim=-1, largest=False).values  # (n, k), includes the token itself
-    density = torch.exp(-(nearest**2).mean(dim=-1))  # (n,)
-    index = torch.arange(n, device=tokens.device)
-    # j is denser than i: higher density, or equal density and a lower index (deterministic)
-    denser = (density[None, :] > density[:, None]) | (
-        (density[None, :] == density[:, None]) & (index[None, :] < index[:, None])
-    )  # (n, n): [i, j]
-    far = dist.max()
-    delta = torch.where(denser, dist, far).min(dim=-1).values  # (n,)
-    score = density * delta
-    order = torch.sort(score, descending=True, stable=True).indices
-    centers = order[:n_clusters]  # (c,)
-    assignment = dist[centers].argmin(dim=0)  # (n,)
-    assignment[centers] = torch.arange(centers.numel(), device=tokens.device)
-    return centers, assignment
-
-
-def merge_clusters(tokens: torch.Tensor, assignment: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """Eq. (8): mean of each cluster's tokens. tokens: (n, D); assignment: (n,). Returns (c, D)."""
-    sums = torch.zeros(n_clusters, tokens.shape[1], dtype=torch.float32, device=tokens.device)
-    sums.index_add_(0, assignment, tokens.float())
-    counts = torch.bincount(assignment, minlength=n_clusters).clamp_min(1).to(sums.dtype)
-    return sums / counts[:, None]
 
 
 @register

@@ -32,7 +32,13 @@ def run_guidance(
     clock: Callable[[], Any],
 ) -> Guidance:
     """Generate the answer with the guide (unpruned), recording at every layer the attention
-    rows of the prompt's text tokens (prefill) and of each generated token (decode)."""
+    rows of the prompt's text tokens (prefill) and of each generated token (decode).
+
+    Methods with ``guidance_signal == "hidden"`` (pgp) instead get the guide's hidden states of
+    the visual tokens at ``method.guidance_layer`` from one prefill (no generation), with the
+    method's LoRA deltas (``method.guidance_lora``) applied to the guide during it."""
+    if method.guidance_signal == "hidden":
+        return _hidden_guidance(adapter, method, sample, clock)
     prepared = adapter.prepare(sample)
     visual = prepared.visual_positions
     n_layers = len(adapter.layers)
@@ -57,3 +63,23 @@ def run_guidance(
         )
     rows = [row for layer in range(n_layers) for row in probe.rows.get(layer, [])]
     return Guidance(scores=method.score_guidance(rows, visual), generation=generation)
+
+
+def _hidden_guidance(
+    adapter: Adapter, method: PruningMethod, sample: Sample, clock: Callable[[], Any]
+) -> Guidance:
+    """One prefill of the guide (the first token's logits only); the (N, d) hidden states of
+    its visual tokens at the method's layer go to ``method.score_hidden``."""
+    from prunelab.workers.vib import capture_hidden, lora_applied
+
+    prepared = adapter.prepare(sample)
+    tokens = adapter.vision_signals(prepared, frozenset()).tokens
+    lora, scale = getattr(method, "guidance_lora", ({}, 1.0))
+    layer = int(getattr(method, "guidance_layer", -1))
+    with lora_applied(adapter, lora, scale), capture_hidden(adapter, layer) as captured:
+        generation, _ = adapter.generate(
+            prepared, tokens, lambda n, v: adapter.layer_pruner(n, v), 1, clock
+        )
+    assert captured.value is not None
+    hidden = captured.value[0, prepared.visual_positions]  # (N, d)
+    return Guidance(scores=method.score_hidden(hidden), generation=generation)
