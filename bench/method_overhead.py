@@ -26,6 +26,11 @@ Signals (LLaVA-1.5-7B sizes whatever the device):
   like LLaVA-1.5-7B (32 layers x 32 heads; the prompt's text queries in the prefill, then one
   row per layer for each of 3 decode steps, as with eval.max_new_tokens=4). The guide's own
   forward passes are not the method's computation and are not included.
+- pre-inference methods (prep): ``pool_pre_inference`` on the 576 tokens and
+  ``after_pre_inference`` on a 7B-shaped pass record (random (S', 4096) hidden states at each
+  recorded layer), timed as one ``pre-inference`` stage; the layer stage then runs at the
+  chosen layer. The pass's own LLM forward is the model's work: its FLOPs are printed
+  analytically next to the unpruned prefill's (``pre_inference_flops_report``).
 
 Prefill: the unpruned prefill (vision + LLM up to the first token's logits) of the same
 architecture built with ``prefill_speedup.build`` from ``PRESETS["llava"]`` in this process,
@@ -64,6 +69,8 @@ from prunelab.methods.base import (
 )
 from prunelab.workers.adapters.base import grid_coords
 from prunelab.workers.benchmarks.shapes import ShapesBenchmark
+from prunelab.workers.cost import exact_layer_flops, prefill_flops
+from prunelab.workers.models import ModelInfo
 from prunelab.workers.runner import _run_sample
 from prunelab.workers.timing import Timer
 
@@ -205,6 +212,85 @@ def _describe_layer(step: LayerStep) -> str:
     return f"L{step.layer}({'+'.join(what) or '-'})"
 
 
+def pre_inference_signals(
+    method: M.PruningMethod, plan: Plan, layout: Layout, device, dtype, seed: int
+) -> M.base.PreInferenceSignals:
+    """A 7B-shaped pre-inference pass's record: the prompt with the pooled tokens in place of
+    the visual block; random normal (S', 4096) hidden states (model dtype) at each recorded
+    depth and/or (32, M, S') causal softmax rows of the text after the image."""
+    assert plan.pre_inference is not None
+    gen = torch.Generator().manual_seed(seed + 7)
+    pooled = method.pool_pre_inference(vision_signals(plan, device, dtype, seed))
+    r = pooled.tokens.shape[0]
+    seq = layout.n_text + r
+    visual = torch.arange(layout.visual_start, layout.visual_start + r)
+    text = torch.arange(layout.visual_start + r, seq)
+    step = plan.pre_inference
+    hidden, attention = {}, {}
+    for k in step.layers:
+        if step.hidden:
+            hidden[k] = torch.randn(seq, HIDDEN, generator=gen).to(device=device, dtype=dtype)
+        if step.text_attention and k >= 1:
+            attention[k] = _softmax_rows(N_HEADS, text, seq, gen, device)
+    return M.base.PreInferenceSignals(
+        visual=visual.to(device), text=text.to(device), hidden=hidden, attention=attention
+    )
+
+
+def pre_inference_stage(
+    method: M.PruningMethod, plan: Plan, layout: Layout, device, dtype, seed: int
+) -> Stage:
+    """The method's pre-inference math: pooling the 576 tokens, then choosing the layer from
+    the pass's signals. The pass's LLM forward is the model's work (its FLOPs: see
+    ``pre_inference_flops_report``), not timed here."""
+    vision = vision_signals(plan, device, dtype, seed)
+    recorded = pre_inference_signals(method, plan, layout, device, dtype, seed)
+
+    def call() -> Any:
+        method.pool_pre_inference(vision)
+        return method.after_pre_inference(plan, recorded)
+
+    return Stage("pre-inference", call)
+
+
+def pre_inference_flops_report(layout: Layout, n_layers: int = N_LAYERS) -> list[str]:
+    """PREP's pre-inference FLOPs next to the unpruned prefill, analytic at LLaVA-1.5-7B sizes
+    (d=4096, FFN 11008, 32 layers, 32 heads of 128, MHA) with the timed prompt's text length.
+
+    - counted (what ``tflops_guidance`` records): every token of the pass's sequence (text +
+      r pooled tokens) through decoder layers 0 .. last candidate - 1, plus N*D for the pooling;
+    - paper (eq. 27): k* * FLOPs_layer(r) + N, the r pooled tokens only, at k* = 6 and 15.
+    """
+    info = ModelInfo("llava", n_layers, N_VISUAL, HIDDEN, 11008, N_HEADS, N_HEADS, 128, 32064, "7b")
+    method = M.get("prep")()
+    plan = method.plan(PlanContext(N_VISUAL, n_layers, M.Budget(keep_tokens=64), None, 0))
+    assert plan.pre_inference is not None
+    ran = max(plan.pre_inference.layers)
+    r = method.pool_pre_inference(vision_signals(plan, "cpu", torch.float32, 0)).tokens.shape[0]
+    seq = layout.n_text + r
+    lines = [f"PREP pre-inference FLOPs at LLaVA-1.5-7B sizes (analytic, workers/cost.py): "
+             f"{N_VISUAL} tokens pooled to r={r} (group_size={method.group_size}), prompt "
+             f"{layout.n_text} text tokens, pass of {seq} tokens through {ran} layers"]  # fmt: skip
+    for convention in ("pdrop", "exact"):
+        full = [layout.seq_len] * n_layers
+        if convention == "exact":
+            unpruned = sum(exact_layer_flops(n, n, info) for n in full)
+            pre = sum(exact_layer_flops(seq, seq, info) for _ in range(ran))
+        else:
+            unpruned = prefill_flops(full, HIDDEN, 11008, convention)
+            pre = prefill_flops([seq] * ran, HIDDEN, 11008, convention)
+        pre += N_VISUAL * HIDDEN
+        share = 100 * pre / unpruned
+        lines.append(f"  {convention:<5} counted: {pre / 1e12:.4f} TFLOPs = {share:.2f}% "
+                     f"of the unpruned LLM prefill ({unpruned / 1e12:.3f} TFLOPs)")  # fmt: skip
+    unpruned = prefill_flops([layout.seq_len] * n_layers, HIDDEN, 11008, "pdrop")
+    for k in (6, 15):
+        paper = k * prefill_flops([r], HIDDEN, 11008, "pdrop") + N_VISUAL
+        lines.append(f"  paper eq. 27 (pooled tokens only) k*={k}: {paper / 1e12:.4f} TFLOPs = "
+                     f"{100 * paper / unpruned:.2f}% of the unpruned prefill")  # fmt: skip
+    return lines
+
+
 def stages_for(
     method: M.PruningMethod, plan: Plan, layout: Layout, device, dtype, seed: int = 0
 ) -> list[Stage]:
@@ -217,6 +303,10 @@ def stages_for(
         positions = torch.arange(layout.visual_start, layout.visual_start + layout.n_visual)
         positions = positions.to(device)
         stages.append(Stage("guide-score", lambda: method.score_guidance(rows, positions)))
+    if plan.pre_inference is not None:
+        stages.append(pre_inference_stage(method, plan, layout, device, dtype, seed))
+        recorded = pre_inference_signals(method, plan, layout, device, dtype, seed)
+        plan = method.after_pre_inference(plan, recorded)[0]
     if plan.vision_keep is not None:
         signals = vision_signals(plan, device, dtype, seed)
         keep = plan.vision_keep
@@ -360,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"signals: {N_VISUAL} visual tokens ({GRID}x{GRID}), d={HIDDEN}, {N_HEADS} heads, "
           f"{N_LAYERS} layers, vision keys {KEY_DIM} wide; plans for keep_tokens "
           f"{'/'.join(map(str, KEEP))} of {N_VISUAL}")  # fmt: skip
+    if "prep" in names:
+        print("\n".join(pre_inference_flops_report(layout)))
     timer = Timer(device)
     with torch.inference_mode():
         settings = [st for name in names for st in settings_for(name, layout, device, dtype)]

@@ -16,6 +16,7 @@ TINY_MODELS = [
     "tiny-llava-small",
 ]
 _LOADED: dict[str, tuple] = {}
+_HEADS: dict[str, bytes] = {}
 
 
 def model_config(name: str) -> dict:
@@ -34,6 +35,23 @@ def guide_for(name: str) -> tuple | None:
     """The loaded guidance model of tiny model ``name`` (None: it has none)."""
     guide = model_config(name).get("guidance")
     return load_tiny(guide) if guide else None
+
+
+def trained_vib_head(guide: str) -> dict:
+    """A trial's ``vib_head`` entry: a pgp VIB head (default hyperparameters) trained for 2
+    steps on tiny model ``guide``, trained once per test session."""
+    if guide not in _HEADS:
+        import prunelab.methods as M
+        from prunelab.workers.vib import train_vib
+
+        train = {
+            "guide": model_config(guide),
+            "benchmark": {"name": "shapes", "kind": "shapes", "split": "train"},
+            "head": M.get("pgp")().head_hparams(),
+            "steps": 2, "batch_size": 1, "limit": 2, "eval_samples": 1,
+        }  # fmt: skip
+        _HEADS[guide] = train_vib(train, loaded=load_tiny(guide)).blob
+    return {"key": "", "state": _HEADS[guide]}
 
 
 def trial_config(model: str, method: str, limit: int = 6, **axes) -> dict:

@@ -51,6 +51,7 @@ from prunelab.orchestrator.config import (
     WorkersConfig,
     range_problems,
 )
+from prunelab.orchestrator.vib_stage import STAGE_DEFAULTS, head_spec, stage_problems
 from prunelab.sweeps import SWEEPS_DIR
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.models import ModelInfo, describe_model
@@ -122,6 +123,8 @@ class TrialSpec:
     eval: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     # the guidance model's config, for methods that need one (sgp)
     guidance_config: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # the trained head of methods that need one (pgp): key, stage and training config
+    vib_head: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -143,6 +146,7 @@ class TrialSpec:
                 "benchmark_config": self.benchmark_config,
                 "eval": self.eval,
                 **({"guidance_config": self.guidance_config} if self.guidance_config else {}),
+                **({"vib_head": self.vib_head} if self.vib_head else {}),
             }
         )
 
@@ -292,7 +296,7 @@ def _plan_problem(
 ) -> str | None:
     """Why ``method`` cannot plan a trial on a model shaped like ``info`` (None: it can)."""
     budget = M.Budget(keep_ratio=ratio, keep_tokens=tokens) if method.uses_budget else None
-    context = M.PlanContext(info.n_visual, info.n_layers, budget, layer, seed or 0)
+    context = M.PlanContext(info.n_visual, info.n_layers, budget, layer, seed or 0, info.family)
     try:
         method.plan(context)
     except ValueError as exc:
@@ -467,6 +471,7 @@ class _Planner:
         self.presets: dict[str, _Preset] = {}
         self.bad_hparams: set[tuple[str, str, str]] = set()  # (preset, hp, value json)
         self.methods: dict[tuple[str, str], M.PruningMethod | str] = {}  # str: the error
+        self.stages: dict[str, Any] = {}  # the spec's training stages (pgp heads)
 
     def fail_if_problems(self) -> None:
         if self.problems:
@@ -572,7 +577,11 @@ class _Planner:
             section: self.check_section(section, schema, tree.get(section), cli_keys)
             for section, schema in (("eval", EvalConfig), ("workers", WorkersConfig))
         }
-        return {"name": str(name or ""), "grid": grid, **sections}
+        stages = tree.get("stages") or {}
+        for line in stage_problems(stages, self.where("stages", cli_keys)):
+            self.problems.add(line)
+        stages = stages if isinstance(stages, dict) else {}
+        return {"name": str(name or ""), "grid": grid, **sections, "stages": stages}
 
     def check_section(
         self, section: str, schema: type, values: Any, cli_keys: set[str]
@@ -817,7 +826,11 @@ class _Planner:
         if not self.check_name_field("benchmark", name, data, shown):
             return False
         try:
-            identity = build_benchmark(data).describe()
+            benchmark = build_benchmark(data)
+            check = getattr(benchmark, "check", None)
+            if callable(check):  # data files: missing or malformed ones fail here, named
+                check()
+            identity = benchmark.describe()
         except Exception as exc:  # a benchmark's constructor may reject options in any way
             self.problems.add(f"benchmark {name!r} ({shown}): {_one_line(exc)}")
             return False
@@ -1009,6 +1022,9 @@ class _Planner:
                 )
             else:
                 guide_config = self.model_configs[guide]
+        vib_head = None
+        if reason is None and cls.needs_training and guide_config is not None:
+            vib_head, reason = self.head_spec(method, guide_config)
         if reason is None:
             reason = _plan_problem(method, info, ratio, tokens, layer, seed)
         if reason is not None:
@@ -1034,6 +1050,7 @@ class _Planner:
             "model": {"revision": info.revision, "config": self.model_configs[point.model]},
             "benchmark": self.benchmark_ids[point.benchmark],
             **({"guidance": guide_config} if guide_config is not None else {}),
+            **({"vib_head": vib_head["key"]} if vib_head is not None else {}),
             "eval": {k: eval_cfg[k] for k in RESULT_EVAL_KEYS},
         }
         key = hashlib.sha256(_canonical_json(identity).encode()).hexdigest()
@@ -1053,7 +1070,26 @@ class _Planner:
             benchmark_config=self.benchmark_configs[point.benchmark],
             eval=eval_cfg,
             guidance_config=guide_config,
+            vib_head=vib_head,
         )
+
+    def head_spec(
+        self, method: M.PruningMethod, guide_config: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """The trained head a method's trials need (``vib_head`` of the trial config), or why
+        there is none: its stage's training data must be a known benchmark."""
+        stage = str(getattr(method, "stage", "vib"))
+        settings = self.stages.get(stage) or {}
+        bench = str(settings.get("benchmark", STAGE_DEFAULTS["benchmark"]))
+        where = _Axis("benchmark", bench, bench, f"(stages.{stage} in {self.source.shown})", None)
+        if not self.load_group_config("benchmark", bench, where):
+            return None, f"the training data of stage {stage!r} is unusable"
+        guide = self.model_infos[guide_config["name"]]
+        spec = head_spec(
+            stage, settings, guide_config, guide.revision,
+            self.benchmark_configs[bench], method.head_hparams(),  # type: ignore[attr-defined]
+        )  # fmt: skip
+        return spec, None
 
     def baseline(self, model: str, benchmark: str, eval_cfg: dict[str, Any]) -> TrialSpec | None:
         """The unpruned trial of (model, benchmark)."""
@@ -1079,6 +1115,7 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> SweepPlan:
     axis_overrides, compose_overrides = planner.parse_overrides(overrides)
     tree, cli_keys = planner.compose(compose_overrides)
     config = planner.check_schema(tree, cli_keys)
+    planner.stages = config["stages"]
 
     axes = planner.collect_axes(config["grid"], axis_overrides)
     planner.check_required(axes)

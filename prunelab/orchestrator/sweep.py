@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +24,14 @@ from tqdm import tqdm
 from prunelab.db import Trial, init_db, repo, session_factory
 from prunelab.orchestrator.results import (
     budget_label,
+    build_report,
     relative_metrics,
-    results_rows,
-    table_csv,
-    table_markdown,
+    report_artifacts,
+    report_markdown,
     trial_params,
 )
 from prunelab.orchestrator.tracking import Tracker
+from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads
 
 __all__ = ["Stores", "execute", "resume_sweep", "submit_sweep", "sweep_table"]
 
@@ -134,9 +136,14 @@ class _Recorder:
         with self.sessions.begin() as session:
             return repo.claim_trial(session, dispatch.trial_id, self.orchestrator, worker, None)
 
-    def failed(self, dispatch, error: str, worker_died: bool) -> bool:
+    def failed(self, dispatch, error: str, retryable: bool) -> bool:
+        """Record a failed attempt; True when the trial is to run again."""
         with self.sessions.begin() as session:
-            status = repo.release_trial(session, dispatch.trial_id, error, self.max_attempts)
+            if retryable:
+                status = repo.release_trial(session, dispatch.trial_id, error, self.max_attempts)
+            else:  # e.g. out of memory: the same config would fail the same way again
+                repo.fail_trial(session, dispatch.trial_id, error)
+                status = "failed"
         tqdm.write(f"trial {dispatch.trial_id} attempt failed ({status}): {error}")
         return status == "pending"
 
@@ -159,9 +166,15 @@ class _Recorder:
             self._log(waiting_id, self.waiting.pop(waiting_id), self._trial(trial_id).metrics)
 
     def flush(self) -> None:
-        """Log trials whose baseline never finished (without baseline-relative metrics)."""
+        """Log the trials still waiting: with their baseline if another orchestrator finished
+        it meanwhile, else without baseline-relative metrics."""
         for trial_id in list(self.waiting):
-            self._log(trial_id, self.waiting.pop(trial_id), None)
+            baseline_id = self.baseline_of.get(trial_id)
+            baseline = self._trial(baseline_id) if baseline_id is not None else None
+            metrics = (
+                baseline.metrics if baseline is not None and baseline.status == "finished" else None
+            )
+            self._log(trial_id, self.waiting.pop(trial_id), metrics)
 
     def _log(self, trial_id: int, result: dict[str, Any] | None, baseline: dict | None) -> None:
         trial = self._trial(trial_id)
@@ -210,10 +223,9 @@ def execute(
     recorder = _Recorder(engine, tracker, sweep_id, orchestrator)
     recorder.max_attempts = int(workers.get("max_attempts", 3))
     sessions = recorder.sessions
-    with sessions() as session:
-        trials = repo.sweep_trials(session, sweep_id)
-        unlogged = [t.id for t in trials if t.status == "finished" and not t.mlflow_run_id]
-        todo = [
+
+    def dispatches(trials: list[Trial]) -> list[Dispatch]:
+        return [
             Dispatch(
                 trial_id=t.id,
                 model=t.config["model"],
@@ -223,22 +235,24 @@ def execute(
             for t in trials
             if t.status == "pending"
         ]
+
+    with sessions() as session:
+        trials = repo.sweep_trials(session, sweep_id)
+        unlogged = [t.id for t in trials if t.status == "finished" and not t.mlflow_run_id]
+        todo = dispatches(trials)
         total, finished = len(trials), sum(t.status == "finished" for t in trials)
+        elsewhere = any(t.status == "running" and t.claimed_by != orchestrator for t in trials)
     for trial_id in unlogged:  # finished by an orchestrator that died before logging
         recorder.settle(trial_id, None)
 
     status = "finished"
-    if todo:
+    if todo or elsewhere:
         start_ray(ray_address)
-        count = max(1, min(int(workers.get("count", 1)), len(todo)))
-        pool = WorkerPool(
-            count,
-            cpus=float(workers.get("cpus_per_worker", 1)),
-            gpus=float(workers.get("gpus_per_worker", 0)),
-        )
         bar = tqdm(total=total, initial=finished, desc=f"sweep {recorder.name}", unit="trial")
         counts = {"done": finished, "failed": 0}
         loads: dict[str, int] = {}  # worker -> models it loaded
+        pool: WorkerPool | None = None
+        waited = False
 
         def done(dispatch, result):
             loads[result["worker"]] = result["model_loads"]
@@ -247,8 +261,8 @@ def execute(
             bar.update(1)
             bar.set_postfix(failed=counts["failed"])
 
-        def failed(dispatch, error, died):
-            retry = recorder.failed(dispatch, error, died)
+        def failed(dispatch, error, retryable):
+            retry = recorder.failed(dispatch, error, retryable)
             if not retry:
                 counts["failed"] += 1
                 bar.update(1)
@@ -256,7 +270,33 @@ def execute(
             return retry
 
         try:
-            pool.run(todo, recorder.claim, done, failed)
+            while True:
+                if todo:
+                    # training stages first (pgp's VIB heads): reused or trained now
+                    configs = [d.config for d in todo]
+                    attach_heads(configs, ensure_heads(tracker, configs, workers, tqdm.write))
+                    if pool is None:
+                        pool = WorkerPool(
+                            max(1, min(int(workers.get("count", 1)), len(todo))),
+                            cpus=float(workers.get("cpus_per_worker", 1)),
+                            gpus=float(workers.get("gpus_per_worker", 0)),
+                            trial_timeout_s=workers.get("trial_timeout_s"),
+                        )
+                    pool.run(todo, recorder.claim, done, failed)
+                # trials of this sweep claimed by another orchestrator (a shared trial_key):
+                # wait for them; run them here if that orchestrator gives them back
+                todo, elsewhere = _others_claims(sessions, sweep_id, orchestrator, dispatches)
+                if not todo and not elsewhere:
+                    break
+                if not todo:
+                    if not waited:
+                        tqdm.write(
+                            f"waiting for {elsewhere} trial(s) that another orchestrator is "
+                            "running (if it died: stop this one, `prunelab resume` its sweep)"
+                        )
+                        waited = True
+                    bar.set_postfix(elsewhere=elsewhere)
+                    time.sleep(_POLL_S)
         except KeyboardInterrupt:
             status = "interrupted"
             with sessions.begin() as session:
@@ -265,20 +305,29 @@ def execute(
             raise
         finally:
             bar.close()
-            pool.shutdown()
+            if pool is not None:
+                pool.shutdown()
             recorder.flush()
             if status == "interrupted":
                 with sessions.begin() as session:
                     repo.set_sweep_status(session, sweep_id, status)
                 tracker.finish_sweep(recorder.parent, "KILLED")
-        tracker.log_sweep_metrics(recorder.parent, {"model_loads": float(sum(loads.values()))})
+        if loads:
+            tracker.log_sweep_metrics(
+                recorder.parent,
+                {
+                    "model_loads": float(sum(loads.values())),
+                    "workers_replaced": float(pool.replaced if pool else 0),
+                },
+            )
 
     with sessions() as session:
         trials = repo.sweep_trials(session, sweep_id)
         all_done = all(t.status == "finished" for t in trials)
-    rows = results_rows((t.config, t.status, t.metrics) for t in trials)
-    table = table_markdown(rows)
-    tracker.log_sweep_artifacts(recorder.parent, {"table.md": table, "table.csv": table_csv(rows)})
+    # the paper-style table (md, csv, tex), the Pareto plot and the per-trial metrics
+    artifacts = report_artifacts((t.config, t.status, t.metrics) for t in trials)
+    table = str(artifacts["table.md"])
+    tracker.log_sweep_artifacts(recorder.parent, artifacts)
     status = "finished" if all_done else "failed"
     with sessions.begin() as session:
         repo.set_sweep_status(session, sweep_id, status)
@@ -287,10 +336,22 @@ def execute(
     return 0 if all_done else 1
 
 
+_POLL_S = 1.0  # seconds between looks at trials another orchestrator is running
+
+
+def _others_claims(sessions, sweep_id: str, orchestrator: str, dispatches) -> tuple[list, int]:
+    """The sweep's pending trials (given back by another orchestrator) as dispatches, and how
+    many of its trials another orchestrator is running."""
+    with sessions() as session:
+        trials = repo.sweep_trials(session, sweep_id)
+    elsewhere = sum(t.status == "running" and t.claimed_by != orchestrator for t in trials)
+    return dispatches(trials), elsewhere
+
+
 def sweep_table(engine: Engine, ref: str) -> str:
     with session_factory(engine)() as session:
         sweep = repo.get_sweep(session, ref)
         if sweep is None:
             raise LookupError(f"no sweep with id or name {ref!r}")
         trials = repo.sweep_trials(session, sweep.id)
-        return table_markdown(results_rows((t.config, t.status, t.metrics) for t in trials))
+        return report_markdown(build_report((t.config, t.status, t.metrics) for t in trials))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import statistics
 import zlib
 from collections import OrderedDict
@@ -19,8 +21,13 @@ from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.cost import kv_cache_bytes, trial_flops
 from prunelab.workers.guidance import run_guidance
+from prunelab.workers.heatmaps import render_token_fate, trace_token_fate
 from prunelab.workers.models import LoadedModel
+from prunelab.workers.preinference import PreInference, pre_inference_flops, run_pre_inference
 from prunelab.workers.timing import Timer
+from prunelab.workers.vib import trial_assets
+
+DIAGNOSTIC_SAMPLES = 4  # samples whose vision-stage diagnostics go to a trial artifact
 
 __all__ = ["ReferenceCache", "SampleResult", "TrialOutput", "build_method", "run_trial"]
 
@@ -28,6 +35,7 @@ __all__ = ["ReferenceCache", "SampleResult", "TrialOutput", "build_method", "run
 def build_method(config: dict[str, Any]) -> tuple[PruningMethod, methods.Budget | None]:
     """The method instance and budget a trial config asks for."""
     method = methods.get(config["method"]).from_hparams(config.get("hparams") or {})
+    method = method.bind(trial_assets(config))  # trained assets, e.g. pgp's VIB head
     budget = None
     if method.uses_budget:
         budget = methods.Budget(
@@ -87,6 +95,7 @@ class SampleResult:
     fidelity_top1: float | None = None
     selection: list[int] | None = None  # visual tokens (input indices) still present at the end
     guidance_flops: float = 0.0  # the guidance model's generation (counted in tflops too)
+    pre_inference_layer: int | None = None  # the layer a pre-inference pass chose (prep's k*)
 
 
 @dataclass
@@ -101,6 +110,16 @@ def _sample_generator(seed: int | None, sample_id: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{sample_id}".encode()))
 
 
+def _guidance_after_vision(guidance, kept: torch.Tensor | None) -> torch.Tensor | None:
+    """The guide's scores for the layer stages: after a vision stage, those of the tokens it
+    kept (anchors), in their order."""
+    if guidance is None:
+        return None
+    if kept is None:
+        return guidance.scores
+    return guidance.scores[kept.to(guidance.scores.device)]
+
+
 def _run_sample(
     adapter: Adapter,
     prepared: Prepared,
@@ -110,10 +129,14 @@ def _run_sample(
     max_new_tokens: int,
     timer: Timer,
     guide: tuple[Adapter, Sample] | None = None,
+    on_pre_inference: Callable[[PreInference], None] | None = None,
+    diagnostics: list[dict[str, list[float]]] | None = None,
 ):
-    """Guidance (if the method has a guide), vision stage (if any), then generation with the
-    layer stages. Returns the generation (timings filled in), the vision stage's anchors and
-    the guide's run."""
+    """Guidance (if the method has a guide), vision stage (if any), pre-inference (if the plan
+    has one: it sets the plan's layers; its run goes to ``on_pre_inference``), then generation
+    with the layer stages. Returns the generation (timings filled in), the vision stage's
+    anchors and the guide's run. ``diagnostics``: collects the vision stage's diagnostic
+    curves (``VisionSelection.diagnostics``), which the method computes only when given."""
     start = timer.mark()
     guidance = None
     if method.needs_guidance:
@@ -127,9 +150,18 @@ def _run_sample(
             )
     signals = adapter.vision_signals(prepared, plan.vision_signals)
     signals.generator = generator
+    signals.family, signals.want_diagnostics = adapter.family, diagnostics is not None
+    if plan.pre_inference is not None:
+        pre_inference = run_pre_inference(adapter, prepared, method, plan, signals, timer.mark)
+        plan = pre_inference.plan
+        if on_pre_inference is not None:
+            on_pre_inference(pre_inference)
+    signals.guidance = guidance.scores if guidance is not None else None
     if plan.vision_keep is not None:
         selection = method.select_vision(signals, plan.vision_keep)
         tokens, kept_inputs = selection.tokens, selection.kept
+        if diagnostics is not None and selection.diagnostics:
+            diagnostics.append(selection.diagnostics)
     else:
         tokens, kept_inputs = signals.tokens, None
     probe = AttentionProbe(modules=adapter.attention_modules)
@@ -138,7 +170,8 @@ def _run_sample(
         "steps": plan.layers,
         "probe": probe,
         "generator": generator,
-        "guidance": guidance.scores if guidance is not None else None,
+        # after a vision stage, the scores of the tokens it kept (anchors) in their order
+        "guidance": _guidance_after_vision(guidance, kept_inputs),
     }
     with probe_attention(probe):
         generation, first_ready = adapter.generate(
@@ -182,6 +215,7 @@ def run_trial(
         torch.cuda.reset_peak_memory_stats(loaded.device)
 
     results: list[SampleResult] = []
+    curves: list[dict[str, Any]] = []  # vision-stage diagnostics of the first samples
     with torch.inference_mode():
         for index, sample in enumerate(samples):
             prepared = adapter.prepare(sample)
@@ -191,6 +225,7 @@ def run_trial(
                 budget=budget,
                 prune_layer=config.get("prune_layer"),
                 seed=config.get("seed") or 0,
+                family=adapter.family,
             )
             plan = method.plan(ctx)
             guided = (guide[1], sample) if guide is not None else None
@@ -200,10 +235,15 @@ def run_trial(
                         adapter, prepared, method, plan,
                         _sample_generator(config.get("seed"), sample.id), max_new, timer, guided,
                     )  # fmt: skip
+            pre_runs: list[PreInference] = []
+            sample_curves: list[dict] | None = [] if index < DIAGNOSTIC_SAMPLES else None
             generation, _, guidance = _run_sample(
                 adapter, prepared, method, plan,
                 _sample_generator(config.get("seed"), sample.id), max_new, timer, guided,
+                on_pre_inference=pre_runs.append,
+                diagnostics=sample_curves,
             )  # fmt: skip
+            curves.extend({"sample": sample.id, **c} for c in sample_curves or [])
             prediction = adapter.decode(generation.token_ids)
             result = SampleResult(
                 id=sample.id,
@@ -230,6 +270,9 @@ def run_trial(
                     convention,
                     guidance.generation.vision_flops,
                 )
+            for pre in pre_runs:  # counted with guidance: tflops_guidance and tflops
+                result.guidance_flops += pre_inference_flops(pre, info, convention)
+                result.pre_inference_layer = pre.layer
             if eval_cfg.get("fidelity", True):
                 key = (info.revision, bench_id, sample.id)
                 if not plan.prunes:
@@ -249,7 +292,12 @@ def run_trial(
             if progress is not None:
                 progress(index + 1, len(samples))
 
-    metrics = aggregate(results, info, convention, loaded)
+    official = None
+    if callable(getattr(benchmark, "aggregate", None)):  # benchmarks with non-mean metrics
+        official = benchmark.aggregate(  # type: ignore[attr-defined]
+            [(s, r.prediction, r.score) for s, r in zip(samples, results, strict=True)]
+        )
+    metrics = aggregate(results, info, convention, loaded, official)
     predictions = [
         {
             k: getattr(r, k)
@@ -267,7 +315,60 @@ def run_trial(
         }
         for r in results
     ]
-    return TrialOutput(metrics=metrics, predictions=predictions)
+    heatmaps = _importance_heatmaps(
+        adapter, method, budget, config, samples[: max(0, int(eval_cfg.get("heatmaps", 0)))],
+        info.n_layers, timer, guide,
+    )  # fmt: skip
+    if curves:  # e.g. infoprune's MFI / MGI per selection step
+        heatmaps[f"{method.name}/curves.json"] = json.dumps(curves)
+    return TrialOutput(metrics=metrics, predictions=predictions, artifacts=heatmaps)
+
+
+def _importance_heatmaps(
+    adapter: Adapter,
+    method: PruningMethod,
+    budget: methods.Budget | None,
+    config: dict[str, Any],
+    samples: list[Sample],
+    n_layers: int,
+    timer: Timer,
+    guide: tuple[LoadedModel, Adapter] | None,
+) -> dict[str, str | bytes]:
+    """``importance/<sample id>.png`` per sample: its tokens kept / merged / dropped over the
+    image. Each sample runs once more, untimed, with the trial's plan and seeded generator (so
+    the same selection) under a trace; nothing for a method that prunes nothing."""
+    artifacts: dict[str, str | bytes] = {}
+    max_new = int(config["eval"].get("max_new_tokens", 4))
+    with torch.inference_mode():
+        for sample in samples:
+            prepared = adapter.prepare(sample)
+            plan = method.plan(
+                PlanContext(
+                    n_visual=prepared.n_visual,
+                    n_layers=n_layers,
+                    budget=budget,
+                    prune_layer=config.get("prune_layer"),
+                    seed=config.get("seed") or 0,
+                    family=adapter.family,
+                )
+            )
+            if not plan.prunes:
+                break
+            guided = (guide[1], sample) if guide is not None else None
+
+            def run(traced_adapter, traced_method, prepared=prepared, plan=plan, sample=sample,
+                    guided=guided) -> None:  # fmt: skip
+                _run_sample(
+                    traced_adapter, prepared, traced_method, plan,
+                    _sample_generator(config.get("seed"), sample.id), max_new, timer, guided,
+                )  # fmt: skip
+
+            fate = trace_token_fate(adapter, method, prepared.coords, run)
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", sample.id)
+            artifacts[f"importance/{name}.png"] = render_token_fate(
+                sample.image, fate, title=f"{config['method']} {sample.id}"
+            )
+    return artifacts
 
 
 def first_token_fidelity(reference: torch.Tensor, pruned: torch.Tensor) -> tuple[float, float]:
@@ -277,9 +378,17 @@ def first_token_fidelity(reference: torch.Tensor, pruned: torch.Tensor) -> tuple
 
 
 def aggregate(
-    results: list[SampleResult], info, convention: str, loaded: LoadedModel
+    results: list[SampleResult],
+    info,
+    convention: str,
+    loaded: LoadedModel,
+    benchmark_metrics: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Trial metrics: means over samples, medians for latency."""
+    """Trial metrics: means over samples, medians for latency.
+
+    ``benchmark_metrics``: what the benchmark's own ``aggregate`` computed (its headline
+    ``score``, ``score.<category>`` and extras); they replace the mean score and categories.
+    """
     flops = [
         trial_flops(r.tokens_per_layer, r.new_tokens, info, convention, r.vision_flops)
         + r.guidance_flops
@@ -306,10 +415,16 @@ def aggregate(
         metrics["tflops_guidance"] = statistics.fmean(r.guidance_flops for r in results) / 1e12
     if decode_per_token:
         metrics["decode_ms_per_token"] = 1000 * statistics.median(decode_per_token)
+    chosen = [r.pre_inference_layer for r in results if r.pre_inference_layer is not None]
+    if chosen:
+        metrics["prep_layer"] = statistics.fmean(chosen)  # mean layer chosen by pre-inference
     categories = sorted({r.category for r in results if r.category})
     for category in categories:
         scores = [r.score for r in results if r.category == category]
         metrics[f"score.{category}"] = 100.0 * statistics.fmean(scores)
+    if benchmark_metrics is not None:
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("score.")}
+        metrics.update({k: float(v) for k, v in benchmark_metrics.items()})
     fidelity = [r for r in results if r.fidelity_kl is not None]
     if fidelity:
         metrics["fidelity_kl"] = statistics.fmean(r.fidelity_kl for r in fidelity)  # type: ignore[misc]

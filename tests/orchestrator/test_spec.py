@@ -79,6 +79,7 @@ def test_quickstart_expands_canonical_trials() -> None:
         "gpus_per_worker": 0.0,
         "cpus_per_worker": 1.0,
         "max_attempts": 3,
+        "trial_timeout_s": None,
     }
     assert set(plan.models) == {"tiny-llava"} and set(plan.benchmarks) == {"shapes"}
     assert plan.spec["grid"]["method"] == "none,random,fastv"
@@ -531,9 +532,11 @@ def test_benchmark_config_rejected(write_spec: SpecWriter) -> None:
         spec_body("model: tiny-llava\nbenchmark: odd\nmethod: none"),
         groups={"benchmark/odd.yaml": "name: odd\nkind: unknown\n"},
     )
+    from prunelab.workers.benchmarks import KINDS
+
     assert problems_of(path) == [
         f"benchmark 'odd' ({path.parent}/benchmark/odd.yaml): "
-        "benchmark kind='unknown': expected one of shapes"
+        f"benchmark kind='unknown': expected one of {', '.join(sorted(KINDS))}"
     ]
 
 

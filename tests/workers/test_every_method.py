@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from tiny_models import TINY_MODELS, guide_for, load_tiny, model_config
+from tiny_models import TINY_MODELS, guide_for, load_tiny, model_config, trained_vib_head
 
 import prunelab.methods as M
 from prunelab.orchestrator.tracking import Tracker
@@ -56,6 +56,8 @@ def test_method_on_family(method: str, model: str, trial_config, tracker) -> Non
         axes["seed"] = 0
     config = trial_config(method, limit=2, **axes)
     config["model"], config["model_config"] = model, model_config(model)
+    if cls.needs_training:  # pgp: a VIB head trained for a few steps on the guide
+        config["vib_head"] = trained_vib_head(model_config(model)["guidance"])
 
     before = _unpruned(adapter)
     output = run_trial(loaded, adapter, config, ReferenceCache(), guide=guide)

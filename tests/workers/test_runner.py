@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import guide_for, model_config
+from tiny_models import guide_for, model_config, trained_vib_head
 
 import prunelab.methods as M
 from prunelab.workers.actor import Worker
@@ -33,19 +33,23 @@ def axes_for(method: str) -> dict:
 def test_registered_method_runs_on_tiny_llava(method, tiny_llava, trial_config):
     loaded, adapter = tiny_llava
     axes = axes_for(method)
-    guide = guide_for("tiny-llava") if M.get(method).needs_guidance else None
-    output = run_trial(loaded, adapter, trial_config(method, **axes), ReferenceCache(), guide=guide)
+    cls = M.get(method)
+    guide = guide_for("tiny-llava") if cls.needs_guidance else None
+    config = trial_config(method, **axes)
+    if cls.needs_training:  # pgp: a VIB head trained for a few steps on the guide
+        config["vib_head"] = trained_vib_head(model_config("tiny-llava")["guidance"])
+    output = run_trial(loaded, adapter, config, ReferenceCache(), guide=guide)
     metrics = output.metrics
     assert set(metrics) >= CORE_METRICS
     assert metrics["samples"] == 6 and len(output.predictions) == 6
     assert metrics["visual_tokens_in"] == 144
-    cls = M.get(method)
     if not cls.uses_budget:
         assert metrics["visual_tokens_kept"] == metrics["avg_visual_tokens"] == 144
     elif getattr(cls, "budget_is_average", False):
         assert abs(metrics["avg_visual_tokens"] - 36) <= 1
-    elif cls.uses_layer and axes["prune_layer"] > 0:
-        layer = axes["prune_layer"]
+    elif cls.needs_pre_inference or (cls.uses_layer and axes["prune_layer"] > 0):
+        # prep: the layer its pre-inference chose per sample (mean over samples: avg is linear)
+        layer = metrics["prep_layer"] if cls.needs_pre_inference else axes["prune_layer"]
         assert metrics["visual_tokens_kept"] == 36
         assert metrics["avg_visual_tokens"] == pytest.approx((layer * 144 + (4 - layer) * 36) / 4)
     else:
