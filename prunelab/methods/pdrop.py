@@ -100,12 +100,15 @@ LOW_BUDGET_LAYERS = (2, 8, 16)  # the author's advice for 128/64 tokens (officia
 PAPER_LAMBDA = 0.5  # the paper's default per-stage ratio
 
 
-def scale_layers(layers: Sequence[int], n_layers: int, low: int, high: int) -> tuple[int, ...]:
-    """Layers given for a 32-layer LLM mapped onto ``n_layers``: round(l * n_layers / 32), at
-    least ``low``, strictly increasing; those that would exceed ``high`` are left out."""
+def scale_layers(
+    layers: Sequence[int], n_layers: int, low: int, high: int, paper_depth: int = PAPER_DEPTH
+) -> tuple[int, ...]:
+    """Layers given for a ``paper_depth``-layer LLM (32: LLaVA-1.5-7B) mapped onto ``n_layers``:
+    round(l * n_layers / paper_depth), at least ``low``, strictly increasing; those that would
+    exceed ``high`` are left out."""
     scaled: list[int] = []
     for layer in layers:
-        value = max(low, math.floor(layer * n_layers / PAPER_DEPTH + 0.5))
+        value = max(low, math.floor(layer * n_layers / paper_depth + 0.5))
         if scaled:
             value = max(value, scaled[-1] + 1)
         if value > high:

@@ -65,7 +65,6 @@ Choices:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -89,6 +88,7 @@ from prunelab.methods.pdrop import (
     check_layers,
     layer_steps,
     pyramid_ratios,
+    scale_layers,
     solve_keeps,
 )
 from prunelab.methods.registry import register
@@ -101,7 +101,6 @@ __all__ = [
     "consolidate",
     "cross_modal_raters",
     "rater_importance",
-    "scale_to_depth",
 ]
 
 # the paper's pruning layers and the depth they are given for (Section 4.1)
@@ -110,22 +109,6 @@ PAPER_LAYERS: dict[str, tuple[tuple[int, ...], int]] = {
     "qwen": ((3, 7, 13), 28),
 }
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-
-
-def scale_to_depth(
-    layers: Sequence[int], paper_depth: int, n_layers: int, low: int, high: int
-) -> tuple[int, ...]:
-    """round(l * n_layers / paper_depth), at least ``low`` and strictly increasing; layers that
-    would exceed ``high`` are left out."""
-    scaled: list[int] = []
-    for layer in layers:
-        value = max(low, math.floor(layer * n_layers / paper_depth + 0.5))
-        if scaled:
-            value = max(value, scaled[-1] + 1)
-        if value > high:
-            break
-        scaled.append(value)
-    return tuple(scaled)
 
 
 def cross_modal_raters(
@@ -229,7 +212,7 @@ class Polymorphic(PruningMethod):
                 )
             return self.layers
         layers, depth = PAPER_LAYERS["qwen" if family in QWEN_FAMILIES else "llava"]
-        return scale_to_depth(layers, depth, n_layers, 1, n_layers - 1)
+        return scale_layers(layers, n_layers, 1, n_layers - 1, paper_depth=depth)
 
     def plan(self, ctx: PlanContext) -> Plan:
         assert ctx.budget is not None

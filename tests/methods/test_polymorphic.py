@@ -12,12 +12,11 @@ import torch
 
 import prunelab.methods as M
 from prunelab.methods.dpc import density_peaks, merge_clusters
-from prunelab.methods.pdrop import average_visual
+from prunelab.methods.pdrop import average_visual, scale_layers
 from prunelab.methods.polymorphic import (
     consolidate,
     cross_modal_raters,
     rater_importance,
-    scale_to_depth,
 )
 from prunelab.workers.runner import ReferenceCache, run_trial
 
@@ -183,7 +182,7 @@ def test_plan_keeps_twice_the_budget_then_prunes_at_the_paper_layers():
     assert _plan(576, 32, {"redundancy": 3.0}, keep_tokens=64).vision_keep == 192
     high = _plan(576, 32, keep_ratio=0.75)  # 2 x 432 > 576: no vision stage
     assert high.vision_keep is None and abs(_average(high, 576, 32) - 432) <= 1
-    assert scale_to_depth((3, 7, 13), 28, 2, 1, 1) == (1,)
+    assert scale_layers((3, 7, 13), 2, 1, 1, paper_depth=28) == (1,)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
