@@ -89,6 +89,7 @@ __all__ = [
     "check_layers",
     "layer_steps",
     "pdrop_scores",
+    "plan_average",
     "pyramid_ratios",
     "scale_layers",
     "solve_keeps",
@@ -127,6 +128,16 @@ def average_visual(
     for start, end, keep in zip(layers, ends, keeps, strict=True):
         total += (end - start) * keep
     return total / n_layers
+
+
+def plan_average(plan: Plan, n_visual: int, n_layers: int) -> float:
+    """Eq. (4) for a whole plan: visual tokens averaged over the decoder layers when a vision
+    stage (if any) leaves ``plan.vision_keep`` of ``n_visual`` and its layer steps follow."""
+    first = n_visual if plan.vision_keep is None else plan.vision_keep
+    if not plan.layers:
+        return float(first)
+    layers, keeps = [s.layer for s in plan.layers], [s.keep for s in plan.layers]
+    return average_visual(first, n_layers, layers, keeps)
 
 
 def average_target(budget: Budget, n_visual: int) -> float:

@@ -21,7 +21,7 @@ from prunelab.methods.infoprune import (
     selection_curves,
     stage_counts,
 )
-from prunelab.methods.pdrop import average_visual
+from prunelab.methods.pdrop import plan_average
 from prunelab.workers.runner import ReferenceCache, run_trial
 
 
@@ -145,14 +145,6 @@ def _plan(n_visual, n_layers, hparams=None, family=None, **budget):
     return method.plan(M.PlanContext(n_visual, n_layers, M.Budget(**budget), None, 0, family))
 
 
-def _average(plan, n_visual, n_layers):
-    first = n_visual if plan.vision_keep is None else plan.vision_keep
-    if not plan.layers:
-        return float(first)
-    return average_visual(first, n_layers, [s.layer for s in plan.layers],
-                          [s.keep for s in plan.layers])  # fmt: skip
-
-
 def test_plan_is_stage_1_plus_one_step_after_layer_k():
     plan = _plan(576, 32, keep_tokens=64)
     assert plan.vision_keep == 96 and plan.vision_signals == frozenset({"cls_attention"})
@@ -175,7 +167,7 @@ def test_average_equals_budget_within_one_token(n_visual, n_layers):
     for keep_ratio in [0.02, 0.111, 0.222, 0.25, 0.333, 0.5, 0.7, 0.9, 1.0]:
         for r2 in [0.33, 0.5, 1.0]:
             plan = _plan(n_visual, n_layers, {"r2": r2}, keep_ratio=keep_ratio)
-            assert abs(_average(plan, n_visual, n_layers) - keep_ratio * n_visual) <= 1.0
+            assert abs(plan_average(plan, n_visual, n_layers) - keep_ratio * n_visual) <= 1.0
             assert all(1 <= s.layer < n_layers for s in plan.layers)
 
 

@@ -8,21 +8,19 @@ import tiny_models as TINY
 import torch
 
 import prunelab.methods as M
-from prunelab.methods.pdrop import average_visual, pdrop_scores, scale_layers, solve_keeps
+from prunelab.methods.pdrop import (
+    average_visual,
+    pdrop_scores,
+    plan_average,
+    scale_layers,
+    solve_keeps,
+)
 from prunelab.workers.runner import ReferenceCache, run_trial
 
 
 def _plan(n_visual, n_layers, hparams=None, **budget):
     method = M.get("pdrop").from_hparams(hparams or {})
     return method.plan(M.PlanContext(n_visual, n_layers, M.Budget(**budget), None, 0))
-
-
-def _average(plan, n_visual, n_layers):
-    if not plan.layers:
-        return float(n_visual)
-    return average_visual(
-        n_visual, n_layers, [s.layer for s in plan.layers], [s.keep for s in plan.layers]
-    )
 
 
 def test_average_visual_by_hand():
@@ -61,7 +59,7 @@ def test_low_budgets_move_the_stages_earlier_as_the_author_advises():
     assert [s.layer for s in plan.layers] == [2, 8, 16]
     for s, step in enumerate(plan.layers, start=1):
         assert abs(step.keep - 576 * 0.19**s) <= 3
-    assert abs(_average(plan, 576, 32) - 64) <= 1
+    assert abs(plan_average(plan, 576, 32) - 64) <= 1
 
 
 def test_fixed_lambda_solves_the_first_stage_ratio():
@@ -74,10 +72,10 @@ def test_tiny_depth_keep_ratio_quarter():
     # 4 layers: layer 0 always sees all 144, so the closest average keeps 1 token from layer 1
     plan = _plan(144, 4, keep_ratio=0.25)
     assert [(s.layer, s.keep) for s in plan.layers] == [(1, 1)]
-    assert _average(plan, 144, 4) == 36.75
+    assert plan_average(plan, 144, 4) == 36.75
     plan = _plan(144, 4, keep_ratio=0.5)
     assert [s.layer for s in plan.layers] == [1, 2, 3]
-    assert _average(plan, 144, 4) == 72.0
+    assert plan_average(plan, 144, 4) == 72.0
 
 
 @pytest.mark.parametrize("n_layers", [4, 8, 24, 28, 32, 40, 80])
@@ -95,7 +93,7 @@ def test_average_equals_budget_within_one_token(n_visual, n_layers):
             assert floor > target + 1, (keep_ratio, exc)
             assert "out of reach" in str(exc)
             continue
-        assert abs(_average(plan, n_visual, n_layers) - target) <= 1.0, keep_ratio
+        assert abs(plan_average(plan, n_visual, n_layers) - target) <= 1.0, keep_ratio
         keeps = [n_visual] + [s.keep for s in plan.layers]
         assert keeps == sorted(keeps, reverse=True) and len(set(keeps)) == len(keeps)
         assert all(1 <= s.layer < n_layers for s in plan.layers)

@@ -12,7 +12,7 @@ import torch
 
 import prunelab.methods as M
 from prunelab.methods.dpc import density_peaks, merge_clusters
-from prunelab.methods.pdrop import average_visual, scale_layers
+from prunelab.methods.pdrop import plan_average, scale_layers
 from prunelab.methods.polymorphic import (
     consolidate,
     cross_modal_raters,
@@ -150,14 +150,6 @@ def _plan(n_visual, n_layers, hparams=None, family=None, **budget):
     return method.plan(M.PlanContext(n_visual, n_layers, M.Budget(**budget), None, 0, family))
 
 
-def _average(plan, n_visual, n_layers):
-    first = n_visual if plan.vision_keep is None else plan.vision_keep
-    if not plan.layers:
-        return float(first)
-    return average_visual(first, n_layers, [s.layer for s in plan.layers],
-                          [s.keep for s in plan.layers])  # fmt: skip
-
-
 def test_plan_keeps_twice_the_budget_then_prunes_at_the_paper_layers():
     plan = _plan(576, 32, keep_tokens=64)
     assert plan.vision_keep == 128 and plan.vision_signals == frozenset({"cls_attention"})
@@ -165,7 +157,7 @@ def test_plan_keeps_twice_the_budget_then_prunes_at_the_paper_layers():
     # (3 * 128 + 4 * 91 + 9 * 64 + 16 * 45) / 32 = 63.9
     assert [s.keep for s in plan.layers] == [91, 64, 45]
     assert all(s.queries is None and s.needs_hidden for s in plan.layers)
-    assert abs(_average(plan, 576, 32) - 64) <= 1
+    assert abs(plan_average(plan, 576, 32) - 64) <= 1
     assert [s.layer for s in _plan(1024, 28, family="qwen2_vl", keep_tokens=64).layers] == [
         3,
         7,
@@ -181,7 +173,7 @@ def test_plan_keeps_twice_the_budget_then_prunes_at_the_paper_layers():
     assert _plan(576, 32, {"score": "attention"}, keep_tokens=64).layers[0].queries == "text"
     assert _plan(576, 32, {"redundancy": 3.0}, keep_tokens=64).vision_keep == 192
     high = _plan(576, 32, keep_ratio=0.75)  # 2 x 432 > 576: no vision stage
-    assert high.vision_keep is None and abs(_average(high, 576, 32) - 432) <= 1
+    assert high.vision_keep is None and abs(plan_average(high, 576, 32) - 432) <= 1
     assert scale_layers((3, 7, 13), 2, 1, 1, paper_depth=28) == (1,)
 
 
@@ -193,7 +185,7 @@ def test_average_equals_budget_within_one_token(n_visual, n_layers, family):
         for redundancy in [1.0, 2.0, 3.0]:
             plan = _plan(n_visual, n_layers, {"redundancy": redundancy}, family,
                          keep_ratio=keep_ratio)  # fmt: skip
-            assert abs(_average(plan, n_visual, n_layers) - keep_ratio * n_visual) <= 1.0
+            assert abs(plan_average(plan, n_visual, n_layers) - keep_ratio * n_visual) <= 1.0
             assert all(1 <= s.layer < n_layers for s in plan.layers)
 
 

@@ -11,7 +11,7 @@ import tiny_models as TINY
 import torch
 
 import prunelab.methods as M
-from prunelab.methods.pdrop import average_visual
+from prunelab.methods.pdrop import plan_average
 from prunelab.methods.sparsevlm import (
     cluster_count,
     dpc_knn,
@@ -151,14 +151,6 @@ def _plan(n_visual, n_layers, hparams=None, **budget):
     return method.plan(M.PlanContext(n_visual, n_layers, M.Budget(**budget), None, 0))
 
 
-def _average(plan, n_visual, n_layers):
-    if not plan.layers:
-        return float(n_visual)
-    return average_visual(
-        n_visual, n_layers, [s.layer for s in plan.layers], [s.keep for s in plan.layers]
-    )
-
-
 def test_plan_prunes_after_layers_2_6_15_with_text_rows_and_hidden_states():
     plan = _plan(576, 32, keep_tokens=192)
     assert [s.layer for s in plan.layers] == [3, 7, 16]
@@ -166,7 +158,7 @@ def test_plan_prunes_after_layers_2_6_15_with_text_rows_and_hidden_states():
         s.queries == "text" and s.needs_hidden and s.needs_embeddings and s.positions == "renumber"
         for s in plan.layers
     )
-    assert abs(_average(plan, 576, 32) - 192) <= 1
+    assert abs(plan_average(plan, 576, 32) - 192) <= 1
     # below x = 0.5 each stage keeps half of the previous one (min_stage_ratio)
     keeps = [s.keep for s in _plan(576, 32, keep_tokens=128).layers]
     assert all(abs(b - a / 2) <= 1 for a, b in itertools.pairwise(keeps))
@@ -187,7 +179,7 @@ def test_average_equals_budget_within_one_token(n_visual, n_layers):
             floor = (first * n_visual + (n_layers - first)) / n_layers
             assert floor > target + 1 and "out of reach" in str(exc), (keep_ratio, exc)
             continue
-        assert abs(_average(plan, n_visual, n_layers) - target) <= 1.0, keep_ratio
+        assert abs(plan_average(plan, n_visual, n_layers) - target) <= 1.0, keep_ratio
         assert all(1 <= s.layer < n_layers for s in plan.layers)
 
 
