@@ -4,7 +4,8 @@ A model config (``sweeps/model/<name>.yaml``) is a mapping:
 
 ``name``: how sweeps refer to it. ``family``: adapter family (``llava``, ...). ``source``:
 ``tiny`` (built from ``tiny`` config overrides with random weights, seeded, no download) or
-``pretrained`` (``path`` = hub id or local directory, optional ``revision``). ``dtype``,
+``pretrained`` (``path`` = hub id, local directory, or ``builtin:<name>`` for a model shipped in
+``prunelab/models/``, e.g. the trained ``toy-llava``; optional ``revision``). ``dtype``,
 ``attn_implementation`` (``sdpa`` or ``flash_attention_2``), ``device`` (``auto``: CUDA when
 present), ``prompt_template`` with ``{question}`` and the image placeholder, ``processor``:
 keyword overrides of the processor's settings (e.g. Qwen2-VL ``min_pixels`` / ``max_pixels``),
@@ -13,6 +14,8 @@ keyword overrides of the processor's settings (e.g. Qwen2-VL ``min_pixels`` / ``
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -32,6 +35,23 @@ __all__ = [
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models"  # prunelab/models/<name>
+
+
+def resolve_builtin(path: str) -> str:
+    """``builtin:<name>`` -> the directory of model ``<name>`` shipped in ``prunelab/models``
+    (independent of the working directory); any other path unchanged."""
+    if not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX) :]
+    target = BUILTIN_DIR / name
+    if not name or "/" in name or not (target / "config.json").is_file():
+        shipped = sorted(p.parent.name for p in BUILTIN_DIR.glob("*/config.json"))
+        raise ValueError(
+            f"path={path!r}: no built-in model {name!r} (shipped: {', '.join(shipped) or 'none'})"
+        )
+    return str(target)
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,8 @@ class ModelSpec:
             raise ValueError("source=pretrained needs `path` (hub id or local directory)")
         if spec.dtype not in DTYPES:
             raise ValueError(f"dtype={spec.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if spec.path and spec.path.startswith(BUILTIN_PREFIX):
+            spec = dataclasses.replace(spec, path=resolve_builtin(spec.path))
         return spec
 
 
@@ -156,6 +178,8 @@ def describe_model(cfg: dict[str, Any] | ModelSpec) -> ModelInfo:
         revision = "tiny-" + _hash({"tiny": spec.tiny, "seed": spec.seed})
     elif spec.revision:
         revision = spec.revision
+    elif spec.path and Path(spec.path).parent == BUILTIN_DIR:
+        revision = "builtin-" + _content_hash(spec.path)
     else:
         revision = "local-" + _hash(_local_fingerprint(spec.path))
     return family.model_info(config, revision, spec.processor)
@@ -166,6 +190,21 @@ def _local_fingerprint(path: str | None) -> Any:
     if path is None or not Path(path).is_dir():
         return path
     return sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(path).iterdir())
+
+
+@functools.lru_cache(maxsize=16)
+def _content_hash_cached(path: str, stamp: tuple) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()):
+        if file.is_file():
+            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _content_hash(path: str) -> str:
+    """Hash of the files of a built-in model directory: the same weights give the same revision
+    in every checkout (mtimes differ between clones)."""
+    return _content_hash_cached(path, tuple(_local_fingerprint(path)))
 
 
 def load_model(cfg: dict[str, Any] | ModelSpec) -> LoadedModel:

@@ -32,7 +32,8 @@ def test_impossible_plan_exits_2_and_writes_nothing(case, tmp_path, monkeypatch,
     monkeypatch.delenv("PRUNELAB_DB_URL", raising=False)
     monkeypatch.delenv("PRUNELAB_TRACKING_URI", raising=False)
     database = tmp_path / "explicit.db"
-    assert main(["sweep", "quickstart", *args, "--db-url", f"sqlite:///{database}"]) == 2
+    argv = ["sweep", "quickstart", "model=tiny-llava", *args, "--db-url", f"sqlite:///{database}"]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("prunelab: error:")]
     assert any(all(text in line for text in expected) for line in lines), err

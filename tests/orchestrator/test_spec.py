@@ -81,7 +81,7 @@ def test_quickstart_expands_canonical_trials() -> None:
         "max_attempts": 3,
         "trial_timeout_s": None,
     }
-    assert set(plan.models) == {"tiny-llava"} and set(plan.benchmarks) == {"shapes"}
+    assert set(plan.models) == {"toy-llava"} and set(plan.benchmarks) == {"shapes"}
     assert plan.spec["grid"]["method"] == "none,random,fastv"
     assert "name: quickstart" in plan.spec_yaml
 
@@ -259,7 +259,7 @@ def test_vision_only_method_drops_the_layer_axis(monkeypatch: pytest.MonkeyPatch
     vision = plan.trials[1]
     assert vision.hparams == {"strength": 2.0}  # int given to a float field is canonical float
     assert vision.params() == {
-        "model": "tiny-llava",
+        "model": "toy-llava",
         "benchmark": "shapes",
         "method": "test-vision-only",
         "keep_ratio": 0.25,
@@ -307,7 +307,7 @@ def test_trial_config_holds_everything_a_worker_needs() -> None:
     config = trial.config()
     assert config["key"] == trial.key
     assert (config["model"], config["benchmark"], config["method"]) == (
-        "tiny-llava",
+        "toy-llava",
         "shapes",
         "fastv",
     )
@@ -420,17 +420,17 @@ def test_keep_tokens_out_of_range() -> None:
         "keep_tokens=0 from the command line: must be an integer >= 1"
     ]
     assert problems_of("quickstart", ["keep_tokens=145"]) == [
-        "keep_tokens=145 from the command line: must be <= 144, "
-        "the visual tokens of model 'tiny-llava'"
+        "keep_tokens=145 from the command line: must be <= 36, "
+        "the visual tokens of model 'toy-llava'"
     ]
 
 
 def test_prune_layer_out_of_range() -> None:
     assert problems_of("quickstart", ["method=fastv", "prune_layer=0,4"]) == [
         "prune_layer=0 from the command line: must be in [1, 3] for method 'fastv' "
-        "on model 'tiny-llava' (4 layers)",
+        "on model 'toy-llava' (4 layers)",
         "prune_layer=4 from the command line: must be in [1, 3] for method 'fastv' "
-        "on model 'tiny-llava' (4 layers)",
+        "on model 'toy-llava' (4 layers)",
     ]
 
 
@@ -574,7 +574,7 @@ def test_all_problems_are_reported_together() -> None:
         "unknown method 'fastvv' from the command line; did you mean 'fastv'?",
         "keep_ratio=1.5 from the command line: must be in (0, 1]",
         "prune_layer=9 from the command line: must be in [1, 3] for method 'fastv' "
-        "on model 'tiny-llava' (4 layers)",
+        "on model 'toy-llava' (4 layers)",
     ]
 
 
@@ -597,6 +597,6 @@ def test_a_guidance_method_needs_a_guidance_model(write_spec: SpecWriter) -> Non
 def test_guidance_model_config_travels_with_the_trial() -> None:
     plan = load_sweep("quickstart", ["method=sgp", "keep_ratio=0.25"])
     (trial,) = [t for t in plan.trials if t.method == "sgp"]
-    assert trial.config()["guidance_config"]["name"] == "tiny-llava-small"
+    assert trial.config()["guidance_config"]["name"] == "toy-llava-small"
     baseline = next(t for t in plan.trials if t.is_baseline)
     assert "guidance_config" not in baseline.config()

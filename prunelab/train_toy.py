@@ -1,0 +1,624 @@
+"""Train the shipped toy LLaVA models (``toy-llava``, ``toy-llava-small``) on ``shapes``, on CPU.
+
+``python -m prunelab.train_toy [--out DIR] [--seed 0] [--threads 2]`` writes
+``DIR/toy-llava`` and ``DIR/toy-llava-small`` (default: ``prunelab/models``), each a
+``LlavaForConditionalGeneration`` saved with ``save_pretrained`` (safetensors) and its
+``LlavaProcessor`` (CLIP image processor, word-level tokenizer, chat template), so they load
+through the same ``from_pretrained`` path as real models.
+
+Architecture (LLaVA-1.5 semantics at toy width): a CLIP vision tower with CLS over a 48 x 48
+image in 8 x 8 patches (36 visual tokens; a 3 x 3 ``shapes`` cell is a 2 x 2 block of patches),
+features from encoder layer -2 with CLS dropped, a 2-layer GELU projector, and a 4-layer Llama
+(width 64); ``toy-llava-small`` has a 2-layer Llama of width 32.
+
+Training, deterministic by seed (deterministic algorithms, a fixed thread count: 1 by default,
+so the result does not depend on the machine's core count, and an oversubscribed CPU does not
+stall in OpenMP spin-waits):
+
+1. Vision pre-training. The tower learns what sits under each patch: an auxiliary linear head
+   on the layer -2 patch features predicts the cell's (colour, shape) or empty (21 classes), and
+   one on the layer -2 CLS feature predicts how many shapes of each colour the image holds.
+   Labels come free from ``Sample.extra["cells"]``; end-to-end VQA alone learns shapes too
+   slowly on a CPU budget.
+   A third head predicts which cell each patch lies in, so the features carry their absolute
+   position (the LLM's RoPE sees only relative offsets, and the question length varies).
+2. VQA. Projector + LLM learn to answer the ``shapes`` questions on the frozen tower (its
+   features computed once): cross-entropy on the answer word and ``</s>`` only. Each training
+   image carries ``turns`` = 4 questions as chat turns, the first in exactly the evaluation
+   prompt: with one question per image the LLM stayed at chance on colour / shape questions
+   for the first 200 steps (the 36 visual tokens dominate the cost, the extra turns are cheap).
+3. ``toy-llava-small``: a narrower, shallower LLM on a copy of the trained (frozen) tower,
+   trained as in 2: the guidance model of ``sgp`` / ``pgp``.
+
+Accuracy is checked on the ``val`` split during training; the shipped weights are tested on
+the ``test`` split (``tests/workers/test_toy_llava.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "PROMPT_TEMPLATE",
+    "ShapesTensors",
+    "ToyConfig",
+    "build_processor",
+    "build_toy_config",
+    "cell_labels",
+    "encode",
+    "evaluate",
+    "main",
+    "train_toy_models",
+]
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+# one user turn (image first, then text) renders exactly as PROMPT_TEMPLATE
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if not loop.first %} {% endif %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: "
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}</s>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+N_COLOURS = 5
+MAX_COUNT = 10  # count classes per colour (0..9)
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Sizes and schedule of the toy models (defaults: the shipped weights)."""
+
+    seed: int = 0
+    threads: int = 1
+    vision: dict[str, int] = field(
+        default_factory=lambda: {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "image_size": 48,
+            "patch_size": 8,
+        }
+    )
+    text: dict[str, int] = field(
+        default_factory=lambda: {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+        }
+    )
+    small_text: dict[str, int] = field(
+        default_factory=lambda: {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 128,
+        }
+    )
+    train_images: int = 8000  # `train` split samples (one question each)
+    val_images: int = 1000  # `val` split samples checked during training
+    batch_size: int = 32
+    turns: int = 4  # questions per training image (chat turns); evaluation asks one
+    vision_steps: int = 200
+    vision_lr: float = 2e-3
+    vqa_steps: int = 6000
+    vqa_lr: float = 1e-3
+    small_steps: int = 3000
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+
+
+# ---------------------------------------------------------------------------------------------
+# processor and model config
+
+
+def build_processor(vision: dict[str, int]):
+    """The toy ``LlavaProcessor``: CLIP image processor, word-level tokenizer, chat template."""
+    from transformers import LlavaProcessor
+
+    from prunelab.workers.adapters.llava import _image_processor
+    from prunelab.workers.benchmarks.shapes import shapes_vocabulary
+    from prunelab.workers.text import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(shapes_vocabulary())
+    return LlavaProcessor(
+        image_processor=_image_processor(vision["image_size"]),
+        tokenizer=tokenizer,
+        patch_size=vision["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_toy_config(vision: dict[str, int], text: dict[str, int], tokenizer: Any):
+    """A LLaVA-1.5 config (feature layer -2, CLS dropped, GELU projector) at toy width."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from prunelab.workers.text import IMAGE_TOKEN
+
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(
+            **text,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def patch_cells(grid: int, image_size: int, patch_size: int) -> list[int]:
+    """Per patch (row-major), the row-major index of the ``grid`` cell under its centre."""
+    side = image_size // patch_size
+    cells = []
+    for pr in range(side):
+        for pc in range(side):
+            row = int((pr + 0.5) * patch_size * grid // image_size)
+            col = int((pc + 0.5) * patch_size * grid // image_size)
+            cells.append(row * grid + col)
+    return cells
+
+
+def cell_labels(
+    cells: Sequence[tuple[str, str] | None], grid: int, image_size: int, patch_size: int
+) -> list[int]:
+    """Per patch (row-major), the class of the cell under the patch centre: 0 for an empty
+    cell, else ``1 + colour_index * len(SHAPES) + shape_index``."""
+    from prunelab.workers.benchmarks.shapes import COLORS, SHAPES
+
+    colours = list(COLORS)
+    labels = []
+    for index in patch_cells(grid, image_size, patch_size):
+        cell = cells[index]
+        if cell is None:
+            labels.append(0)
+        else:
+            labels.append(1 + colours.index(cell[0]) * len(SHAPES) + SHAPES.index(cell[1]))
+    return labels
+
+
+@dataclass
+class ShapesTensors:
+    """A split of ``shapes`` as training tensors (prompts right-padded, answer appended)."""
+
+    pixel_values: torch.Tensor  # (N, 3, H, W) float32
+    input_ids: torch.Tensor  # (N, L): prompt, answer word, </s>, then <pad>
+    attention_mask: torch.Tensor  # (N, L)
+    answer_pos: torch.Tensor  # (N, T) position of the answer word of each of T turns
+    patch_labels: torch.Tensor  # (N, P) cell class under each patch
+    colour_counts: torch.Tensor  # (N, 5) shapes of each colour in the image
+    patch_cells: torch.Tensor  # (P,) row-major index of the cell under each patch
+    categories: list[str]
+    # (N, P, d) layer -2 patch features of the frozen tower (stage 2 reads them, not the pixels)
+    features: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        length = int(self.attention_mask[index].sum(dim=1).max())
+        extra = {} if self.features is None else {"features": self.features[index]}
+        return {
+            **extra,
+            "pixel_values": self.pixel_values[index],
+            "input_ids": self.input_ids[index, :length],
+            "attention_mask": self.attention_mask[index, :length],
+            "answer_pos": self.answer_pos[index],
+            "patch_labels": self.patch_labels[index],
+            "colour_counts": self.colour_counts[index],
+            "patch_cells": self.patch_cells,
+        }
+
+
+def encode(
+    split: str, n: int, processor: Any, vision: dict[str, int], turns: int = 1, chunk: int = 500
+):
+    """The first ``n`` samples of ``shapes`` split ``split`` through the real processor.
+
+    ``turns`` > 1 appends further questions about the same image as chat turns (``USER: q
+    ASSISTANT: a</s>``), one per other question category, drawn by a seeded generator: more
+    supervised answers per image for little more compute (the 36 visual tokens dominate the
+    sequence). The first turn is the sample itself, in exactly the evaluation prompt.
+    """
+    from prunelab.workers.benchmarks.shapes import CATEGORIES, COLORS, ShapesBenchmark
+
+    bench = ShapesBenchmark(split=split, size=n)
+    tokenizer = processor.tokenizer
+    pixels, rows, patch_labels, counts, categories = [], [], [], [], []
+    for start in range(0, n, chunk):
+        samples = [bench.sample(i) for i in range(start, min(n, start + chunk))]
+        batch = processor(
+            images=[Image.fromarray(s.image) for s in samples],
+            text=[PROMPT_TEMPLATE.format(question=s.question) for s in samples],
+            padding=True,
+            return_tensors="pt",
+        )
+        pixels.append(batch["pixel_values"].float())
+        for i, s in enumerate(samples):
+            prompt = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+            cells = s.extra["cells"]
+            ids, positions = list(prompt), []
+            qa = [(s.question, s.answers[0])]
+            rng = np.random.default_rng([bench._split_seed(), start + i, 7])
+            for category in [c for c in CATEGORIES if c != s.category][: turns - 1]:
+                qa.append(bench._question(category, cells, rng))
+            for turn, (question, answer) in enumerate(qa):
+                if turn:
+                    text = f" USER: {question} ASSISTANT:"
+                    ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+                answer_id = tokenizer.convert_tokens_to_ids(answer)
+                if answer_id == tokenizer.unk_token_id:
+                    raise ValueError(f"answer {answer!r} is not in the toy vocabulary")
+                positions.append(len(ids))
+                ids += [answer_id, tokenizer.eos_token_id]
+            rows.append((ids, positions))
+            patch_labels.append(
+                cell_labels(cells, s.extra["grid"], vision["image_size"], vision["patch_size"])
+            )
+            counts.append([sum(1 for c in cells if c and c[0] == k) for k in COLORS])
+            categories.append(s.category)
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    answer_pos = torch.zeros((n, min(turns, len(CATEGORIES))), dtype=torch.long)
+    for i, (ids, positions) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        answer_pos[i] = torch.tensor(positions)
+    return ShapesTensors(
+        pixel_values=torch.cat(pixels),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        answer_pos=answer_pos,
+        patch_labels=torch.tensor(patch_labels, dtype=torch.long),
+        colour_counts=torch.tensor(counts, dtype=torch.long).clamp(max=MAX_COUNT - 1),
+        patch_cells=torch.tensor(
+            patch_cells(bench.grid, vision["image_size"], vision["patch_size"])
+        ),
+        categories=categories,
+    )
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless seeded shuffled index batches over ``n`` items."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+class VisionHeads(nn.Module):
+    """Auxiliary heads on the layer -2 features: per-patch cell class and cell index, and
+    per-colour counts from CLS."""
+
+    def __init__(self, hidden: int, n_classes: int, n_cells: int) -> None:
+        super().__init__()
+        self.patch = nn.Linear(hidden, n_classes)
+        self.where = nn.Linear(hidden, n_cells)
+        self.count = nn.Linear(hidden, N_COLOURS * MAX_COUNT)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """Cross-entropy of the three heads, and the per-patch class accuracy."""
+        tower = model.model.vision_tower
+        out = tower(batch["pixel_values"], output_hidden_states=True)
+        features = out.hidden_states[model.config.vision_feature_layer]  # (B, 1 + P, d)
+        patch_logits = self.patch(features[:, 1:])
+        count_logits = self.count(features[:, 0]).view(-1, N_COLOURS, MAX_COUNT)
+        labels = batch["patch_labels"]
+        loss = F.cross_entropy(patch_logits.flatten(0, 1), labels.flatten())
+        where_logits = self.where(features[:, 1:])  # (B, P, cells)
+        loss = loss + F.cross_entropy(
+            where_logits.flatten(0, 1), batch["patch_cells"].repeat(labels.shape[0])
+        )
+        loss = loss + F.cross_entropy(count_logits.flatten(0, 1), batch["colour_counts"].flatten())
+        accuracy = (patch_logits.argmax(-1) == labels).float().mean().item()
+        return loss, accuracy
+
+
+@torch.no_grad()
+def tower_features(model: nn.Module, pixel_values: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """(N, P, d) patch features of the vision tower at the feature layer, CLS dropped: what
+    ``get_image_features`` feeds the projector (``default`` strategy)."""
+    layer = model.config.vision_feature_layer
+    tower = model.model.vision_tower
+    out = []
+    for start in range(0, pixel_values.shape[0], chunk):
+        hidden = tower(pixel_values[start : start + chunk], output_hidden_states=True)
+        out.append(hidden.hidden_states[layer][:, 1:])
+    return torch.cat(out)
+
+
+def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, 2, V) logits predicting each turn's answer word and the ``</s>`` after it. With
+    cached tower ``features`` in the batch, the same computation as the model's forward from
+    the projector on (image features scattered over the ``<image>`` placeholders)."""
+    rows = torch.arange(batch["input_ids"].shape[0]).unsqueeze(1)
+    pos = batch["answer_pos"]  # (B, T)
+    if "features" not in batch:
+        out = model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+        )
+        return torch.stack([out.logits[rows, pos - 1], out.logits[rows, pos]], dim=2)
+    ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    image = model.model.multi_modal_projector(batch["features"]).to(embeds.dtype)
+    mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(mask, image)
+    hidden = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    return model.lm_head(torch.stack([hidden[rows, pos - 1], hidden[rows, pos]], dim=2))
+
+
+def vqa_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """Cross-entropy on every turn's answer word and ``</s>``; the first turn's accuracy."""
+    logits = answer_logits(model, batch)  # (B, T, 2, V)
+    rows = torch.arange(logits.shape[0]).unsqueeze(1)
+    pos = batch["answer_pos"]
+    ids = batch["input_ids"]
+    targets = torch.stack([ids[rows, pos], ids[rows, pos + 1]], dim=2)  # (B, T, 2)
+    loss = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten())
+    accuracy = (logits[:, 0, 0].argmax(-1) == targets[:, 0, 0]).float().mean().item()
+    return loss, accuracy
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ShapesTensors, batch_size: int = 128) -> dict[str, float]:
+    """Greedy first-token accuracy on ``data`` (no pruning), overall and per category."""
+    model.eval()
+    correct = torch.zeros(len(data))
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(len(data), start + batch_size))
+        batch = data.batch(index)
+        logits = answer_logits(model, batch)[:, 0, 0]
+        rows = torch.arange(len(index))
+        truth = batch["input_ids"][rows, batch["answer_pos"][:, 0]]
+        correct[index] = (logits.argmax(-1) == truth).float()
+    model.train()
+    result = {"accuracy": correct.mean().item()}
+    for category in sorted(set(data.categories)):
+        mask = torch.tensor([c == category for c in data.categories])
+        result[category] = correct[mask].mean().item()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# training loops
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(groups: list[dict[str, Any]], cfg: ToyConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+
+def _log(message: str, start: float) -> None:
+    print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
+
+
+def pretrain_vision(
+    model: nn.Module, heads: VisionHeads, data: ShapesTensors, cfg: ToyConfig, start: float
+) -> float:
+    """Stage 1: the tower and the auxiliary heads on the per-patch cell classes."""
+    tower = model.model.vision_tower
+    params = [*tower.parameters(), *heads.parameters()]
+    opt = _optimizer([{"params": params, "lr": cfg.vision_lr}], cfg)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    accuracy = 0.0
+    stream = batches(len(data), cfg.batch_size, generator)
+    for step, index in enumerate(itertools.islice(stream, cfg.vision_steps)):
+        for group in opt.param_groups:
+            group["lr"] = cfg.vision_lr * _schedule(step, cfg.vision_steps, cfg.warmup_steps)
+        loss, acc = heads.loss(model, data.batch(index))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        accuracy = 0.9 * accuracy + 0.1 * acc if step else acc
+        if step % 100 == 0 or step == cfg.vision_steps - 1:
+            _log(f"vision step {step}: loss {loss.item():.3f} patch acc {accuracy:.3f}", start)
+    return accuracy
+
+
+def train_vqa(
+    model: nn.Module,
+    data: ShapesTensors,
+    val: ShapesTensors,
+    steps: int,
+    cfg: ToyConfig,
+    start: float,
+    label: str,
+) -> dict[str, float]:
+    """Stage 2: projector + LLM on the answers, the vision tower frozen."""
+    core = model.model
+    params = [
+        *core.multi_modal_projector.parameters(),
+        *core.language_model.parameters(),
+        *model.lm_head.parameters(),
+    ]
+    tower_params = [*core.vision_tower.parameters()]
+    for p in tower_params:
+        p.requires_grad_(False)
+    opt = _optimizer([{"params": params, "lr": cfg.vqa_lr}], cfg)
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    accuracy = 0.0
+    stream = batches(len(data), cfg.batch_size, generator)
+    for step, index in enumerate(itertools.islice(stream, steps)):
+        for group in opt.param_groups:
+            group["lr"] = cfg.vqa_lr * _schedule(step, steps, cfg.warmup_steps)
+        loss, acc = vqa_loss(model, data.batch(index))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        accuracy = 0.9 * accuracy + 0.1 * acc if step else acc
+        if step % 250 == 0 or step == steps - 1:
+            _log(f"{label} step {step}: loss {loss.item():.3f} answer acc {accuracy:.3f}", start)
+        if (step + 1) % 1000 == 0 and step + 1 < steps:
+            _log(f"{label} val after {step + 1} steps: {evaluate(model, val)}", start)
+    for p in tower_params:
+        p.requires_grad_(True)
+    return evaluate(model, val)
+
+
+@torch.no_grad()
+def _eval_heads(model: nn.Module, heads: VisionHeads, data: ShapesTensors) -> tuple[float, float]:
+    """Auxiliary loss and per-patch class accuracy of the vision heads on ``data``."""
+    index = torch.arange(len(data))
+    loss, accuracy = heads.loss(model, data.batch(index))
+    return loss.item(), accuracy
+
+
+def _seed_everything(seed: int, threads: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def train_toy_models(out: Path, cfg: ToyConfig) -> dict[str, Any]:
+    """Train both toy models, save them under ``out`` and return the training record."""
+    from transformers import LlavaForConditionalGeneration
+
+    start_wall, start_cpu = time.perf_counter(), os.times()
+    _seed_everything(cfg.seed, cfg.threads)
+    processor = build_processor(cfg.vision)
+    tokenizer = processor.tokenizer
+
+    train = encode("train", cfg.train_images, processor, cfg.vision, turns=cfg.turns)
+    val = encode("val", cfg.val_images, processor, cfg.vision)
+    _log(f"data: {len(train)} train, {len(val)} val samples", start_wall)
+
+    config = build_toy_config(cfg.vision, cfg.text, tokenizer)
+    config.vision_config._attn_implementation = "sdpa"
+    config.text_config._attn_implementation = "sdpa"
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config).train()
+    n_classes = 1 + N_COLOURS * 4
+    heads = VisionHeads(cfg.vision["hidden_size"], n_classes, len(train.patch_cells.unique()))
+    patch_accuracy = pretrain_vision(model, heads, train, cfg, start_wall)
+    _, val_patch_accuracy = _eval_heads(model, heads, val)
+    _log(f"vision val patch acc {val_patch_accuracy:.4f}", start_wall)
+    model.eval()  # the tower is frozen from here on: its features are computed once
+    train.features = tower_features(model, train.pixel_values)
+    val.features = tower_features(model, val.pixel_values)
+    model.train()
+    large = train_vqa(model, train, val, cfg.vqa_steps, cfg, start_wall, "toy-llava")
+    _log(f"toy-llava val: {large}", start_wall)
+
+    small_config = build_toy_config(cfg.vision, cfg.small_text, tokenizer)
+    small_config.vision_config._attn_implementation = "sdpa"
+    small_config.text_config._attn_implementation = "sdpa"
+    torch.manual_seed(cfg.seed + 3)
+    small = LlavaForConditionalGeneration(small_config).train()
+    small.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
+    small_val = train_vqa(small, train, val, cfg.small_steps, cfg, start_wall, "toy-llava-small")
+    _log(f"toy-llava-small val: {small_val}", start_wall)
+    val.features = None  # the final check runs the whole model from the pixels
+    large = evaluate(model, val)
+    small_val = evaluate(small, val)
+    _log(
+        f"full-forward val: toy-llava {large['accuracy']:.4f}, small {small_val['accuracy']:.4f}",
+        start_wall,
+    )
+
+    end_cpu = os.times()
+    record = {
+        "config": asdict(cfg),
+        "patch_accuracy_train_ema": patch_accuracy,
+        "patch_accuracy_val": val_patch_accuracy,
+        "val": {"toy-llava": large, "toy-llava-small": small_val},
+        "wall_s": round(time.perf_counter() - start_wall, 1),
+        "cpu_s": round((end_cpu.user - start_cpu.user) + (end_cpu.system - start_cpu.system), 1),
+        "torch": torch.__version__,
+    }
+    for name, net in (("toy-llava", model), ("toy-llava-small", small)):
+        target = out / name
+        target.mkdir(parents=True, exist_ok=True)
+        net.eval()
+        net.save_pretrained(target, safe_serialization=True)
+        processor.save_pretrained(target)
+        (target / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _log(f"saved to {out} (wall {record['wall_s']} s, cpu {record['cpu_s']} s)", start_wall)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=MODELS_DIR, help="parent directory")
+    parser.add_argument("--seed", type=int, default=ToyConfig.seed)
+    parser.add_argument("--threads", type=int, default=ToyConfig.threads)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an integer/float ToyConfig field, e.g. --set vqa_steps=200",
+    )
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {"seed": args.seed, "threads": args.threads}
+    defaults = ToyConfig()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in ToyConfig.__dataclass_fields__ or isinstance(getattr(defaults, key), dict):
+            parser.error(f"--set {item}: not a scalar ToyConfig field")
+        overrides[key] = type(getattr(defaults, key))(value)
+    train_toy_models(args.out, ToyConfig(**overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

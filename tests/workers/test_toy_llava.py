@@ -1,0 +1,121 @@
+"""The shipped, trained toy-llava / toy-llava-small: files, processor, loading, accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import trial_config
+from transformers import LlavaProcessor
+
+from prunelab.sweeps import group_config
+from prunelab.train_toy import PROMPT_TEMPLATE, cell_labels, patch_cells
+from prunelab.workers.adapters import adapter_for
+from prunelab.workers.benchmarks.shapes import ShapesBenchmark, shapes_vocabulary
+from prunelab.workers.models import BUILTIN_DIR, ModelSpec, describe_model, load_model
+from prunelab.workers.runner import run_trial
+
+NAMES = ("toy-llava", "toy-llava-small")
+
+
+def test_shipped_weights_are_small_safetensors() -> None:
+    total = 0
+    for name in NAMES:
+        directory = BUILTIN_DIR / name
+        weights = sorted(directory.glob("*.safetensors"))
+        assert weights, f"{name}: no safetensors"
+        assert not list(directory.glob("*.bin")), f"{name}: pickled weights shipped"
+        total += sum(w.stat().st_size for w in weights)
+        config = json.loads((directory / "config.json").read_text())
+        assert config["model_type"] == "llava"
+        assert config["vision_feature_layer"] == -2
+        assert config["vision_feature_select_strategy"] == "default"
+    assert total <= 10 * 2**20, f"{total / 2**20:.1f} MiB of weights"
+
+
+def test_small_model_shares_the_vision_tower() -> None:
+    large = load_file(BUILTIN_DIR / "toy-llava" / "model.safetensors")
+    small = load_file(BUILTIN_DIR / "toy-llava-small" / "model.safetensors")
+    tower = [k for k in large if "vision_tower" in k]
+    assert len(tower) > 10
+    for key in tower:
+        assert torch.equal(large[key], small[key]), key
+    (head,) = [k for k in large if k.endswith("lm_head.weight")]
+    assert small[head].shape[1] < large[head].shape[1]  # a narrower LLM
+
+
+def test_processor_round_trip() -> None:
+    processor = LlavaProcessor.from_pretrained(BUILTIN_DIR / "toy-llava")
+    tokenizer = processor.tokenizer
+    words = shapes_vocabulary()
+    ids = tokenizer(" ".join(words))["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.convert_ids_to_tokens(ids) == words
+
+    sample = ShapesBenchmark().sample(1)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == PROMPT_TEMPLATE.format(question=sample.question)
+    batch = processor(images=sample.image, text=prompt, return_tensors="pt")
+    assert batch["pixel_values"].shape == (1, 3, 48, 48)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"] == image_id).sum()) == 36
+    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True).endswith("assistant :")
+
+
+def test_builtin_path_resolves_to_the_package() -> None:
+    spec = ModelSpec.from_config(group_config("model", "toy-llava"))
+    assert spec.path == str(BUILTIN_DIR / "toy-llava")
+    info = describe_model(spec)
+    assert info.n_visual == 36 and info.revision.startswith("builtin-")
+    assert describe_model(spec).revision == info.revision
+    with pytest.raises(ValueError, match="no built-in model 'nope'"):
+        ModelSpec.from_config({**group_config("model", "toy-llava"), "path": "builtin:nope"})
+
+
+def test_patch_labels_follow_the_cells() -> None:
+    # 48 px image, 8 px patches, 3 x 3 grid: every cell is a 2 x 2 block of patches
+    cells = patch_cells(3, 48, 8)
+    assert cells[:6] == [0, 0, 1, 1, 2, 2] and cells[-6:] == [6, 6, 7, 7, 8, 8]
+    labels = cell_labels([("red", "circle"), None, *[None] * 6, ("purple", "cross")], 3, 48, 8)
+    assert labels[0] == labels[1] == labels[6] == labels[7] == 1  # red circle
+    assert labels[2] == 0 and labels[-1] == 1 + 4 * 4 + 3  # empty, purple cross
+
+
+def test_unpruned_accuracy_on_held_out_split() -> None:
+    """The shipped weights, loaded like a real model, on 200 `shapes` test samples (a split
+    the training never saw: training uses `train`, validation `val`)."""
+    config = trial_config("toy-llava", "none", limit=200)
+    config["model_config"] = group_config("model", "toy-llava")
+    loaded = load_model(config["model_config"])
+    out = run_trial(loaded, adapter_for(loaded), config)
+    assert out.metrics["samples"] == 200
+    assert out.metrics["score"] >= 90.0, out.metrics["score"]  # exact match, in %
+
+
+def test_training_turns_start_with_the_evaluation_prompt() -> None:
+    from prunelab.train_toy import ToyConfig, build_processor, encode
+
+    vision = ToyConfig().vision
+    processor = build_processor(vision)
+    data = encode("train", 3, processor, vision, turns=4)
+    bench = ShapesBenchmark(split="train")
+    tokenizer = processor.tokenizer
+    for i in range(3):
+        sample = bench.sample(i)
+        prompt = processor(
+            images=sample.image,
+            text=PROMPT_TEMPLATE.format(question=sample.question),
+            return_tensors="pt",
+        )["input_ids"][0]
+        first = int(data.answer_pos[i, 0])
+        assert torch.equal(data.input_ids[i, :first], prompt)  # turn 1 = the eval prompt
+        answers = tokenizer.convert_ids_to_tokens(data.input_ids[i, data.answer_pos[i]].tolist())
+        assert answers[0] == sample.answers[0] and len(set(answers)) >= 2
+        after = data.input_ids[i, data.answer_pos[i] + 1]
+        assert (after == tokenizer.eos_token_id).all()
+    assert (data.patch_labels[:, :2] == data.patch_labels[:, :1]).all()  # 2 x 2 patches / cell
