@@ -169,7 +169,7 @@ def test_server_serves_a_finished_sweep(tmp_path):
         }
         table = _get(base, "/get-artifact", path="table.md", run_uuid=parent_id).decode()
         assert table.startswith("| model | method | budget | shapes | mean score ratio (%) |")
-        assert "| tiny-llava | none | upper bound |" in table
+        assert "| toy-llava | none | upper bound |" in table
         png = _get(base, "/get-artifact", path="pareto.png", run_uuid=parent_id)
         assert Image.open(io.BytesIO(png)).format == "PNG"
 

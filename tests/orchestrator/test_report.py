@@ -264,9 +264,9 @@ def test_measured_throughput_from_earlier_trials():
                                                                         "samples": 1.0}),
     ]  # fmt: skip
     measured = measured_throughput(finished)
-    assert set(measured) == {"tiny-llava"}
-    assert measured["tiny-llava"].trials == 2
-    assert measured["tiny-llava"].tflops_per_s == pytest.approx(sum(analytic) / 4.0)
+    assert set(measured) == {"toy-llava"}
+    assert measured["toy-llava"].trials == 2
+    assert measured["toy-llava"].tflops_per_s == pytest.approx(sum(analytic) / 4.0)
     assert Throughput(2.0, 1).seconds(5.0) == 2.5
     assert measured_seconds({"latency_ms": 100.0, "samples": 3}) == pytest.approx(0.3)
     assert measured_seconds({"latency_ms": 0.0, "samples": 3}) is None
@@ -309,7 +309,7 @@ def test_dry_run_estimates_time_from_earlier_trials(tmp_path, capsys):
     assert "throughput of 2 earlier trial(s)" in out
     assert f"~{seconds / 2:.0f} s on 2 worker(s)" in out
     with session_factory(init_db(url))() as session:
-        assert earlier_throughput(session, ["tiny-llava"])["tiny-llava"].trials == 2
+        assert earlier_throughput(session, ["toy-llava"])["toy-llava"].trials == 2
         assert earlier_throughput(session, ["tiny-qwen2-vl"]) == {}
 
 
@@ -319,7 +319,7 @@ def test_dry_run_without_earlier_trials_says_so(tmp_path, capsys):
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "tiny-llava: no finished trials of this model yet" in out
+    assert "toy-llava: no finished trials of this model yet" in out
     assert not (tmp_path / "none.db").exists()  # a dry run writes nothing
 
 
@@ -350,11 +350,11 @@ def test_report_command_on_a_partial_sweep(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [
         "| model | method | budget | shapes | mean score ratio (%) |",
         "|---|---|---|---:|---:|",
-        "| tiny-llava | none | upper bound | 50.0 | 100.0 |",
-        "| tiny-llava | fastv | 33.3% | failed | - |",
-        "| tiny-llava | random | 33.3% | running | - |",
-        "| tiny-llava | fastv | 11.1% | pending | - |",
-        "| tiny-llava | random | 11.1% | **50.0** | **100.0** |",
+        "| toy-llava | none | upper bound | 50.0 | 100.0 |",
+        "| toy-llava | fastv | 33.3% | failed | - |",
+        "| toy-llava | random | 33.3% | running | - |",
+        "| toy-llava | fastv | 11.1% | pending | - |",
+        "| toy-llava | random | 11.1% | **50.0** | **100.0** |",
     ]
     Image.open(pareto).verify()
     out = tmp_path / "t.tex"
