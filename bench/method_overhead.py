@@ -22,6 +22,8 @@ Signals (LLaVA-1.5-7B sizes whatever the device):
   positive scores for guidance methods. PyramidDrop's ranking row is computed by the adapter
   with layer l_s's own q/k (``attention_from="self"``): signal work, not timed here (one key
   projection over the sequence per stage, about 0.25% of the 7B prefill's FLOPs each).
+- pgp (``guidance_signal="hidden"``): its VIB head's KL scores (eq. 2) of the guide's (576,
+  4096) visual hidden states, a 7B-wide head with random weights.
 - guidance methods (``needs_guidance``): ``score_guidance`` over the rows of a guide shaped
   like LLaVA-1.5-7B (32 layers x 32 heads; the prompt's text queries in the prefill, then one
   row per layer for each of 3 decode steps, as with eval.max_new_tokens=4). The guide's own
@@ -291,6 +293,26 @@ def pre_inference_flops_report(layout: Layout, n_layers: int = N_LAYERS) -> list
     return lines
 
 
+def vib_guidance(
+    method: M.PruningMethod, device, dtype, seed: int
+) -> tuple[M.PruningMethod, torch.Tensor]:
+    """pgp: the method bound to a VIB head at a 7B-wide guide (d = 4096, hidden = d; random
+    weights: the scoring cost does not depend on training) and the guide's (576, d) visual
+    hidden states."""
+    from prunelab.methods.pgp import VIBHead
+
+    torch.manual_seed(seed)
+    head = VIBHead(HIDDEN, getattr(method, "head_hidden", 0), getattr(method, "gate", "sigmoid"))
+    for param in head.parameters():  # the last layer starts at zero: give it real values
+        torch.nn.init.normal_(param, std=0.02)
+    state = {f"head.{k}": v.to(device=device, dtype=dtype) for k, v in head.state_dict().items()}
+    meta = {"dim": HIDDEN, "hidden": head.hidden, "gate": head.gate, "guide_layer": -1}
+    bound = method.bind({"vib_head": (state, meta)})
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N_VISUAL, HIDDEN, generator=gen).to(device=device, dtype=dtype)
+    return bound, hidden
+
+
 def stages_for(
     method: M.PruningMethod, plan: Plan, layout: Layout, device, dtype, seed: int = 0
 ) -> list[Stage]:
@@ -298,7 +320,10 @@ def stages_for(
     many visual tokens each stage leaves)."""
     stages: list[Stage] = []
     visual_now = layout.n_visual
-    if getattr(method, "needs_guidance", False):
+    if getattr(method, "needs_guidance", False) and method.guidance_signal == "hidden":
+        method, hidden = vib_guidance(method, device, dtype, seed)
+        stages.append(Stage("guide-score", lambda: method.score_hidden(hidden)))
+    elif getattr(method, "needs_guidance", False):
         rows = guide_rows(layout, device, seed)
         positions = torch.arange(layout.visual_start, layout.visual_start + layout.n_visual)
         positions = positions.to(device)
@@ -309,6 +334,9 @@ def stages_for(
         plan = method.after_pre_inference(plan, recorded)[0]
     if plan.vision_keep is not None:
         signals = vision_signals(plan, device, dtype, seed)
+        if getattr(method, "needs_guidance", False):  # a guided vision stage (pgp at L = 0)
+            gen = torch.Generator().manual_seed(seed)
+            signals.guidance = torch.rand(layout.n_visual, generator=gen).to(device)
         keep = plan.vision_keep
 
         def vision_call(signals: VisionSignals = signals, keep: int = keep) -> Any:
