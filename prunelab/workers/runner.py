@@ -188,6 +188,26 @@ def _run_sample(
     return generation, kept_inputs, guidance
 
 
+def _plan(
+    method: PruningMethod,
+    budget: methods.Budget | None,
+    config: dict[str, Any],
+    adapter: Adapter,
+    prepared: Prepared,
+    n_layers: int,
+) -> Plan:
+    """The method's plan for one prepared sample of a trial."""
+    ctx = PlanContext(
+        n_visual=prepared.n_visual,
+        n_layers=n_layers,
+        budget=budget,
+        prune_layer=config.get("prune_layer"),
+        seed=config.get("seed") or 0,
+        family=adapter.family,
+    )
+    return method.plan(ctx)
+
+
 def run_trial(
     loaded: LoadedModel,
     adapter: Adapter,
@@ -219,15 +239,7 @@ def run_trial(
     with torch.inference_mode():
         for index, sample in enumerate(samples):
             prepared = adapter.prepare(sample)
-            ctx = PlanContext(
-                n_visual=prepared.visual_positions.numel(),
-                n_layers=info.n_layers,
-                budget=budget,
-                prune_layer=config.get("prune_layer"),
-                seed=config.get("seed") or 0,
-                family=adapter.family,
-            )
-            plan = method.plan(ctx)
+            plan = _plan(method, budget, config, adapter, prepared, info.n_layers)
             guided = (guide[1], sample) if guide is not None else None
             if index == 0:
                 for _ in range(int(eval_cfg.get("warmup", 0))):
@@ -342,16 +354,7 @@ def _importance_heatmaps(
     with torch.inference_mode():
         for sample in samples:
             prepared = adapter.prepare(sample)
-            plan = method.plan(
-                PlanContext(
-                    n_visual=prepared.n_visual,
-                    n_layers=n_layers,
-                    budget=budget,
-                    prune_layer=config.get("prune_layer"),
-                    seed=config.get("seed") or 0,
-                    family=adapter.family,
-                )
-            )
+            plan = _plan(method, budget, config, adapter, prepared, n_layers)
             if not plan.prunes:
                 break
             guided = (guide[1], sample) if guide is not None else None
