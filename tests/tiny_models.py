@@ -73,3 +73,17 @@ def trial_config(model: str, method: str, limit: int = 6, **axes) -> dict:
         },
         **axes,
     }
+
+
+def average_trial_metrics(model: str, method: str, limit: int, keep_ratio: float, **axes) -> dict:
+    """The metrics of a trial (``trial_config``) of a ``budget_is_average`` method on tiny model
+    ``model`` at ``keep_ratio``, once checked that its visual tokens averaged over the LLM's
+    layers are ``keep_ratio`` of those in, within one token."""
+    from prunelab.workers.runner import run_trial
+
+    loaded, adapter = load_tiny(model)
+    config = trial_config(model, method, limit, keep_ratio=keep_ratio, **axes)
+    metrics = run_trial(loaded, adapter, config).metrics
+    average, budget = metrics["avg_visual_tokens"], keep_ratio * metrics["visual_tokens_in"]
+    assert abs(average - budget) <= 1.0, f"{method} on {model}: average {average}, budget {budget}"
+    return metrics

@@ -86,10 +86,14 @@ __all__ = [
     "PyramidDrop",
     "average_target",
     "average_visual",
+    "check_highest_layer",
     "check_layers",
     "layer_steps",
+    "lowest_average",
+    "out_of_reach",
     "pdrop_scores",
     "plan_average",
+    "plan_inputs",
     "pyramid_ratios",
     "scale_layers",
     "solve_keeps",
@@ -237,6 +241,38 @@ def check_layers(name: str, layers: Sequence[int] | None, lowest: int) -> tuple[
     return values
 
 
+def plan_inputs(name: str, ctx: PlanContext) -> tuple[int, int, float]:
+    """``(n_visual, n_layers, average target)`` of a multi-stage method's plan; ``name``'s model
+    needs at least 2 decoder layers (one that sees every token, one with fewer)."""
+    assert ctx.budget is not None
+    n, depth = ctx.n_visual, ctx.n_layers
+    target = average_target(ctx.budget, n)
+    if depth < 2:
+        raise ValueError(f"{name} needs at least 2 decoder layers, the model has {depth}")
+    return n, depth, target
+
+
+def check_highest_layer(name: str, layers: Sequence[int], highest: int, problem: str) -> None:
+    """Reject an explicit ``layers`` hyperparameter with a layer above ``highest`` on this
+    model; ``problem`` says what is wrong with that layer."""
+    beyond = [layer for layer in layers if layer > highest]
+    if beyond:
+        raise ValueError(f"{name}.layers={list(layers)}: layer {beyond[0]} {problem}")
+
+
+def lowest_average(n_visual: int, n_layers: int, layers: Sequence[int]) -> float:
+    """The lowest eq. (4) average a schedule on ``layers`` reaches: 1 token kept at each stage."""
+    return average_visual(n_visual, n_layers, layers, [1] * len(layers))
+
+
+def out_of_reach(name: str, target: float, of: str, reach: str, hint: str) -> ValueError:
+    """The error of a plan whose average budget ``target`` no schedule reaches: ``of`` names
+    the layers and the model, ``reach`` what they can reach, ``hint`` what to change."""
+    return ValueError(
+        f"{name}: an average of {target:g} visual tokens is out of reach of {of} ({reach}); {hint}"
+    )
+
+
 def pdrop_scores(attention: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """Eq. (1): attention the query rows give each visual token, mean over heads and rows.
 
@@ -273,18 +309,14 @@ class PyramidDrop(PruningMethod):
             raise HyperparameterError(f"pdrop.lam={self.lam}: must be in (0, 1] (or null)")
 
     def plan(self, ctx: PlanContext) -> Plan:
-        assert ctx.budget is not None
-        n, depth = ctx.n_visual, ctx.n_layers
-        target = average_target(ctx.budget, n)
-        if depth < 2:
-            raise ValueError(f"pdrop needs at least 2 decoder layers, the model has {depth}")
+        n, depth, target = plan_inputs("pdrop", ctx)
         if self.layers is not None:
-            beyond = [layer for layer in self.layers if layer > depth - 1]
-            if beyond:
-                raise ValueError(
-                    f"pdrop.layers={list(self.layers)}: layer {beyond[0]} is beyond the last "
-                    f"decoder layer ({depth - 1}) of a model with {depth} layers"
-                )
+            check_highest_layer(
+                "pdrop",
+                self.layers,
+                depth - 1,
+                f"is beyond the last decoder layer ({depth - 1}) of a model with {depth} layers",
+            )
             candidates = [self.layers]
         else:
             candidates = [
@@ -299,18 +331,21 @@ class PyramidDrop(PruningMethod):
         if not reachable:
             layers = candidates[-1]
             ratios = pyramid_ratios(len(layers), self.lam)
-            lowest = average_visual(n, depth, layers, _schedule(n, ratios(0.0)))
+            lowest = lowest_average(n, depth, layers)  # the schedule of ratios(0.0)
             highest = average_visual(n, depth, layers, _schedule(n, ratios(1.0)))
             hint = (
                 "give method.layers with an earlier first stage"
                 if target < lowest
                 else "give a larger method.lam"
             )
-            raise ValueError(
-                f"pdrop: an average of {target:g} visual tokens is out of reach of stage layers "
-                f"{list(layers)}{'' if self.lam is None else f' with lam={self.lam}'} on a model "
-                f"with {depth} layers and {n} visual tokens (reachable: {lowest:.1f} to "
-                f"{highest:.1f}); {hint}"
+            lam = "" if self.lam is None else f" with lam={self.lam}"
+            raise out_of_reach(
+                "pdrop",
+                target,
+                f"stage layers {list(layers)}{lam} on a model with {depth} layers "
+                f"and {n} visual tokens",
+                f"reachable: {lowest:.1f} to {highest:.1f}",
+                hint,
             )
         # the paper's stage structure: the solved ratio closest to its lambda = 0.5 (or to lam)
         pyramid = PAPER_LAMBDA if self.lam is None else self.lam

@@ -84,9 +84,10 @@ from prunelab.methods.base import (
 from prunelab.methods.dpc import density_peaks, merge_clusters
 from prunelab.methods.pdrop import (
     average_target,
-    average_visual,
     check_layers,
     layer_steps,
+    lowest_average,
+    out_of_reach,
     pyramid_ratios,
     scale_layers,
     solve_keeps,
@@ -171,7 +172,15 @@ class Polymorphic(PruningMethod):
     """See the module docstring. ``redundancy``: the paper's K (stage 1 keeps K x budget);
     ``merge_fraction``: share of merged tokens in each stage's output (10/64: 5.4:1);
     ``layers``: first layers with fewer tokens, None = the family's paper list scaled to
-    depth; ``knn``: K_nn of eq. (3), None = number of clusters."""
+    depth; ``knn``: K_nn of eq. (3), None = number of clusters.
+
+    K = 1: stage 1 already keeps the budget (T_1 = round(1 x budget)), so the layer schedule
+    solved for that average keeps all T_1 tokens at every pruning layer and the plan has no
+    layer step: with ``keep_tokens`` stage 2 prunes nothing, and with ``keep_ratio`` it can
+    only trim the rounding of T_1 (at most one token at the paper's layers). K = 1 is thus
+    stage 1 alone (CLS-attention retention and density-peak merging), not the paper's reading
+    of its Table 5 row ("the framework essentially relies solely on text-guided pruning",
+    Section 4.5)."""
 
     redundancy: float = 2.0
     merge_fraction: float = 10 / 64
@@ -224,12 +233,14 @@ class Polymorphic(PruningMethod):
         layers = self.pruning_layers(depth, ctx.family)
         solved = solve_keeps(first, depth, layers, target, pyramid_ratios(len(layers)))
         if solved is None:
-            lowest = average_visual(first, depth, layers, [1] * len(layers))
-            raise ValueError(
-                f"polymorphic: an average of {target:g} visual tokens is out of reach of layers "
-                f"{list(layers)} after keeping {first} at the vision stage on a model with "
-                f"{depth} layers (at least {lowest:.1f}); give method.layers with an earlier "
-                "first layer or a smaller method.redundancy"
+            lowest = lowest_average(first, depth, layers)
+            raise out_of_reach(
+                "polymorphic",
+                target,
+                f"layers {list(layers)} after keeping {first} at the vision stage on a model "
+                f"with {depth} layers",
+                f"at least {lowest:.1f}",
+                "give method.layers with an earlier first layer or a smaller method.redundancy",
             )
 
         def make(layer: int, keep: int) -> LayerStep:

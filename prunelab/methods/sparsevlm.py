@@ -102,10 +102,12 @@ from prunelab.methods.base import (
 )
 from prunelab.methods.dpc import dpc_knn, merge_clusters
 from prunelab.methods.pdrop import (
-    average_target,
-    average_visual,
+    check_highest_layer,
     check_layers,
     layer_steps,
+    lowest_average,
+    out_of_reach,
+    plan_inputs,
     scale_layers,
     solve_keeps,
 )
@@ -205,30 +207,28 @@ class SparseVLM(PruningMethod):
                 raise HyperparameterError(f"sparsevlm.{field}={value}: must be in (0, 1]")
 
     def plan(self, ctx: PlanContext) -> Plan:
-        assert ctx.budget is not None
-        n, depth = ctx.n_visual, ctx.n_layers
-        target = average_target(ctx.budget, n)
-        if depth < 2:
-            raise ValueError(f"sparsevlm needs at least 2 decoder layers, the model has {depth}")
+        n, depth, target = plan_inputs("sparsevlm", ctx)
         if self.layers is not None:
-            beyond = [layer for layer in self.layers if layer > depth - 2]
-            if beyond:
-                raise ValueError(
-                    f"sparsevlm.layers={list(self.layers)}: layer {beyond[0]} leaves no later "
-                    f"layer to prune on a model with {depth} layers (at most {depth - 2})"
-                )
+            check_highest_layer(
+                "sparsevlm",
+                self.layers,
+                depth - 2,
+                f"leaves no later layer to prune on a model with {depth} layers "
+                f"(at most {depth - 2})",
+            )
             rating = self.layers
         else:
             rating = scale_layers(PAPER_LAYERS, depth, 0, depth - 2)
         layers = tuple(layer + 1 for layer in rating)  # first layer with fewer tokens
         solved = solve_keeps(n, depth, layers, target, self.stage_ratios(len(layers)))
         if solved is None:
-            lowest = average_visual(n, depth, layers, [1] * len(layers))
-            raise ValueError(
-                f"sparsevlm: an average of {target:g} visual tokens is out of reach of layers "
-                f"{list(rating)} on a model with {depth} layers and {n} visual tokens (at least "
-                f"{lowest:.1f}: every layer up to {rating[0]} sees all); give method.layers "
-                "with an earlier first layer"
+            lowest = lowest_average(n, depth, layers)
+            raise out_of_reach(
+                "sparsevlm",
+                target,
+                f"layers {list(rating)} on a model with {depth} layers and {n} visual tokens",
+                f"at least {lowest:.1f}: every layer up to {rating[0]} sees all",
+                "give method.layers with an earlier first layer",
             )
 
         def make(layer: int, keep: int) -> LayerStep:

@@ -93,7 +93,6 @@ class SampleResult:
     decode_s: float
     fidelity_kl: float | None = None
     fidelity_top1: float | None = None
-    selection: list[int] | None = None  # visual tokens (input indices) still present at the end
     guidance_flops: float = 0.0  # the guidance model's generation (counted in tflops too)
     pre_inference_layer: int | None = None  # the layer a pre-inference pass chose (prep's k*)
 

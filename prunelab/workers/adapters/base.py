@@ -27,9 +27,12 @@ from transformers import DynamicCache
 from prunelab.methods.base import VisionSignals
 from prunelab.workers.attention import AttentionProbe, probe_attention, wrap_attention
 from prunelab.workers.benchmarks.base import Sample
+from prunelab.workers.models import ModelSpec
 from prunelab.workers.pruning import LayerLengths, LayerPruner
 
 __all__ = [
+    "TINY_TEXT",
+    "TINY_VISION",
     "Adapter",
     "Generation",
     "LLMInput",
@@ -37,7 +40,29 @@ __all__ = [
     "VLMAdapter",
     "greedy_generate",
     "grid_coords",
+    "pretrained_model",
+    "seeded_model",
+    "tiny_text_config",
 ]
+
+# the vision tower of the tiny CLIP / InternViT models, less the family's image and patch sizes;
+# a model config's ``tiny.vision`` updates it
+TINY_VISION: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+}
+
+# the LLM of the tiny models (Llama or Qwen2 shapes); a model config's ``tiny.text`` updates it
+TINY_TEXT: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 
 
 @dataclass
@@ -109,6 +134,42 @@ def grid_coords(rows: int, cols: int, tile: int = 0, device: Any = None) -> torc
     )
     t = torch.full_like(r, tile)
     return torch.stack([t, r, c], dim=-1).reshape(-1, 3)
+
+
+def tiny_text_config(
+    text_cls: type, spec: ModelSpec, defaults: dict[str, Any], tokenizer: Any, **fixed: Any
+) -> Any:
+    """A tiny model's LLM config (``text_cls``): ``defaults`` updated by ``spec.tiny["text"]``,
+    the vocabulary size (unless given there) and special tokens of the word-level
+    ``tokenizer``, and the family's ``fixed`` settings."""
+    text = {**defaults, **spec.tiny.get("text", {})}
+    text.setdefault("vocab_size", len(tokenizer))
+    return text_cls(
+        **text,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **fixed,
+    )
+
+
+def seeded_model(model_cls: type[nn.Module], spec: ModelSpec, config: Any) -> nn.Module:
+    """A randomly initialised ``model_cls`` from ``config`` (seeded with ``spec.seed``), its
+    LLM and vision tower on ``spec.attn_implementation``: the model of ``build_tiny``."""
+    torch.manual_seed(spec.seed)
+    config.text_config._attn_implementation = spec.attn_implementation
+    config.vision_config._attn_implementation = spec.attn_implementation
+    return model_cls(config)
+
+
+def pretrained_model(
+    model_cls: Any, spec: ModelSpec, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """``model_cls`` loaded from ``spec.path`` (a hub id or a local directory) at
+    ``spec.revision`` in ``dtype`` on ``device``: the model of ``from_pretrained``."""
+    return model_cls.from_pretrained(
+        spec.path, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation
+    ).to(device)
 
 
 def greedy_generate(

@@ -36,7 +36,17 @@ from transformers import (
 )
 
 from prunelab.methods.base import VisionSignals
-from prunelab.workers.adapters.base import LLMInput, Prepared, VLMAdapter, grid_coords
+from prunelab.workers.adapters.base import (
+    TINY_TEXT,
+    TINY_VISION,
+    LLMInput,
+    Prepared,
+    VLMAdapter,
+    grid_coords,
+    pretrained_model,
+    seeded_model,
+    tiny_text_config,
+)
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
 from prunelab.workers.cost import projector_flops, vit_flops
@@ -67,22 +77,8 @@ SPECIAL_TOKENS = {
 NOMINAL_TILES = 5  # a 2 x 2 grid + thumbnail: ModelInfo.n_visual / vision_flops of one image
 
 TINY_DEFAULTS: dict[str, Any] = {
-    "vision": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 4,
-    },
-    "text": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-    },
+    "vision": {**TINY_VISION, "image_size": 32, "patch_size": 4},
+    "text": TINY_TEXT,
     "min_patches": 1,
     "max_patches": 6,  # a 48 x 48 image on 32 x 32 tiles: 2 x 2 grid + thumbnail = 5 tiles
 }
@@ -152,17 +148,11 @@ def tokens_per_tile(config: InternVLConfig) -> int:
 def tiny_config(spec: ModelSpec) -> InternVLConfig:
     overrides = spec.tiny
     vision = {**TINY_DEFAULTS["vision"], **overrides.get("vision", {})}
-    text = {**TINY_DEFAULTS["text"], **overrides.get("text", {})}
     tokenizer = build_word_tokenizer(shapes_vocabulary(), extra_special_tokens=SPECIAL_TOKENS)
-    text.setdefault("vocab_size", len(tokenizer))
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(**vision),
-        text_config=Qwen2Config(
-            **text,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
+        text_config=tiny_text_config(
+            Qwen2Config, spec, TINY_DEFAULTS["text"], tokenizer, tie_word_embeddings=False
         ),
         image_token_id=tokenizer.convert_tokens_to_ids(CONTEXT_TOKEN),
         downsample_ratio=overrides.get("downsample_ratio", 0.5),
@@ -218,10 +208,7 @@ def build_tiny(
     spec: ModelSpec, config: InternVLConfig
 ) -> tuple[torch.nn.Module, InternVLImageProcessor]:
     """A randomly initialised InternVL from ``config`` (seeded) and its word-level processor."""
-    torch.manual_seed(spec.seed)
-    config.text_config._attn_implementation = spec.attn_implementation
-    config.vision_config._attn_implementation = spec.attn_implementation
-    model = InternVLForConditionalGeneration(config)
+    model = seeded_model(InternVLForConditionalGeneration, spec, config)
     tokenizer = build_word_tokenizer(shapes_vocabulary(), extra_special_tokens=SPECIAL_TOKENS)
     if tokenizer.context_image_token_id != config.image_token_id:
         raise ValueError("config.image_token_id does not match the tokenizer's <IMG_CONTEXT>")
@@ -238,9 +225,7 @@ def build_tiny(
 
 def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     """Load weights and processor from a hub id or a local directory."""
-    model = InternVLForConditionalGeneration.from_pretrained(
-        spec.path, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation
-    ).to(device)
+    model = pretrained_model(InternVLForConditionalGeneration, spec, dtype, device)
     processor = InternVLImageProcessor.from_pretrained(
         spec.path, revision=spec.revision, **spec.processor
     )

@@ -22,7 +22,16 @@ from transformers import (
 )
 
 from prunelab.methods.base import VisionSignals
-from prunelab.workers.adapters.base import Prepared, VLMAdapter, grid_coords
+from prunelab.workers.adapters.base import (
+    TINY_TEXT,
+    TINY_VISION,
+    Prepared,
+    VLMAdapter,
+    grid_coords,
+    pretrained_model,
+    seeded_model,
+    tiny_text_config,
+)
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
 from prunelab.workers.cost import projector_flops, vit_flops
@@ -39,22 +48,8 @@ __all__ = [
 ]
 
 TINY_DEFAULTS: dict[str, Any] = {
-    "vision": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "image_size": 48,
-        "patch_size": 4,
-    },
-    "text": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-    },
+    "vision": {**TINY_VISION, "image_size": 48, "patch_size": 4},
+    "text": TINY_TEXT,
 }
 
 
@@ -71,17 +66,10 @@ def _image_processor(image_size: int):
 def tiny_config(spec: ModelSpec) -> LlavaConfig:
     overrides = spec.tiny
     vision = {**TINY_DEFAULTS["vision"], **overrides.get("vision", {})}
-    text = {**TINY_DEFAULTS["text"], **overrides.get("text", {})}
     tokenizer = build_word_tokenizer(shapes_vocabulary())
-    text.setdefault("vocab_size", len(tokenizer))
     return LlavaConfig(
         vision_config=CLIPVisionConfig(**vision),
-        text_config=LlamaConfig(
-            **text,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=tiny_text_config(LlamaConfig, spec, TINY_DEFAULTS["text"], tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=overrides.get("vision_feature_layer", -2),
         vision_feature_select_strategy="default",
@@ -117,10 +105,7 @@ def vision_flops(config: LlavaConfig | LlavaNextConfig) -> float:
 
 def build_tiny(spec: ModelSpec, config: LlavaConfig) -> tuple[torch.nn.Module, LlavaProcessor]:
     """A randomly initialised LLaVA from ``config`` (seeded) and its word-level processor."""
-    torch.manual_seed(spec.seed)
-    config.text_config._attn_implementation = spec.attn_implementation
-    config.vision_config._attn_implementation = spec.attn_implementation
-    model = LlavaForConditionalGeneration(config)
+    model = seeded_model(LlavaForConditionalGeneration, spec, config)
     tokenizer = build_word_tokenizer(shapes_vocabulary())
     processor = LlavaProcessor(
         image_processor=_image_processor(config.vision_config.image_size),
@@ -134,9 +119,7 @@ def build_tiny(spec: ModelSpec, config: LlavaConfig) -> tuple[torch.nn.Module, L
 
 def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     """Load weights and processor from a hub id or a local directory."""
-    model = LlavaForConditionalGeneration.from_pretrained(
-        spec.path, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation
-    ).to(device)
+    model = pretrained_model(LlavaForConditionalGeneration, spec, dtype, device)
     processor = LlavaProcessor.from_pretrained(spec.path, revision=spec.revision, **spec.processor)
     return model, processor
 

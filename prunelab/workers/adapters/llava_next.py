@@ -54,7 +54,17 @@ from transformers import (
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from prunelab.methods.base import VisionSignals
-from prunelab.workers.adapters.base import LLMInput, Prepared, VLMAdapter, grid_coords
+from prunelab.workers.adapters.base import (
+    TINY_TEXT,
+    TINY_VISION,
+    LLMInput,
+    Prepared,
+    VLMAdapter,
+    grid_coords,
+    pretrained_model,
+    seeded_model,
+    tiny_text_config,
+)
 from prunelab.workers.adapters.llava import feature_attention_layer
 from prunelab.workers.adapters.llava import vision_flops as clip_vision_flops
 from prunelab.workers.benchmarks.base import Sample
@@ -73,22 +83,8 @@ __all__ = [
 ]
 
 TINY_DEFAULTS: dict[str, Any] = {
-    "vision": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 8,
-    },
-    "text": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-    },
+    "vision": {**TINY_VISION, "image_size": 32, "patch_size": 8},
+    "text": TINY_TEXT,
     # a 48x48 image fits 64x64 best: 2x2 tiles of 32x32 (plus the base crop)
     "image_grid_pinpoints": [[64, 64], [32, 64], [64, 32]],
 }
@@ -109,18 +105,11 @@ def _image_processor(image_size: int, pinpoints: list[list[int]]):
 def tiny_config(spec: ModelSpec) -> LlavaNextConfig:
     overrides = spec.tiny
     vision = {**TINY_DEFAULTS["vision"], **overrides.get("vision", {})}
-    text = {**TINY_DEFAULTS["text"], **overrides.get("text", {})}
     pinpoints = overrides.get("image_grid_pinpoints", TINY_DEFAULTS["image_grid_pinpoints"])
     tokenizer = build_word_tokenizer(shapes_vocabulary())
-    text.setdefault("vocab_size", len(tokenizer))
     return LlavaNextConfig(
         vision_config=CLIPVisionConfig(**vision),
-        text_config=LlamaConfig(
-            **text,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=tiny_text_config(LlamaConfig, spec, TINY_DEFAULTS["text"], tokenizer),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_grid_pinpoints=[list(p) for p in pinpoints],
         vision_feature_layer=overrides.get("vision_feature_layer", -2),
@@ -160,10 +149,7 @@ def build_tiny(
     spec: ModelSpec, config: LlavaNextConfig
 ) -> tuple[torch.nn.Module, LlavaNextProcessor]:
     """A randomly initialised LLaVA-NeXT from ``config`` (seeded) and its word-level processor."""
-    torch.manual_seed(spec.seed)
-    config.text_config._attn_implementation = spec.attn_implementation
-    config.vision_config._attn_implementation = spec.attn_implementation
-    model = LlavaNextForConditionalGeneration(config)
+    model = seeded_model(LlavaNextForConditionalGeneration, spec, config)
     vision = config.vision_config
     processor = LlavaNextProcessor(
         image_processor=_image_processor(vision.image_size, config.image_grid_pinpoints),
@@ -177,9 +163,7 @@ def build_tiny(
 
 def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     """Load weights and processor from a hub id or a local directory."""
-    model = LlavaNextForConditionalGeneration.from_pretrained(
-        spec.path, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation
-    ).to(device)
+    model = pretrained_model(LlavaNextForConditionalGeneration, spec, dtype, device)
     # the PIL image processor, as ``build_tiny``: the same pixels with or without torchvision
     processor = LlavaNextProcessor.from_pretrained(
         spec.path, revision=spec.revision, **spec.processor, backend="pil"
