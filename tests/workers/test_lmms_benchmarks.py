@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
+from prunelab.sweeps import SWEEPS_DIR
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.lmms import (
     MC_PROMPT,
@@ -334,6 +336,58 @@ def test_mmbench_prompt_and_circular_eval(tmp_path: Path) -> None:
     bad = write(tmp_path / "bad.parquet", [{**rows[2], "answer": "C"}])
     with pytest.raises(DatasetError, match="answer 'C' is not one of the options"):
         bench("mmbench", bad).samples(None, 0)
+
+
+def test_mmbench_cn_config_reads_the_cn_dev_files(tmp_path: Path, monkeypatch) -> None:
+    """The shipped MMBench-CN config: lmms-eval's mmbench_cn_dev (lmms-lab/MMBench, config cn,
+    split dev) read from $PRUNELAB_DATA/MMBench/cn in MMBench's layout, with CircularEval, and
+    lmms-eval's Chinese post-prompt; the rest as the MMBench-EN config."""
+    monkeypatch.setenv("PRUNELAB_DATA", str(tmp_path))
+
+    def shipped(name: str) -> dict:
+        loaded = OmegaConf.load(SWEEPS_DIR / "benchmark" / f"{name}.yaml")
+        config = OmegaConf.to_container(loaded, resolve=True)
+        assert isinstance(config, dict)
+        return config
+
+    cn, en = shipped("mmbench_cn"), shipped("mmbench")
+    assert cn["name"] == "mmbench_cn" and cn["path"] == f"{tmp_path}/MMBench/cn"
+    assert en["path"] == f"{tmp_path}/MMBench/en"
+    prompt = "\n请直接使用所提供的选项字母作为答案回答。"  # lmms-eval's post_prompt for cn
+    assert cn["prompt"] == prompt
+    different = ("name", "path", "prompt")
+    assert {k: v for k, v in cn.items() if k not in different} == {
+        k: v for k, v in en.items() if k not in different
+    }  # kind mmbench, split dev
+    animal, other = "attribute_recognition", "object_localization"  # English, as in en
+    rows = [
+        {"index": 3, "question": "图中是哪种动物？", "hint": "一个农场。", "answer": "B",
+         "A": "猫", "B": "狗", "C": "牛", "D": None, "category": animal, "image": png(colour(0))},
+        {"index": 1_000_003, "question": "图中是哪种动物？", "hint": "一个农场。", "answer": "C",
+         "A": "牛", "B": "猫", "C": "狗", "D": None, "category": animal, "image": png(colour(1))},
+        {"index": 4, "question": "有几个？", "hint": None, "answer": "A", "A": "1", "B": "2",
+         "C": None, "D": None, "category": other, "image": png(colour(2))},
+    ]  # fmt: skip
+    write(tmp_path / "MMBench" / "cn" / "dev-00000-of-00001.parquet", rows)
+    write(tmp_path / "MMBench" / "en" / "dev-00000-of-00001.parquet", rows[:1])  # not read
+    mmbench_cn = build_benchmark(cn)
+    mmbench_cn.check()
+    described = mmbench_cn.describe()
+    assert (described["kind"], described["split"]) == ("mmbench", "dev")
+    assert [f["file"] for f in described["files"]] == ["dev-00000-of-00001.parquet"]
+    samples = mmbench_cn.samples(None, 0)
+    assert len(samples) == 3
+    assert samples[0].question == "一个农场。\n图中是哪种动物？\nA. 猫\nB. 狗\nC. 牛" + prompt
+    assert samples[2].question == "有几个？\nA. 1\nB. 2" + prompt
+    assert samples[0].category == animal
+    assert tuple(samples[1].image[0, 0]) == colour(1)
+    predictions = ["B", "C", "B"]  # question 3 right in both orders, question 4 wrong
+    results = [(s, p, mmbench_cn.score(p, s)) for s, p in zip(samples, predictions, strict=True)]
+    assert [r[2] for r in results] == [1.0, 1.0, 0.0]
+    metrics = mmbench_cn.aggregate(results)
+    assert metrics["score"] == pytest.approx(50.0)  # circular: 3 passes, 4 fails
+    assert metrics["mmbench_vanilla"] == pytest.approx(200 / 3)
+    assert metrics[f"score.{animal}"] == 100.0 and metrics[f"score.{other}"] == 0.0
 
 
 def test_mmstar_macro_average_over_fine_categories(tmp_path: Path) -> None:
