@@ -31,7 +31,7 @@ from prunelab.orchestrator.results import (
     trial_params,
 )
 from prunelab.orchestrator.tracking import Tracker
-from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads
+from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads, fail_untrained
 
 __all__ = ["Stores", "execute", "resume_sweep", "submit_sweep", "sweep_table"]
 
@@ -272,9 +272,18 @@ def execute(
         try:
             while True:
                 if todo:
-                    # training stages first (pgp's VIB heads): reused or trained now
+                    # training stages first (pgp's VIB heads): reused or trained now; a head
+                    # that fails to train fails only the trials that need it
+                    untrained: dict[str, str] = {}  # head key -> why it failed to train
                     configs = [d.config for d in todo]
-                    attach_heads(configs, ensure_heads(tracker, configs, workers, tqdm.write))
+                    heads = ensure_heads(tracker, configs, workers, tqdm.write, untrained)
+                    todo, lost = fail_untrained(sessions, orchestrator, todo, untrained)
+                    attach_heads([d.config for d in todo], heads)
+                    if lost:
+                        counts["failed"] += len(lost)
+                        bar.update(len(lost))
+                        bar.set_postfix(failed=counts["failed"])
+                if todo:
                     if pool is None:
                         pool = WorkerPool(
                             max(1, min(int(workers.get("count", 1)), len(todo))),

@@ -19,6 +19,11 @@ MLflow run tagged ``prunelab.role=vib``, ``prunelab.vib_key=<key>`` in the exper
 ``prunelab-vib``; if there is none it trains the head (a Ray task on a worker's resources when
 Ray is up, else in this process) and logs ``vib_head.safetensors`` + ``vib_config.json`` on such
 a run. The head's bytes travel to the workers with the trial (never stored in the database).
+
+A head that fails to train (the guide cannot be loaded, a bad training config, the training task
+dies) fails only the trials that need it: the sweep collects the failure (``ensure_heads(...,
+failures=...)``), :func:`fail_untrained` records those trials as failed with the reason and the
+other trials run. No FINISHED head run is left for it, so the next submit trains it again.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from prunelab.db import repo
 from prunelab.workers.vib import HEAD_FILE, TRAIN_DEFAULTS, VibResult, train_vib
 
 __all__ = [
@@ -37,6 +43,7 @@ __all__ = [
     "VIB_EXPERIMENT",
     "attach_heads",
     "ensure_heads",
+    "fail_untrained",
     "find_head",
     "head_spec",
     "log_head",
@@ -198,13 +205,19 @@ def ensure_heads(
     configs: Iterable[dict[str, Any]],
     workers: dict[str, Any] | None = None,
     echo: Any = print,
+    failures: dict[str, str] | None = None,
 ) -> dict[str, bytes]:
     """The head of every distinct ``vib_head`` key among trial ``configs``: reused from MLflow
-    when trained before, else trained and logged now. Returns {key: safetensors bytes}."""
+    when trained before, else trained and logged now. Returns {key: safetensors bytes}.
+
+    A head whose training or logging raises: with ``failures`` given, its key -> a one-line
+    reason (head, training config, error) goes there, it is absent from the result and the
+    other heads are still handled; without ``failures`` the exception propagates."""
+    configs = list(configs)
     blobs: dict[str, bytes] = {}
     for config in configs:
         spec = config.get("vib_head")
-        if not spec or spec["key"] in blobs:
+        if not spec or spec["key"] in blobs or spec["key"] in (failures or {}):
             continue
         key = spec["key"]
         run_id = find_head(tracker, key)
@@ -214,14 +227,63 @@ def ensure_heads(
             continue
         guide = spec["train"]["guide"].get("name")
         echo(f"vib head {key[:12]} ({spec.get('stage')}): training on {guide}")
-        result = _train(spec["train"], workers)
-        run_id = log_head(tracker, result, spec["train"])
+        try:
+            result = _train(spec["train"], workers)
+            run_id = log_head(tracker, result, spec["train"])  # a failed log ends FAILED
+        except Exception as exc:
+            if failures is None:
+                raise
+            failures[key] = _failure(spec, exc)
+            users = sum((c.get("vib_head") or {}).get("key") == key for c in configs)
+            echo(f"{failures[key]} ({users} trial(s) that need it fail, the others run)")
+            continue
         echo(
             f"vib head {key[:12]}: trained in {result.seconds:.1f} s, eval loss "
             f"{result.eval_before:.4g} -> {result.eval_after:.4g} (run {run_id})"
         )
         blobs[key] = result.blob
     return blobs
+
+
+def _failure(spec: dict[str, Any], exc: BaseException) -> str:
+    """One line: which head (key, stage, guide, training data and settings) failed, and why."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause  # the training task's own exception, without Ray's traceback dump
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if len(message) > 500:
+        message = message[:497] + "..."
+    train = spec["train"]
+    bench = train["benchmark"]
+    settings = ", ".join(f"{k}={train[k]}" for k in ("steps", "batch_size", "lr", "limit"))
+    return (
+        f"vib head {spec['key'][:12]} (stage {spec.get('stage')!r}: guide "
+        f"{train['guide'].get('name')}, {bench.get('name')}/{bench.get('split')}, {settings}, "
+        f"gate={train['head'].get('gate')}) failed to train: {message}"
+    )
+
+
+def fail_untrained(
+    sessions: Any, orchestrator: str, dispatches: list[Any], failures: dict[str, str]
+) -> tuple[list[Any], list[Any]]:
+    """Split ``dispatches`` (with ``trial_id`` and ``config``) on their head: those whose head
+    failed (``failures``: key -> reason, from :func:`ensure_heads`) are claimed and failed in
+    the database with the reason, as an attempt that failed for good, and are not to be
+    dispatched. A trial another orchestrator holds is left to it. Returns (to run, failed)."""
+    run, failed = [], []
+    for dispatch in dispatches:
+        spec = dispatch.config.get("vib_head")
+        reason = failures.get(spec["key"]) if spec else None
+        if reason is None:
+            run.append(dispatch)
+            continue
+        with sessions.begin() as session:
+            if repo.claim_trial(session, dispatch.trial_id, orchestrator, "", None):
+                repo.fail_trial(session, dispatch.trial_id, reason)
+                failed.append(dispatch)
+    return run, failed
 
 
 def attach_heads(configs: Iterable[dict[str, Any]], blobs: dict[str, bytes]) -> None:

@@ -101,3 +101,111 @@ def test_sweep_trains_the_head_once_and_reuses_it(tmp_path: Path) -> None:
     for run in trials:
         assert run.data.metrics["visual_tokens_kept"] == 36  # 0.25 of 144
         assert run.data.metrics["tflops_guidance"] > 0
+
+
+MIXED = """\
+defaults: [base, _self_]
+name: pgp-broken-head
+grid:
+  model: tiny-llava
+  benchmark: shapes
+  method: none,random,pgp
+  keep_ratio: 0.25
+  prune_layer: 0
+  method.gate: sigmoid,exp
+eval: {limit: 2, warmup: 0, max_new_tokens: 2, heatmaps: 0}
+workers: {count: 1}
+stages:
+  vib: {steps: 1, batch_size: 1, limit: 1, eval_samples: 1, lr: 0.003}
+"""
+
+
+@pytest.mark.slow
+def test_a_head_that_fails_to_train_fails_only_its_trials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    from prunelab.db import Trial, make_engine, session_factory
+    from prunelab.orchestrator import vib_stage
+    from prunelab.orchestrator.sweep import Stores, submit_sweep
+
+    # the exp-gate head's guide cannot be loaded: its training task fails on the worker
+    real_train = vib_stage._train
+    attempts: list[str] = []
+
+    def train(train: dict, workers: dict | None):
+        if train["head"]["gate"] != "exp":
+            return real_train(train, workers)
+        attempts.append(train["key"])
+        missing = {**train["guide"], "source": "pretrained", "path": str(tmp_path / "no-guide")}
+        return real_train({**train, "guide": missing}, workers)
+
+    monkeypatch.setattr(vib_stage, "_train", train)
+    runs = tmp_path / "prunelab-runs"
+    stores = Stores(
+        db_url=f"sqlite:///{runs / 'prunelab.db'}",
+        tracking_uri=f"sqlite:///{runs / 'mlflow.db'}",
+        artifact_root=str(runs / "artifacts"),
+        ray_address=None,
+    )
+    plan = load_sweep(_spec(tmp_path, MIXED))
+    (broken,) = [t for t in plan.trials if t.config()["hparams"].get("gate") == "exp"]
+    key = broken.vib_head["key"]
+
+    def trials() -> dict[str, Trial]:
+        engine = make_engine(stores.db_url)
+        try:
+            with session_factory(engine)() as session:
+                return {t.trial_key: t for t in session.query(Trial).all()}
+        finally:
+            engine.dispose()
+
+    try:
+        assert submit_sweep(plan, stores) == 1  # failed trials: non-zero exit status
+        table = capsys.readouterr().out
+        assert attempts == [key]
+        by_key = trials()
+        assert len(by_key) == len(plan.trials) == 4  # none, random, pgp x 2 heads
+        victim = by_key[broken.key]
+        assert (victim.status, victim.attempts, victim.claimed_by) == ("failed", 1, None)
+        assert victim.mlflow_run_id is None and victim.worker == ""  # never dispatched
+        error = victim.error or ""
+        assert error.startswith(f"vib head {key[:12]} (stage 'vib': guide tiny-llava-small")
+        assert "gate=exp) failed to train: ValueError: cannot read the config of" in error
+        assert "Traceback" not in error and "\n" not in error
+        others = [t for t in by_key.values() if t is not victim]
+        assert all(t.status == "finished" and t.attempts == 1 for t in others)
+        assert {t.config["method"] for t in others} == {"none", "random", "pgp"}
+        # the table shows the failed trial
+        (failed_row,) = [row for row in table.splitlines() if "| pgp (gate=exp) |" in row]
+        (good_row,) = [row for row in table.splitlines() if "| pgp (gate=sigmoid) |" in row]
+        assert "failed" in failed_row and "failed" not in good_row
+
+        client = MlflowClient(stores.tracking_uri)
+        sweep_runs = client.search_runs(
+            [client.get_experiment_by_name("pgp-broken-head").experiment_id]
+        )
+        children = [r for r in sweep_runs if r.data.tags["prunelab.role"] == "trial"]
+        logged = sorted(r.data.tags["prunelab.trial_key"] for r in children)
+        assert logged == sorted(t.trial_key for t in others)  # each finished trial once
+        assert all(r.info.status == "FINISHED" for r in children)
+        (parent,) = [r for r in sweep_runs if r.data.tags["prunelab.role"] == "sweep"]
+        assert parent.info.status == "FAILED"
+        # the good head was trained and logged; nothing at all for the broken one
+        heads = client.search_runs([client.get_experiment_by_name(VIB_EXPERIMENT).experiment_id])
+        assert [r.info.status for r in heads] == ["FINISHED"]
+        assert heads[0].data.tags["prunelab.vib_key"] != key
+
+        # a later submit gives the failed trial a fresh attempt: the head is trained again
+        assert submit_sweep(load_sweep(_spec(tmp_path, MIXED)), stores) == 1
+        assert attempts == [key, key]
+        victim = trials()[broken.key]
+        assert (victim.status, victim.attempts) == ("failed", 1)
+        assert all(trials()[t.trial_key].status == "finished" for t in others)
+        everything = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], max_results=1000
+        )
+        assert not [r for r in everything if r.info.status == "RUNNING"]
+    finally:
+        ray.shutdown()
