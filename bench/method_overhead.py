@@ -285,6 +285,14 @@ def pre_inference_flops_report(layout: Layout, n_layers: int = N_LAYERS) -> list
         share = 100 * pre / unpruned
         lines.append(f"  {convention:<5} counted: {pre / 1e12:.4f} TFLOPs = {share:.2f}% "
                      f"of the unpruned LLM prefill ({unpruned / 1e12:.3f} TFLOPs)")  # fmt: skip
+
+    def counted_share(n_text: int) -> float:  # pdrop convention, as counted, at n_text tokens
+        pre = prefill_flops([n_text + r] * ran, HIDDEN, 11008, "pdrop") + N_VISUAL * HIDDEN
+        return pre / prefill_flops([N_VISUAL + n_text] * n_layers, HIDDEN, 11008, "pdrop")
+
+    longest = max((t for t in range(0, 513) if counted_share(t) <= 0.01), default=None)
+    lines.append(f"  counted <= 1% only with a prompt of at most {longest} text tokens: the "
+                 f"text runs through the {ran} layers to give Q^k (eq. 1)")  # fmt: skip
     unpruned = prefill_flops([layout.seq_len] * n_layers, HIDDEN, 11008, "pdrop")
     for k in (6, 15):
         paper = k * prefill_flops([r], HIDDEN, 11008, "pdrop") + N_VISUAL
