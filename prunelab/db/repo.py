@@ -36,6 +36,7 @@ __all__ = [
     "create_sweep",
     "fail_trial",
     "finish_trial",
+    "finite_metrics",
     "get_sweep",
     "list_sweeps",
     "new_sweep_id",
@@ -304,7 +305,7 @@ def release_trial(session: Session, trial_id: int, error: str, max_attempts: int
     return _require_trial(session, trial_id)
 
 
-def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """NaN and infinities become None: PostgreSQL's JSON type rejects them."""
     return {
         key: None if isinstance(value, float) and not math.isfinite(value) else value
@@ -324,7 +325,7 @@ def finish_trial(
         session,
         [Trial.id == trial_id],
         status="finished",
-        metrics=_finite(metrics),
+        metrics=finite_metrics(metrics),
         worker=worker,
         node=node,
         finished=utcnow(),
@@ -348,9 +349,15 @@ def fail_trial(session: Session, trial_id: int, error: str) -> None:
         raise LookupError(f"no trial with id {trial_id}")
 
 
-def set_trial_mlflow_run(session: Session, trial_id: int, run_id: str) -> None:
-    """Record the MLflow child run of a trial."""
-    if _update_trials(session, [Trial.id == trial_id], mlflow_run_id=run_id) == 0:
+def set_trial_mlflow_run(
+    session: Session, trial_id: int, run_id: str, metrics: dict[str, Any] | None = None
+) -> None:
+    """Record the MLflow child run of a trial, and with ``metrics`` its metrics as logged
+    there (the baseline-relative ones added), in the same statement."""
+    values: dict[str, Any] = {"mlflow_run_id": run_id}
+    if metrics is not None:
+        values["metrics"] = finite_metrics(metrics)
+    if _update_trials(session, [Trial.id == trial_id], **values) == 0:
         raise LookupError(f"no trial with id {trial_id}")
 
 

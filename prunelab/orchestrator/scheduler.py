@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
 _START_WARNING_S = 60.0  # warn once when a worker has waited this long for resources
+_START_DEATHS_PER_WORKER = 3  # workers dying while starting, in a row, before giving up
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -154,7 +155,8 @@ class WorkerPool:
         """Run ``trials`` to completion.
 
         ``claim(trial, worker)`` is asked before a trial starts (False: skip it, someone else
-        has it). ``done(trial, result)`` receives a finished trial's result.
+        has it). ``done(trial, result)`` receives a finished trial's result, once its worker
+        has been given its next trial (so a worker never waits on the caller's logging).
         ``failed(trial, error, retryable)`` records a failed attempt and says whether to run
         the trial again; ``retryable`` is False when the trial itself failed on a healthy
         worker (out of memory), True when its worker died or it timed out.
@@ -163,7 +165,9 @@ class WorkerPool:
         running: dict[Any, _Running] = {}
         starting: dict[Any, _Slot] = {s.ready_ref: s for s in self.slots if not s.ready}
         idle = [s for s in self.slots if s.ready]
+        results: list[tuple[Dispatch, dict[str, Any]]] = []  # finished, not yet handed over
         warned = False
+        start_deaths = 0  # in a row: a worker that cannot start at all must not loop forever
 
         def lost(slot: _Slot) -> None:
             """``slot``'s actor is gone or killed: start its replacement."""
@@ -173,7 +177,7 @@ class WorkerPool:
             new = self._replace(slot)
             starting[new.ready_ref] = new
 
-        while pending or running:
+        while pending or running or results:
             while idle and pending:
                 slot = idle.pop(0)
                 trial = self._pick(slot, pending)
@@ -184,6 +188,11 @@ class WorkerPool:
                 slot.model = trial.model
                 deadline = time.monotonic() + self.trial_timeout_s if self.trial_timeout_s else None
                 running[slot.actor.run.remote(trial.config)] = _Running(slot, trial, deadline)
+            # the freed workers already run their next trials: record the finished ones now,
+            # so database writes and MLflow logging overlap the workers' compute
+            for trial, result in results:
+                done(trial, result)
+            results.clear()
             if not running and not pending:
                 break
             deadlines = [r.deadline for r in running.values() if r.deadline is not None]
@@ -219,8 +228,15 @@ class WorkerPool:
                     slot.pid = ray.get(ref)["pid"]
                 except _DEATH as exc:
                     log.warning("%s died while starting: %s", slot.name, _first_line(exc))
+                    start_deaths += 1
+                    if start_deaths >= _START_DEATHS_PER_WORKER * len(self.slots):
+                        raise RuntimeError(
+                            f"{start_deaths} workers in a row died while starting; the last: "
+                            f"{_first_line(exc)}"
+                        ) from exc
                     lost(slot)
                     continue
+                start_deaths = 0
                 slot.ready = True
                 idle.append(slot)
                 continue
@@ -240,7 +256,7 @@ class WorkerPool:
                 if failed(trial, _describe(cause), not isinstance(cause, TrialFailure)):
                     pending.insert(0, trial)
             else:
-                done(trial, result)
+                results.append((trial, result))
             idle.append(slot)
 
     def _pick(self, slot: _Slot, pending: list[Dispatch]) -> Dispatch:

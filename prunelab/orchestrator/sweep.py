@@ -123,7 +123,11 @@ class _Recorder:
             self.baseline_of = {
                 t.id: baselines.get((t.config["model"], t.config["benchmark"])) for t in trials
             }
+            # key and config never change: read once, not once per logged trial
+            self.identity = {t.id: (t.trial_key, t.config) for t in trials}
         self.waiting: dict[int, dict[str, Any]] = {}  # finished, waiting for their baseline
+        # metrics of the trials this orchestrator ran to the end (their baselines' included)
+        self.metrics: dict[int, dict[str, Any]] = {}
 
     def _trial(self, trial_id: int) -> Trial:
         with self.sessions() as session:
@@ -148,38 +152,53 @@ class _Recorder:
         return status == "pending"
 
     def done(self, dispatch, result: dict[str, Any]) -> None:
+        """A trial this orchestrator claimed (pending -> running) finished on a worker."""
+        trial_id, metrics = dispatch.trial_id, result["metrics"]
         with self.sessions.begin() as session:
-            repo.finish_trial(
-                session, dispatch.trial_id, result["metrics"], result["worker"], result["node"]
-            )
-        self.settle(dispatch.trial_id, result)
+            repo.finish_trial(session, trial_id, metrics, result["worker"], result["node"])
+        # the trial's MLflow run can only be created after this write, by this process
+        self.metrics[trial_id] = repo.finite_metrics(metrics)
+        self.settle(trial_id, result)
+
+    def _finished_metrics(self, trial_id: int) -> dict[str, Any] | None:
+        """A finished trial's metrics (None if it is not finished), from memory when this
+        orchestrator ran it, else from the database (finished by another orchestrator)."""
+        if trial_id in self.metrics:
+            return self.metrics[trial_id]
+        trial = self._trial(trial_id)
+        return (trial.metrics or {}) if trial.status == "finished" else None
 
     def settle(self, trial_id: int, result: dict[str, Any] | None) -> None:
         """Log a finished trial once its baseline is known; trials waiting on it follow."""
         baseline_id = self.baseline_of.get(trial_id)
-        baseline = self._trial(baseline_id) if baseline_id is not None else None
-        if baseline is not None and baseline.status != "finished" and baseline_id != trial_id:
+        baseline = self._finished_metrics(baseline_id) if baseline_id is not None else None
+        if baseline_id is not None and baseline is None and baseline_id != trial_id:
             self.waiting[trial_id] = result or {}
             return
-        self._log(trial_id, result, baseline.metrics if baseline is not None else None)
+        self._log(trial_id, result, baseline)
         for waiting_id in [t for t in self.waiting if self.baseline_of.get(t) == trial_id]:
-            self._log(waiting_id, self.waiting.pop(waiting_id), self._trial(trial_id).metrics)
+            self._log(waiting_id, self.waiting.pop(waiting_id), self._finished_metrics(trial_id))
 
     def flush(self) -> None:
         """Log the trials still waiting: with their baseline if another orchestrator finished
         it meanwhile, else without baseline-relative metrics."""
         for trial_id in list(self.waiting):
             baseline_id = self.baseline_of.get(trial_id)
-            baseline = self._trial(baseline_id) if baseline_id is not None else None
-            metrics = (
-                baseline.metrics if baseline is not None and baseline.status == "finished" else None
-            )
-            self._log(trial_id, self.waiting.pop(trial_id), metrics)
+            baseline = self._finished_metrics(baseline_id) if baseline_id is not None else None
+            self._log(trial_id, self.waiting.pop(trial_id), baseline)
 
     def _log(self, trial_id: int, result: dict[str, Any] | None, baseline: dict | None) -> None:
-        trial = self._trial(trial_id)
-        metrics = {**(trial.metrics or {}), **relative_metrics(trial.metrics or {}, baseline)}
-        config = trial.config
+        """Log the MLflow child run of a finished trial, then record its id.
+
+        A trial in ``self.metrics`` was finished by this process, which logs each trial once:
+        no run can exist for it yet, so the tracker skips its search for one. Any other
+        trial (finished by an orchestrator that died before logging) may have a run left by
+        that crash, and the tracker looks for it.
+        """
+        ran_here = trial_id in self.metrics
+        own = self._finished_metrics(trial_id) or {}
+        metrics = {**own, **relative_metrics(own, baseline)}
+        trial_key, config = self.identity[trial_id]
         artifacts: dict[str, str | bytes] = {
             "trial.yaml": yaml.safe_dump(config, sort_keys=False),
         }
@@ -196,15 +215,15 @@ class _Recorder:
             self.name,
             self.parent,
             self.sweep_id,
-            trial.trial_key,
+            trial_key,
             run_name,
             trial_params(config),
             {k: float(v) for k, v in metrics.items() if v is not None},
             artifacts,
+            new=ran_here,
         )
         with self.sessions.begin() as session:
-            repo.finish_trial(session, trial_id, metrics, trial.worker or "", trial.node)
-            repo.set_trial_mlflow_run(session, trial_id, run_id)
+            repo.set_trial_mlflow_run(session, trial_id, run_id, metrics)
 
     max_attempts: int = 3
 

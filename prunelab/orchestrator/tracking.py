@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, Run, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from prunelab.db.engine import normalize_db_url
@@ -225,12 +227,21 @@ class Tracker:
             param_list = param_list[len(batch_params) :]
             metric_list = metric_list[len(batch_metrics) :]
 
-    def _log_artifacts(self, run_id: str, artifacts: Artifacts) -> None:
+    def _log_artifacts(self, run_id: str, artifacts: Artifacts, uri: str | None = None) -> None:
+        """Store ``artifacts`` in the run's artifact location (``uri``: the run's
+        ``artifact_uri`` when the caller has it, which saves looking the run up). A local
+        location is written in place; any other goes through its artifact repository."""
         if not artifacts:
+            return
+        if uri is None:
+            uri = self.client.get_run(run_id).info.artifact_uri
+        repository = get_artifact_repository(uri, tracking_uri=self.tracking_uri)
+        if isinstance(repository, LocalArtifactRepository):
+            _write_artifacts(Path(repository.artifact_dir), artifacts)
             return
         with tempfile.TemporaryDirectory(prefix="prunelab-artifacts-") as tmp:
             _write_artifacts(Path(tmp), artifacts)
-            self.client.log_artifacts(run_id, tmp)
+            repository.log_artifacts(tmp)
 
     def start_sweep(self, name: str, sweep_id: str, params: Mapping[str, Any]) -> str:
         """Start the parent run of a sweep in experiment ``name``; return its run id.
@@ -268,21 +279,28 @@ class Tracker:
         params: Mapping[str, Any],
         metrics: Mapping[str, float],
         artifacts: Artifacts,
+        new: bool = False,
     ) -> str:
         """Log a finished trial as a FINISHED child run of ``parent_run_id``; return its id.
 
         ``experiment`` is an experiment name or id. Idempotent per (sweep, trial_key): if
         the sweep already has a FINISHED run for this key, its id is returned and nothing
         is logged; unfinished runs for the key (left by a crash) are deleted first.
+        ``new=True``: the caller knows the sweep has no run for this key (it finished the
+        trial itself and logs each trial once), so the search for one is skipped.
         """
         experiment_id = self._resolve_experiment(experiment)
         sweep_id = _check_tag_value("sweep id", sweep_id)
         trial_key = _check_tag_value("trial key", trial_key)
         for name in artifacts:
             _artifact_parts(name)
-        previous = self._search(
-            experiment_id,
-            f"tags.`{TAG_TRIAL_KEY}` = '{trial_key}' and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'",
+        previous = (
+            []
+            if new
+            else self._search(
+                experiment_id,
+                f"tags.`{TAG_TRIAL_KEY}` = '{trial_key}' and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'",
+            )
         )
         for run in previous:
             if run.info.status == "FINISHED":
@@ -302,7 +320,7 @@ class Tracker:
         run_id = run.info.run_id
         try:
             self._log_batch(run_id, params, metrics)
-            self._log_artifacts(run_id, artifacts)
+            self._log_artifacts(run_id, artifacts, run.info.artifact_uri)
         except BaseException:
             with contextlib.suppress(Exception):  # keep the original error
                 self.client.set_terminated(run_id, "FAILED")

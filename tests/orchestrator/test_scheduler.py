@@ -168,3 +168,68 @@ def test_trial_timeout_must_be_positive() -> None:
     assert range_problems("workers", {"trial_timeout_s": 0}) == {"trial_timeout_s": "must be > 0"}
     assert range_problems("workers", {"trial_timeout_s": None}) == {}
     assert range_problems("workers", {"trial_timeout_s": 0.5}) == {}
+
+
+def test_a_worker_gets_its_next_trial_before_the_last_result_is_recorded(
+    local_ray: Path,
+) -> None:
+    """Recording a result (database, MLflow) overlaps the worker's next trial: the next
+    claim comes before ``done`` of the previous trial, and every trial is recorded once."""
+
+    class Instant:  # defined here so that Ray ships it by value to the worker process
+        """A worker whose trials take no time (the pool's own ordering is under test)."""
+
+        def __init__(self, name: str, threads: int = 1) -> None:
+            self.name = name
+
+        def identity(self) -> dict[str, Any]:
+            return {"pid": os.getpid()}
+
+        def run(self, config: dict[str, Any]) -> dict[str, Any]:
+            return {"worker": self.name, "index": config["index"]}
+
+    events: list[tuple[str, int]] = []
+    log = Log()
+
+    def claim(dispatch: Dispatch, worker: str) -> bool:
+        events.append(("claim", dispatch.trial_id))
+        return log.claim(dispatch, worker)
+
+    def done(dispatch: Dispatch, result: dict[str, Any]) -> None:
+        events.append(("done", dispatch.trial_id))
+        log.done(dispatch, result)
+
+    trials = [Dispatch(i, "m", {"index": i}) for i in range(5)]
+    pool = WorkerPool(1, cpus=1, worker_cls=Instant)
+    try:
+        pool.run(trials, claim, done, log.failed)
+    finally:
+        pool.shutdown()
+    assert sorted(log.results) == list(range(5)) and not log.failures
+    assert [i for kind, i in events if kind == "done"] == list(range(5))
+    for i in range(4):  # trial i+1 was on the worker before trial i was recorded
+        assert events.index(("claim", i + 1)) < events.index(("done", i))
+
+
+def test_workers_that_cannot_start_stop_the_pool_with_their_error(local_ray: Path) -> None:
+    """A worker that dies in its constructor is replaced, but not forever: after three
+    deaths per worker in a row the pool gives up with the worker's own error."""
+
+    class Broken:
+        def __init__(self, name: str, threads: int = 1) -> None:
+            raise OSError("no such model directory: /nowhere")
+
+        def identity(self) -> dict[str, Any]:
+            return {"pid": os.getpid()}
+
+        def run(self, config: dict[str, Any]) -> dict[str, Any]:
+            return {}
+
+    log = Log()
+    pool = WorkerPool(1, cpus=1, worker_cls=Broken)
+    try:
+        with pytest.raises(RuntimeError, match="3 workers in a row died while starting"):
+            pool.run([Dispatch(0, "m", {})], log.claim, log.done, log.failed)
+    finally:
+        pool.shutdown()
+    assert pool.replaced == 2 and log.claims == []

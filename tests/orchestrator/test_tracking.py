@@ -196,6 +196,28 @@ def test_log_trial_is_idempotent(tracker: Tracker, name: str, parent: str) -> No
     assert _trial(tracker, tracker.experiment_id(name), parent) == first
 
 
+def test_a_new_trial_is_logged_without_a_search(
+    tracker: Tracker, name: str, parent: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """new=True (the orchestrator finished the trial itself): no search for an earlier run,
+    the same FINISHED run with its artifacts; new=False still finds it afterwards."""
+    experiment_id = tracker.experiment_id(name)
+
+    def no_search(*args: object) -> list:
+        raise AssertionError("searched for an earlier run of a new trial")
+
+    monkeypatch.setattr(tracker, "_search", no_search)
+    run_id = _trial(
+        tracker, name, parent, metrics={"score": 0.5}, artifacts={"a/b.txt": "x"}, new=True
+    )
+    monkeypatch.undo()
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"score": 0.5}
+    local = Path(tracker.client.download_artifacts(run_id, "", str(tmp_path)))
+    assert (local / "a" / "b.txt").read_text() == "x"
+    assert _trial(tracker, experiment_id, parent, metrics={"score": 0.9}) == run_id
+
+
 def test_unfinished_runs_of_a_trial_are_replaced(tracker: Tracker, name: str, parent: str) -> None:
     experiment_id = tracker.experiment_id(name)
     tags = {
