@@ -10,6 +10,7 @@ up in the spec's directory first, so the copies win over the shipped files.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import yaml
 
 from prunelab.orchestrator.spec import SWEEPS_DIR
 
-__all__ = ["CHECKPOINTS", "SHAPES", "write_local_models"]
+__all__ = ["CHECKPOINTS", "SHAPES", "local_spec_dir", "write_local_models"]
 
 # CLIP ViT-L/14 at 336 px (576 patches), the vision tower of LLaVA-1.5 and LLaVA-NeXT
 _CLIP_L_336 = {
@@ -168,3 +169,12 @@ def write_local_models(root: Path) -> None:
         assert model["source"] == "pretrained"
         model["path"] = str(checkpoint)
         (root / "model" / f"{name}.yaml").write_text(yaml.safe_dump(model, sort_keys=False))
+
+
+def local_spec_dir(root: Path, pattern: str) -> Path:
+    """``root`` holding the shipped specs matching ``pattern`` (e.g. ``paper_*.yaml``) and the
+    local copies of their model configs; returns ``root``."""
+    write_local_models(root)
+    for spec in SWEEPS_DIR.glob(pattern):
+        shutil.copy(spec, root / spec.name)
+    return root

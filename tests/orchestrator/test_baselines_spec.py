@@ -11,13 +11,12 @@ grid axis naming config files, not a config tree. The paper specs: ``test_paper_
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from checkpoint_configs import CHECKPOINTS, SHAPES, write_local_models
+from checkpoint_configs import CHECKPOINTS, SHAPES, local_spec_dir
 
 import prunelab.methods as M
 from prunelab.orchestrator.spec import SWEEPS_DIR, SweepPlan, load_sweep
@@ -32,11 +31,7 @@ HAS_SGP = (SWEEPS_DIR / "baselines-sgp.yaml").is_file() and "sgp" in M.available
 @pytest.fixture(scope="module")
 def spec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The baseline specs and their model configs, each model's `path` a local config dir."""
-    root = tmp_path_factory.mktemp("baseline-specs")
-    write_local_models(root)
-    for spec in SWEEPS_DIR.glob("baselines*.yaml"):
-        shutil.copy(spec, root / spec.name)
-    return root
+    return local_spec_dir(tmp_path_factory.mktemp("baseline-specs"), "baselines*.yaml")
 
 
 def _load(spec_dir: Path, spec: str, overrides: tuple[str, ...] = ()) -> SweepPlan:

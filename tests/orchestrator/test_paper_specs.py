@@ -22,14 +22,13 @@ layers on the budget. The numbers asserted are the papers' and can be checked by
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from checkpoint_configs import SHAPES, write_local_models
+from checkpoint_configs import SHAPES, local_spec_dir
 from omegaconf import OmegaConf
 
 import prunelab.methods as M
@@ -52,11 +51,7 @@ INFOPRUNE_RATIOS = (0.33333333, 0.22222222, 0.11111111)  # 1/3, 2/9, 1/9 to 8 di
 @pytest.fixture(scope="module")
 def spec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The paper specs and their model configs, each model's `path` a local config dir."""
-    root = tmp_path_factory.mktemp("paper-specs")
-    write_local_models(root)
-    for spec in SWEEPS_DIR.glob("paper_*.yaml"):
-        shutil.copy(spec, root / spec.name)
-    return root
+    return local_spec_dir(tmp_path_factory.mktemp("paper-specs"), "paper_*.yaml")
 
 
 def _write_columns(path: Path, columns: list[str]) -> None:

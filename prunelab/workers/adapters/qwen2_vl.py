@@ -56,7 +56,13 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 from prunelab.methods.base import VisionSignals
-from prunelab.workers.adapters.base import LLMInput, Prepared, VLMAdapter, grid_coords
+from prunelab.workers.adapters.base import (
+    TINY_TEXT,
+    LLMInput,
+    Prepared,
+    VLMAdapter,
+    grid_coords,
+)
 from prunelab.workers.attention import wrap_attention
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
@@ -85,19 +91,11 @@ SPECIAL_TOKENS = {
     "vision_end_token": "<|vision_end|>",
 }
 
-_TEXT_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
 _PATCHES: dict[str, Any] = {"patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2}
 TINY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2_vl": {
         "vision": {"depth": 2, "embed_dim": 32, "num_heads": 4, "mlp_ratio": 2, **_PATCHES},
-        "text": _TEXT_DEFAULTS,
+        "text": TINY_TEXT,
     },
     "qwen2_5_vl": {
         "vision": {
@@ -110,7 +108,7 @@ TINY_DEFAULTS: dict[str, dict[str, Any]] = {
             "window_size": 32,
             "fullatt_block_indexes": [1],
         },
-        "text": _TEXT_DEFAULTS,
+        "text": TINY_TEXT,
     },
 }
 _CLASSES: dict[str, tuple[type, type, type, type, type]] = {
