@@ -212,8 +212,10 @@ def mlflow_child_run_s(tracking_uri: str, repeat: int = 40) -> float:
 # --------------------------------------------------------------------------- logging
 
 
-def logging_rate(tracking_uri: str, artifact_root: str | None, trials: int) -> float:
-    """Trials logged per second by prunelab's Tracker (params, metrics, trial.yaml)."""
+def logging_rate(tracking_uri: str, artifact_root: str | None, trials: int, new: bool) -> float:
+    """Trials logged per second by prunelab's Tracker (params, metrics, trial.yaml); ``new``:
+    as a sweep logs the trials it ran, else with the search for an earlier run of the key (as
+    a resumed sweep logs what a dead orchestrator finished)."""
     tracker = Tracker(tracking_uri, artifact_root)
     name = f"throughput-{uuid.uuid4().hex[:8]}"
     sweep_id = uuid.uuid4().hex[:12]
@@ -223,7 +225,15 @@ def logging_rate(tracking_uri: str, artifact_root: str | None, trials: int) -> f
     start = time.perf_counter()
     for i in range(trials):
         tracker.log_trial(
-            name, parent, sweep_id, f"k{i:06d}", f"t{i}", params, metrics, {"trial.yaml": "a: 1\n"}
+            name,
+            parent,
+            sweep_id,
+            f"k{i:06d}",
+            f"t{i}",
+            params,
+            metrics,
+            {"trial.yaml": "a: 1\n"},
+            new=new,
         )
     return trials / (time.perf_counter() - start)
 
@@ -307,18 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model loads: prunelab {rows[0][4]} (goal: workers x models = 1), Ray Tune {rows[1][4]}")
 
     print()
-    print("| MLflow store | trials logged per second |")
-    print("|---|---:|")
-    sqlite_rate = logging_rate(
-        f"sqlite:///{root / 'rate' / 'mlflow.db'}",
-        str(root / "rate" / "artifacts"),
-        args.log_trials,
-    )
-    print(f"| SQLite | {sqlite_rate:.1f} |")
+    print("| MLflow store | trials logged per second (sweep) | (resume: with search) |")
+    print("|---|---:|---:|")
+
+    def rates(uri: str, artifacts: Path) -> str:
+        new, resumed = (
+            logging_rate(uri, str(artifacts / str(flag)), args.log_trials, flag)
+            for flag in (True, False)
+        )
+        return f"{new:.1f} | {resumed:.1f}"
+
+    sqlite = f"sqlite:///{root / 'rate' / 'mlflow.db'}"
+    print(f"| SQLite | {rates(sqlite, root / 'rate')} |")
     with pg_database(args.pg_url) as pg:
         if pg is not None:
-            pg_rate = logging_rate(pg, str(root / "rate-pg" / "artifacts"), args.log_trials)
-            print(f"| PostgreSQL | {pg_rate:.1f} |")
+            print(f"| PostgreSQL | {rates(pg, root / 'rate-pg')} |")
     ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
     return 0
