@@ -38,6 +38,7 @@ __all__ = [
     "LLMInput",
     "Prepared",
     "VLMAdapter",
+    "feature_attention_layer",
     "greedy_generate",
     "grid_coords",
     "pretrained_model",
@@ -371,3 +372,11 @@ class VLMAdapter:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+
+def feature_attention_layer(feature_layer: int, n_layers: int) -> int:
+    """The encoder layer whose output is ``hidden_states[feature_layer]`` (index 0: embeddings)."""
+    index = feature_layer % (n_layers + 1)
+    if index == 0:
+        raise ValueError("vision_feature_layer=0 selects the embeddings: no attention layer")
+    return index - 1

@@ -42,6 +42,7 @@ from prunelab.workers.adapters.base import (
     LLMInput,
     Prepared,
     VLMAdapter,
+    feature_attention_layer,
     grid_coords,
     pretrained_model,
     seeded_model,
@@ -230,14 +231,6 @@ def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
         spec.path, revision=spec.revision, **spec.processor
     )
     return model, processor
-
-
-def feature_attention_layer(feature_layer: int, n_layers: int) -> int:
-    """The encoder layer whose output is ``hidden_states[feature_layer]`` (index 0: embeddings)."""
-    index = feature_layer % (n_layers + 1)
-    if index == 0:
-        raise ValueError("vision_feature_layer=0 selects the embeddings: no attention layer")
-    return index - 1
 
 
 def tile_ids(tiles: int) -> list[int]:

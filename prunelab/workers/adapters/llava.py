@@ -27,6 +27,7 @@ from prunelab.workers.adapters.base import (
     TINY_VISION,
     Prepared,
     VLMAdapter,
+    feature_attention_layer,
     grid_coords,
     pretrained_model,
     seeded_model,
@@ -122,14 +123,6 @@ def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     model = pretrained_model(LlavaForConditionalGeneration, spec, dtype, device)
     processor = LlavaProcessor.from_pretrained(spec.path, revision=spec.revision, **spec.processor)
     return model, processor
-
-
-def feature_attention_layer(feature_layer: int, n_layers: int) -> int:
-    """The encoder layer whose output is ``hidden_states[feature_layer]`` (index 0: embeddings)."""
-    index = feature_layer % (n_layers + 1)
-    if index == 0:
-        raise ValueError("vision_feature_layer=0 selects the embeddings: no attention layer")
-    return index - 1
 
 
 class LlavaAdapter(VLMAdapter):

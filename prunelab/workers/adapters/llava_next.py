@@ -60,12 +60,12 @@ from prunelab.workers.adapters.base import (
     LLMInput,
     Prepared,
     VLMAdapter,
+    feature_attention_layer,
     grid_coords,
     pretrained_model,
     seeded_model,
     tiny_text_config,
 )
-from prunelab.workers.adapters.llava import feature_attention_layer
 from prunelab.workers.adapters.llava import vision_flops as clip_vision_flops
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
