@@ -273,27 +273,32 @@ def pre_inference_flops_report(layout: Layout, n_layers: int = N_LAYERS) -> list
     lines = [f"PREP pre-inference FLOPs at LLaVA-1.5-7B sizes (analytic, workers/cost.py): "
              f"{N_VISUAL} tokens pooled to r={r} (group_size={method.group_size}), prompt "
              f"{layout.n_text} text tokens, pass of {seq} tokens through {ran} layers"]  # fmt: skip
-    for convention in ("pdrop", "exact"):
-        full = [layout.seq_len] * n_layers
+
+    def counted(n_text: int, convention: str) -> tuple[float, float]:
+        """(pass, unpruned prefill) FLOPs as ``tflops_guidance`` counts them, at n_text."""
+        seq, full = n_text + r, [layout.n_visual + n_text] * n_layers
         if convention == "exact":
             unpruned = sum(exact_layer_flops(n, n, info) for n in full)
             pre = sum(exact_layer_flops(seq, seq, info) for _ in range(ran))
         else:
             unpruned = prefill_flops(full, HIDDEN, 11008, convention)
             pre = prefill_flops([seq] * ran, HIDDEN, 11008, convention)
-        pre += N_VISUAL * HIDDEN
+        return pre + N_VISUAL * HIDDEN, unpruned
+
+    for convention in ("pdrop", "exact"):
+        pre, unpruned = counted(layout.n_text, convention)
         share = 100 * pre / unpruned
         lines.append(f"  {convention:<5} counted: {pre / 1e12:.4f} TFLOPs = {share:.2f}% "
                      f"of the unpruned LLM prefill ({unpruned / 1e12:.3f} TFLOPs)")  # fmt: skip
 
-    def counted_share(n_text: int) -> float:  # pdrop convention, as counted, at n_text tokens
-        pre = prefill_flops([n_text + r] * ran, HIDDEN, 11008, "pdrop") + N_VISUAL * HIDDEN
-        return pre / prefill_flops([N_VISUAL + n_text] * n_layers, HIDDEN, 11008, "pdrop")
+    def under_1_percent(n_text: int) -> bool:
+        pre, unpruned = counted(n_text, "pdrop")
+        return pre <= 0.01 * unpruned
 
-    longest = max((t for t in range(0, 513) if counted_share(t) <= 0.01), default=None)
+    longest = max((t for t in range(513) if under_1_percent(t)), default=None)
     lines.append(f"  counted <= 1% only with a prompt of at most {longest} text tokens: the "
                  f"text runs through the {ran} layers to give Q^k (eq. 1)")  # fmt: skip
-    unpruned = prefill_flops([layout.seq_len] * n_layers, HIDDEN, 11008, "pdrop")
+    unpruned = counted(layout.n_text, "pdrop")[1]
     for k in (6, 15):
         paper = k * prefill_flops([r], HIDDEN, 11008, "pdrop") + N_VISUAL
         lines.append(f"  paper eq. 27 (pooled tokens only) k*={k}: {paper / 1e12:.4f} TFLOPs = "
