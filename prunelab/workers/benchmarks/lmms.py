@@ -169,6 +169,12 @@ def _text(value: Any) -> str:
     return "" if text.strip().lower() == "nan" else text
 
 
+def _row_sample(question: str, answers: list[str], extra: dict[str, Any] | None = None) -> Sample:
+    """A sample of a parquet row before ``ParquetBenchmark.samples`` fills in its id, image and
+    category (the image is a 1x1 placeholder until then)."""
+    return Sample("", np.zeros((1, 1, 3), np.uint8), question, answers, extra=extra or {})
+
+
 @dataclass
 class ParquetBenchmark:
     """A benchmark read from lmms-eval-layout parquet files (subclasses: one per dataset).
@@ -331,7 +337,7 @@ class _VQA(ParquetBenchmark):
             _text(a.get("answer")) if isinstance(a, dict) else _text(a)
             for a in (row["answers"] or [])
         ]
-        return Sample("", np.zeros((1, 1, 3), np.uint8), question + self.prompt, answers)
+        return _row_sample(question + self.prompt, answers)
 
     def score(self, prediction: str, sample: Sample) -> float:
         return scoring.vqa_accuracy(
@@ -411,9 +417,7 @@ class GQA(ParquetBenchmark):
         return _read_rows(files, IMAGE, [where[str(r["imageId"])] for r in rows])
 
     def _sample(self, row: dict[str, Any]) -> Sample:
-        return Sample(
-            "",
-            np.zeros((1, 1, 3), np.uint8),
+        return _row_sample(
             _text(row["question"]) + self.prompt,
             [_text(row["answer"])],
             extra={"image_id": _text(row["imageId"])},
@@ -444,9 +448,7 @@ class MME(ParquetBenchmark):
         question = _text(row["question"]).strip()
         if self.prompt:  # lmms-eval swaps MME's own instruction for the post-prompt
             question = question.replace(MME_BUILTIN_PROMPT, "") + self.prompt
-        return Sample(
-            "",
-            np.zeros((1, 1, 3), np.uint8),
+        return _row_sample(
             question,
             [_text(row["answer"]).lower().strip().replace(".", "")],
             extra={"image_id": _text(row["question_id"])},
@@ -484,9 +486,7 @@ class POPE(ParquetBenchmark):
     required: ClassVar[tuple[str, ...]] = ("question", "answer")
 
     def _sample(self, row: dict[str, Any]) -> Sample:
-        return Sample(
-            "",
-            np.zeros((1, 1, 3), np.uint8),
+        return _row_sample(
             _text(row["question"]).strip() + self.prompt,
             [_text(row["answer"]).lower().strip()],
         )
@@ -535,9 +535,7 @@ class _MultipleChoice(ParquetBenchmark):
             raise DatasetError(
                 f"{self.path}: answer {answer!r} is not one of the options {sorted(options)}"
             )
-        return Sample(
-            "",
-            np.zeros((1, 1, 3), np.uint8),
+        return _row_sample(
             self._question(row, options),
             [answer],
             extra={"options": options},
@@ -703,9 +701,7 @@ class RealWorldQA(ParquetBenchmark):
 
     def _sample(self, row: dict[str, Any]) -> Sample:
         question = _text(row["question"])
-        return Sample(
-            "",
-            np.zeros((1, 1, 3), np.uint8),
+        return _row_sample(
             question + self.prompt,
             [_text(row["answer"]).strip()],
             extra={"options": scoring.parse_inline_options(question)},
@@ -731,9 +727,7 @@ class ChartQA(ParquetBenchmark):
     required: ClassVar[tuple[str, ...]] = ("question", "answer")
 
     def _sample(self, row: dict[str, Any]) -> Sample:
-        return Sample(
-            "",
-            np.zeros((1, 1, 3), np.uint8),
+        return _row_sample(
             _text(row["question"]) + self.prompt,
             [_text(row["answer"])],
         )
@@ -758,9 +752,7 @@ class OCRBench(ParquetBenchmark):
     def _sample(self, row: dict[str, Any]) -> Sample:
         answer = row["answer"]
         answers = [_text(a) for a in answer] if isinstance(answer, list) else [_text(answer)]
-        return Sample(
-            "",
-            np.zeros((1, 1, 3), np.uint8),
+        return _row_sample(
             _text(row["question"]).strip() + self.prompt,
             answers,
             extra={"dataset": _text(row["dataset"])},
