@@ -3,6 +3,8 @@ benchmark and the path named, before anything runs or is written."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -28,6 +30,21 @@ def test_shipped_benchmark_without_data_exits_2(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "prunelab-runs").exists()
 
 
+def _pope_spec(tmp_path: Path, target: Path) -> Path:
+    """A spec (``mine.yaml``) running tiny-llava on benchmark ``mypope``, a pope config of
+    ``target``, both written under ``tmp_path``."""
+    (tmp_path / "benchmark").mkdir()
+    (tmp_path / "benchmark" / "mypope.yaml").write_text(
+        f"name: mypope\nkind: pope\npath: {target}\n"
+    )
+    spec = tmp_path / "mine.yaml"
+    spec.write_text(
+        "defaults: [base, _self_]\nname: mine\n"
+        "grid: {model: tiny-llava, benchmark: mypope, method: none}\n"
+    )
+    return spec
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -43,15 +60,7 @@ def test_spec_benchmark_with_bad_file_exits_2(tmp_path, monkeypatch, capsys, con
         pq.write_table(pa.table({"question": ["Is there a cat?"]}), target)
     elif content is not None:
         target.write_bytes(content)
-    (tmp_path / "benchmark").mkdir()
-    (tmp_path / "benchmark" / "mypope.yaml").write_text(
-        f"name: mypope\nkind: pope\npath: {target}\n"
-    )
-    spec = tmp_path / "mine.yaml"
-    spec.write_text(
-        "defaults: [base, _self_]\nname: mine\n"
-        "grid: {model: tiny-llava, benchmark: mypope, method: none}\n"
-    )
+    spec = _pope_spec(tmp_path, target)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PRUNELAB_DB_URL", raising=False)
     monkeypatch.delenv("PRUNELAB_TRACKING_URI", raising=False)
@@ -68,14 +77,6 @@ def test_good_file_validates(tmp_path, monkeypatch, capsys):
     pq.write_table(
         pa.table({"question": ["Is there a cat?"], "answer": ["yes"], "image": [b"png"]}), target
     )
-    (tmp_path / "benchmark").mkdir()
-    (tmp_path / "benchmark" / "mypope.yaml").write_text(
-        f"name: mypope\nkind: pope\npath: {target}\n"
-    )
-    spec = tmp_path / "mine.yaml"
-    spec.write_text(
-        "defaults: [base, _self_]\nname: mine\n"
-        "grid: {model: tiny-llava, benchmark: mypope, method: none}\n"
-    )
+    spec = _pope_spec(tmp_path, target)
     monkeypatch.chdir(tmp_path)
     assert main(["sweep", str(spec), "--dry-run"]) == 0, capsys.readouterr().err
