@@ -268,24 +268,26 @@ def execute(
     if todo or elsewhere:
         start_ray(ray_address)
         bar = tqdm(total=total, initial=finished, desc=f"sweep {recorder.name}", unit="trial")
-        counts = {"done": finished, "failed": 0}
+        failures = [0]  # trials failed for good so far (shown on the bar)
         loads: dict[str, int] = {}  # worker -> models it loaded
         pool: WorkerPool | None = None
         waited = False
 
+        def ended(count: int, failed: bool) -> None:
+            """``count`` more trials ended: finished, or failed for good."""
+            failures[0] += count if failed else 0
+            bar.update(count)
+            bar.set_postfix(failed=failures[0])
+
         def done(dispatch, result):
             loads[result["worker"]] = result["model_loads"]
             recorder.done(dispatch, result)
-            counts["done"] += 1
-            bar.update(1)
-            bar.set_postfix(failed=counts["failed"])
+            ended(1, failed=False)
 
         def failed(dispatch, error, retryable):
             retry = recorder.failed(dispatch, error, retryable)
             if not retry:
-                counts["failed"] += 1
-                bar.update(1)
-                bar.set_postfix(failed=counts["failed"])
+                ended(1, failed=True)
             return retry
 
         try:
@@ -299,9 +301,7 @@ def execute(
                     todo, lost = fail_untrained(sessions, orchestrator, todo, untrained)
                     attach_heads([d.config for d in todo], heads)
                     if lost:
-                        counts["failed"] += len(lost)
-                        bar.update(len(lost))
-                        bar.set_postfix(failed=counts["failed"])
+                        ended(len(lost), failed=True)
                 if todo:
                     if pool is None:
                         pool = WorkerPool(
