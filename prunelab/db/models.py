@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+import prunelab.trial
+
 __all__ = [
     "SWEEP_STATUSES",
     "TRIAL_STATUSES",
@@ -134,6 +136,11 @@ class Trial(Base):
     metrics: Mapped[dict[str, Any] | None]
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     is_baseline: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    @property
+    def trial(self) -> prunelab.trial.Trial:
+        """The typed trial of this row's ``config`` (its stored form)."""
+        return prunelab.trial.Trial.from_dict(self.config)
 
     def __repr__(self) -> str:
         return f"Trial(id={self.id!r}, key={self.trial_key[:10]!r}, status={self.status!r})"

@@ -1,25 +1,31 @@
-"""Typed schema of a sweep spec (``prunelab/sweeps/base.yaml`` is its YAML counterpart).
+"""Typed schema of a sweep spec: every default of a sweep and of a trial's eval settings is
+defined here, once.
 
 The dataclasses are registered in Hydra's :class:`~hydra.core.config_store.ConfigStore` as
-``sweep_schema`` and used by :mod:`prunelab.orchestrator.spec` to check the types of a composed
-spec (``OmegaConf.structured(SweepConfig)`` merged with the composed config). Value ranges that
-a type cannot express are listed in :func:`range_problems`.
+``sweep_schema``, and their defaults as the config ``base`` that every spec starts from
+(``defaults: [base, _self_]``; a spec directory may shadow it with its own ``base.yaml``).
+:mod:`prunelab.orchestrator.spec` checks each section of a composed spec against its dataclass
+(``OmegaConf.structured(EvalConfig)`` merged key by key, so each bad value gets its own line).
+Value ranges that a type cannot express are listed in :func:`range_problems`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 __all__ = [
+    "BASE_NAME",
     "FLOPS_CONVENTIONS",
     "SCHEMA_NAME",
     "EvalConfig",
     "SweepConfig",
     "WorkersConfig",
+    "base_config",
     "range_problems",
     "register_schema",
 ]
@@ -29,22 +35,34 @@ FLOPS_CONVENTIONS = ("fastv", "pdrop", "exact")
 
 SCHEMA_NAME = "sweep_schema"
 """Name of :class:`SweepConfig` in Hydra's ConfigStore."""
+BASE_NAME = "base"
+"""Name of the defaults every spec starts from (``defaults: [base, _self_]``)."""
 
 
-@dataclass
+_IN_KEY = {"in_key": True}  # a setting that changes a trial's results: part of its key
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    """How each trial is evaluated."""
+    """How each trial is evaluated; a trial carries its own copy (``Trial.eval``)."""
 
-    limit: int | None = 64  # samples per trial (seeded subset of the split); None: all
-    sample_seed: int = 0  # which samples `limit` picks
-    max_new_tokens: int = 4  # greedy decoding budget per sample
+    # samples per trial (seeded subset of the split); None: all
+    limit: int | None = field(default=64, metadata=_IN_KEY)
+    sample_seed: int = field(default=0, metadata=_IN_KEY)  # which samples `limit` picks
+    max_new_tokens: int = field(default=4, metadata=_IN_KEY)  # greedy decoding budget per sample
     warmup: int = 2  # untimed forwards before timing
-    fidelity: bool = True  # compare first-token distributions with the unpruned model
-    flops_convention: str = "pdrop"  # one of FLOPS_CONVENTIONS
+    # compare first-token distributions with the unpruned model
+    fidelity: bool = field(default=True, metadata=_IN_KEY)
+    flops_convention: str = field(default="pdrop", metadata=_IN_KEY)  # one of FLOPS_CONVENTIONS
     heatmaps: int = 2  # samples per trial with an importance heatmap artifact (0: none)
 
+    @classmethod
+    def key_fields(cls) -> tuple[str, ...]:
+        """The settings that change a trial's results, hence part of its key (not warmup)."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get("in_key"))
 
-@dataclass
+
+@dataclass(frozen=True)
 class WorkersConfig:
     """The pool of Ray actors that run the trials."""
 
@@ -96,9 +114,23 @@ def range_problems(section: str, values: dict[str, Any]) -> dict[str, str]:
     return problems
 
 
+def base_config() -> dict[str, Any]:
+    """The defaults of a sweep spec as plain containers: the ``base`` config."""
+    return {
+        "name": MISSING,
+        "grid": {},
+        "eval": dataclasses.asdict(EvalConfig()),
+        "workers": dataclasses.asdict(WorkersConfig()),
+        "stages": {},
+    }
+
+
 def register_schema() -> None:
-    """Store :class:`SweepConfig` in Hydra's ConfigStore as ``sweep_schema`` (idempotent)."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=SweepConfig)
+    """Store :class:`SweepConfig` in Hydra's ConfigStore as ``sweep_schema``, and its defaults
+    as ``base`` (a plain mapping, so that compose merges overrides into it; idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=SweepConfig)
+    store.store(name=BASE_NAME, node=base_config())
 
 
 register_schema()

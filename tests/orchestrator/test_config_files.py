@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from omegaconf import OmegaConf
 
 import prunelab.methods as M
-from prunelab.orchestrator.config import SCHEMA_NAME, SweepConfig, range_problems
+from prunelab.orchestrator.config import (
+    BASE_NAME,
+    SCHEMA_NAME,
+    EvalConfig,
+    SweepConfig,
+    WorkersConfig,
+    range_problems,
+)
 from prunelab.orchestrator.spec import SWEEPS_DIR, group_names, load_sweep, sweep_names
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.models import ModelSpec, describe_model
@@ -21,20 +30,23 @@ def load_plain(relative: str) -> dict:
 
 
 def test_every_yaml_file_is_covered() -> None:
-    covered = {"base.yaml"}
-    covered |= {f"{name}.yaml" for name in sweep_names()}
+    covered = {f"{name}.yaml" for name in sweep_names()}
     for group in ("model", "benchmark", "method"):
         covered |= {f"{group}/{name}.yaml" for name in group_names(group)}
     assert set(ALL_YAML) == covered
 
 
-def test_base_matches_the_schema() -> None:
-    base = load_plain("base.yaml")
-    assert OmegaConf.is_missing(OmegaConf.load(SWEEPS_DIR / "base.yaml"), "name")
-    base.pop("name")
-    typed = OmegaConf.merge(OmegaConf.structured(SweepConfig), base)
-    assert range_problems("eval", OmegaConf.to_container(typed.eval)) == {}
-    assert range_problems("workers", OmegaConf.to_container(typed.workers)) == {}
+def test_base_is_the_schema_defaults() -> None:
+    """``base`` (what every spec starts from) is the schema's defaults, defined once."""
+    from hydra.core.config_store import ConfigStore
+
+    base = OmegaConf.create(ConfigStore.instance().load(f"{BASE_NAME}.yaml").node)
+    assert OmegaConf.is_missing(base, "name")
+    assert OmegaConf.to_container(base.eval) == dataclasses.asdict(EvalConfig())
+    assert OmegaConf.to_container(base.workers) == dataclasses.asdict(WorkersConfig())
+    assert set(base) == {f.name for f in dataclasses.fields(SweepConfig)}
+    assert range_problems("eval", OmegaConf.to_container(base.eval)) == {}
+    assert range_problems("workers", OmegaConf.to_container(base.workers)) == {}
 
 
 def test_schema_is_in_the_config_store() -> None:

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+import prunelab.methods as M
 from prunelab.db import init_db, repo, session_factory
 from prunelab.orchestrator.spec import load_sweep
+from prunelab.trial import Trial, trial_key
+from prunelab.workers.benchmarks import build_benchmark
 
 LEGACY = Path(__file__).parents[1] / "data" / "legacy"
 sys.path.insert(0, str(LEGACY))
@@ -37,4 +40,16 @@ def test_keys_of_stored_trials_unchanged(legacy_sessions, name, spec, overrides)
     planned = {t.key: t for t in plan.trials}
     assert list(planned) == list(stored)  # same keys, same order (baselines first)
     for key, trial in planned.items():
-        assert trial.config() == stored[key]
+        assert trial.to_dict() == stored[key]  # the stored form is unchanged
+        again = Trial.from_dict(stored[key])  # and an old row reads back as the same trial
+        assert again == trial and again.key == key
+        assert again.to_dict() == stored[key]
+        assert (
+            trial_key(
+                again,
+                method_version=M.get(again.method).version,
+                model_revision=plan.model_infos[again.model].revision,
+                benchmark_identity=build_benchmark(dict(again.benchmark_config)).describe(),
+            )
+            == key
+        )

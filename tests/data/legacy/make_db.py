@@ -17,22 +17,53 @@ from prunelab.orchestrator.spec import load_sweep
 HERE = Path(__file__).parent
 DB = HERE / "trials-v1.db"
 
-ALL_TINY = "none,random,fastv,pdrop,sparsevlm,visionzip,tome,divprune,prumerge_plus,sgp,pgp,polymorphic,infoprune,prep"
-NO_GUIDE = "none,random,fastv,pdrop,sparsevlm,visionzip,tome,divprune,prumerge_plus,polymorphic,infoprune,prep"
+_COMMON = "none,random,fastv,pdrop,sparsevlm,visionzip,tome,divprune,prumerge_plus"
+ALL_TINY = f"{_COMMON},sgp,pgp,polymorphic,infoprune,prep"
+NO_GUIDE = f"{_COMMON},polymorphic,infoprune,prep"
 
 # (sweep name, spec, overrides): each is planned and recorded as one sweep
 CASES: list[tuple[str, str, list[str]]] = [
     ("quickstart", "quickstart", []),
-    ("every-method-ratio", "quickstart",
-     ["model=tiny-llava", f"method={ALL_TINY}", "keep_ratio=0.25,0.5", "prune_layer=2", "seed=0,1"]),
-    ("every-method-tokens", "quickstart",
-     ["model=tiny-llava", f"method={ALL_TINY}", "~keep_ratio", "keep_tokens=48,100"]),
-    ("families", "quickstart",
-     ["model=tiny-qwen2-vl,tiny-qwen2.5-vl,tiny-internvl,tiny-llava-next", f"method={NO_GUIDE}",
-      "keep_ratio=0.3", "eval.limit=8", "eval.max_new_tokens=2"]),
-    ("hparams", "quickstart",
-     ["model=toy-llava", "method=fastv,tome", "method.metric=keys,tokens", "prune_layer=1,3", "keep_ratio=0.5",
-      "eval.fidelity=false", "eval.flops_convention=fastv"]),
+    (
+        "every-method-ratio",
+        "quickstart",
+        [
+            "model=tiny-llava",
+            f"method={ALL_TINY}",
+            "keep_ratio=0.25,0.5",
+            "prune_layer=2",
+            "seed=0,1",
+        ],
+    ),
+    (
+        "every-method-tokens",
+        "quickstart",
+        ["model=tiny-llava", f"method={ALL_TINY}", "~keep_ratio", "keep_tokens=48,100"],
+    ),
+    (
+        "families",
+        "quickstart",
+        [
+            "model=tiny-qwen2-vl,tiny-qwen2.5-vl,tiny-internvl,tiny-llava-next",
+            f"method={NO_GUIDE}",
+            "keep_ratio=0.3",
+            "eval.limit=8",
+            "eval.max_new_tokens=2",
+        ],
+    ),
+    (
+        "hparams",
+        "quickstart",
+        [
+            "model=toy-llava",
+            "method=fastv,tome",
+            "method.metric=keys,tokens",
+            "prune_layer=1,3",
+            "keep_ratio=0.5",
+            "eval.fidelity=false",
+            "eval.flops_convention=fastv",
+        ],
+    ),
 ]
 
 
