@@ -13,16 +13,18 @@ from prunelab.methods.base import (
     Plan,
     PlanContext,
     PruningMethod,
+    TrainedHeadMethod,
     VisionSelection,
     VisionSignals,
 )
-from prunelab.methods.registry import UnknownMethodError, available, get, register
+from prunelab.methods.registry import METHODS, UnknownMethodError, available, get, register
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "registry"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "METHODS",
     "Budget",
     "HyperparameterError",
     "LayerSelection",
@@ -31,6 +33,7 @@ __all__ = [
     "Plan",
     "PlanContext",
     "PruningMethod",
+    "TrainedHeadMethod",
     "UnknownMethodError",
     "VisionSelection",
     "VisionSignals",

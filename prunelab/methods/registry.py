@@ -2,43 +2,32 @@
 
 from __future__ import annotations
 
-import difflib
-
 from prunelab.methods.base import PruningMethod
+from prunelab.registry import Registry, UnknownNameError
 
-__all__ = ["UnknownMethodError", "available", "get", "register"]
-
-_REGISTRY: dict[str, type[PruningMethod]] = {}
+__all__ = ["METHODS", "UnknownMethodError", "available", "get", "register"]
 
 
-class UnknownMethodError(KeyError):
-    def __init__(self, name: str) -> None:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        super().__init__(f"unknown method {name!r}{hint} (known: {', '.join(sorted(_REGISTRY))})")
-        self.name = name
+class UnknownMethodError(UnknownNameError):
+    """``get`` of an unregistered method: ``unknown method 'x'; did you mean 'y'? (known: ...)``."""
 
-    def __str__(self) -> str:
-        return str(self.args[0])
+
+METHODS: Registry[type[PruningMethod]] = Registry("method", error=UnknownMethodError)
+_REGISTRY = METHODS._entries  # the name -> class dict behind METHODS (tests monkeypatch it)
 
 
 def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: register a method under its ``name``."""
     if not (isinstance(cls, type) and issubclass(cls, PruningMethod)):
         raise TypeError(f"{cls!r} is not a PruningMethod subclass")
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method {cls.name!r} is already registered by {_REGISTRY[cls.name]}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return METHODS.add(cls.name, cls)
 
 
 def get(name: str) -> type[PruningMethod]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownMethodError(name) from None
+    return METHODS.get(name)
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return METHODS.names()

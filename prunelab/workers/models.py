@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 __all__ = [
-    "FAMILIES",
     "LoadedModel",
     "ModelInfo",
     "ModelSpec",
@@ -33,7 +32,6 @@ __all__ = [
     "load_model",
 ]
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models"  # prunelab/models/<name>
@@ -80,8 +78,10 @@ class ModelSpec:
         if unknown:
             raise ValueError(f"unknown model key(s) {', '.join(unknown)}")
         spec = cls(**cfg)
-        if spec.family not in FAMILIES:
-            raise ValueError(f"family={spec.family!r}: expected one of {', '.join(FAMILIES)}")
+        from prunelab.workers.adapters import family_problem  # lazy: adapters import us
+
+        if (problem := family_problem(spec.family)) is not None:
+            raise ValueError(problem)
         if spec.source not in ("tiny", "pretrained"):
             raise ValueError(f"source={spec.source!r}: expected 'tiny' or 'pretrained'")
         if spec.source == "pretrained" and not spec.path:

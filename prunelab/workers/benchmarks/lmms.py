@@ -32,13 +32,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from prunelab.workers.benchmarks import scoring
+from prunelab.workers.benchmarks import register_benchmark, scoring
 from prunelab.workers.benchmarks.base import Sample
 
 __all__ = [
     "AI2D",
     "GQA",
-    "KINDS",
     "MC_PROMPT",
     "MME",
     "POPE",
@@ -345,6 +344,7 @@ class _VQA(ParquetBenchmark):
         )
 
 
+@register_benchmark
 @dataclass
 class TextVQA(_VQA):
     """TextVQA (lmms-lab/textvqa, split validation); answers normalised like the prediction."""
@@ -353,6 +353,7 @@ class TextVQA(_VQA):
     capitalize: ClassVar[bool] = True
 
 
+@register_benchmark
 @dataclass
 class VizWiz(_VQA):
     """VizWiz-VQA (lmms-lab/VizWiz-VQA, split val); categories: answer type."""
@@ -364,6 +365,7 @@ class VizWiz(_VQA):
     capitalize: ClassVar[bool] = True
 
 
+@register_benchmark
 @dataclass
 class VQAv2(_VQA):
     """VQAv2 (lmms-lab/VQAv2, split validation): answers are ``{answer, ...}`` records,
@@ -375,6 +377,7 @@ class VQAv2(_VQA):
 
 
 # -- GQA ---------------------------------------------------------------------------------------
+@register_benchmark
 @dataclass
 class GQA(ParquetBenchmark):
     """GQA (lmms-lab/GQA): questions in ``testdev_balanced_instructions`` (``imageId``,
@@ -428,6 +431,7 @@ class GQA(ParquetBenchmark):
 
 
 # -- yes / no ----------------------------------------------------------------------------------
+@register_benchmark
 @dataclass
 class MME(ParquetBenchmark):
     """MME (lmms-lab/MME, split test): two yes/no questions per image (``question_id`` is
@@ -472,6 +476,7 @@ class MME(ParquetBenchmark):
         return metrics
 
 
+@register_benchmark
 @dataclass
 class POPE(ParquetBenchmark):
     """POPE (lmms-lab/POPE, split test): yes/no object probing; categories adversarial,
@@ -557,6 +562,7 @@ def _letter_columns(row: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return options
 
 
+@register_benchmark
 @dataclass
 class MMBench(_MultipleChoice):
     """MMBench (lmms-lab/MMBench, config en, split dev): options in columns A-E, optional
@@ -603,6 +609,7 @@ class MMBench(_MultipleChoice):
         return metrics
 
 
+@register_benchmark
 @dataclass
 class MMStar(_MultipleChoice):
     """MMStar (Lin-Chen/MMStar, split val): options inside the question text; ``score`` is
@@ -639,6 +646,7 @@ class MMStar(_MultipleChoice):
         return metrics
 
 
+@register_benchmark
 @dataclass
 class ScienceQAImg(_MultipleChoice):
     """ScienceQA-IMG (lmms-lab/ScienceQA, config ScienceQA-IMG, split test): ``choices`` list,
@@ -661,6 +669,7 @@ class ScienceQAImg(_MultipleChoice):
         return f"{context}{super()._question(row, options)}"
 
 
+@register_benchmark
 @dataclass
 class AI2D(_MultipleChoice):
     """AI2D (lmms-lab/ai2d, split test): ``options`` list, ``answer`` its index as text."""
@@ -675,6 +684,7 @@ class AI2D(_MultipleChoice):
         return chr(ord("A") + int(_text(row["answer"]).strip()))
 
 
+@register_benchmark
 @dataclass
 class SeedBench2Plus(_MultipleChoice):
     """SEED-Bench-2-Plus (doolayer/SEED-Bench-2-Plus, split test): ``choice_A``-``choice_D``,
@@ -689,6 +699,7 @@ class SeedBench2Plus(_MultipleChoice):
         return _letter_columns(row, "choice_")
 
 
+@register_benchmark
 @dataclass
 class RealWorldQA(ParquetBenchmark):
     """RealWorldQA (lmms-lab/RealWorldQA, split test): the question carries its options and
@@ -715,6 +726,7 @@ class RealWorldQA(ParquetBenchmark):
 
 
 # -- ChartQA, OCRBench -------------------------------------------------------------------------
+@register_benchmark
 @dataclass
 class ChartQA(ParquetBenchmark):
     """ChartQA (lmms-lab/ChartQA, split test): relaxed accuracy; categories: ``type``
@@ -736,6 +748,7 @@ class ChartQA(ParquetBenchmark):
         return float(scoring.relaxed_correctness(prediction, sample.answers[0]))
 
 
+@register_benchmark
 @dataclass
 class OCRBench(ParquetBenchmark):
     """OCRBench (echo840/OCRBench, split test): ``answer`` a list of accepted strings,
@@ -770,13 +783,3 @@ class OCRBench(ParquetBenchmark):
             sum(r[2] for r in results if r[0].category in scoring.OCRBENCH_RECOGNITION)
         )
         return metrics
-
-
-KINDS: dict[str, type[ParquetBenchmark]] = {
-    cls.kind: cls
-    for cls in (
-        TextVQA, VizWiz, VQAv2, GQA, MME, POPE, MMBench, MMStar, ScienceQAImg, AI2D,
-        SeedBench2Plus, RealWorldQA, ChartQA, OCRBench,
-    )
-}  # fmt: skip
-"""Benchmark kinds read from lmms-eval parquet files, by ``kind`` name."""

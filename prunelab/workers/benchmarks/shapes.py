@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from prunelab.workers.benchmarks import register_benchmark
 from prunelab.workers.benchmarks.base import Sample
 
 __all__ = ["COLORS", "SHAPES", "ShapesBenchmark", "exact_match", "render", "shapes_vocabulary"]
@@ -86,10 +87,12 @@ def exact_match(prediction: str, answers: list[str]) -> float:
     return float(first in {a.lower().translate(table).strip() for a in answers})
 
 
+@register_benchmark
 @dataclass
 class ShapesBenchmark:
     """Synthetic shapes VQA. ``split`` picks a disjoint seed stream (train / test)."""
 
+    kind: ClassVar[str] = "shapes"
     name: str = "shapes"
     split: str = "test"
     grid: int = 3
