@@ -19,7 +19,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -34,6 +34,7 @@ __all__ = [
     "PreInferenceSignals",
     "PreInferenceStep",
     "PruningMethod",
+    "TrainedHeadMethod",
     "VisionSelection",
     "VisionSignals",
 ]
@@ -56,10 +57,29 @@ class Budget:
     def __post_init__(self) -> None:
         if (self.keep_ratio is None) == (self.keep_tokens is None):
             raise ValueError("give exactly one of keep_ratio and keep_tokens")
-        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio={self.keep_ratio}: must be in (0, 1]")
-        if self.keep_tokens is not None and self.keep_tokens < 1:
-            raise ValueError(f"keep_tokens={self.keep_tokens}: must be >= 1")
+        if self.keep_ratio is not None and (problem := self.ratio_problem(self.keep_ratio)):
+            raise ValueError(f"keep_ratio={self.keep_ratio}: {problem}")
+        if self.keep_tokens is not None and (problem := self.tokens_problem(self.keep_tokens)):
+            raise ValueError(f"keep_tokens={self.keep_tokens}: {problem}")
+
+    @staticmethod
+    def ratio_problem(value: Any) -> str | None:
+        """What is wrong with ``value`` as a keep_ratio (None: nothing)."""
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return "must be a number in (0, 1]"
+        return None if 0.0 < value <= 1.0 else "must be in (0, 1]"
+
+    @staticmethod
+    def tokens_problem(value: Any) -> str | None:
+        """What is wrong with ``value`` as a keep_tokens (None: nothing)."""
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        return None if ok else "must be an integer >= 1"
+
+    def reach_problem(self, n_visual: int) -> str | None:
+        """Why this budget cannot be met on a model with ``n_visual`` tokens (None: it can)."""
+        if self.keep_tokens is not None and self.keep_tokens > n_visual:
+            return f"must be <= {n_visual}"
+        return None
 
     def tokens(self, n_visual: int) -> int:
         """Visual tokens to keep out of ``n_visual`` (at least 1, at most ``n_visual``)."""
@@ -216,11 +236,24 @@ class PreInferenceSignals:
 class PruningMethod:
     """Base of every method: hyperparameters are the dataclass fields of a subclass.
 
-    Class attributes describe the method to the sweep machinery:
-    ``uses_budget`` / ``uses_layer`` / ``uses_seed`` say which trial axes it reads (the others are
-    dropped from its trials); ``default_prune_layer`` is used when the grid has no prune_layer;
-    ``min_prune_layer`` is the first layer it can act at; ``stages`` is shown by
-    ``prunelab methods``.
+    Class attributes describe the method to the sweep machinery (``prunelab methods`` lists
+    them):
+
+    - ``name``: registry key (``@register``), as sweeps and trial configs name the method.
+    - ``version``: part of the trial key; bump it when the method's results change.
+    - ``stages``: one line on where it acts, for ``prunelab methods``.
+    - ``uses_budget`` / ``uses_layer`` / ``uses_seed``: the trial axes it reads; the planner
+      drops the others from its trials, and the runner passes no budget without ``uses_budget``.
+    - ``default_prune_layer``: the layer used when the grid has no prune_layer.
+    - ``min_prune_layer``: the first layer it can act at (:meth:`layer_range`).
+    - ``needs_guidance``: runs the model config's smaller ``guidance`` model alongside (the
+      planner requires one, the runner loads it); ``guidance_signal`` is what the guide
+      supplies: ``"attention"`` rows of its generation (:meth:`score_guidance`) or the
+      ``"hidden"`` states of its visual tokens from one prefill (:meth:`score_hidden`).
+    - a method whose trials need a head trained first (a sweep's ``stages:``, ``prunelab
+      train-vib``) is a :class:`TrainedHeadMethod`; one with a pre-inference pass (PREP) says
+      so in its plans (``Plan.pre_inference``).
+    - ``paper``: the reference, shown by ``prunelab methods``.
     """
 
     name: ClassVar[str] = ""
@@ -229,13 +262,8 @@ class PruningMethod:
     uses_budget: ClassVar[bool] = True
     uses_layer: ClassVar[bool] = False
     uses_seed: ClassVar[bool] = False
-    needs_guidance: ClassVar[bool] = False  # runs the model config's smaller `guidance` model
-    needs_pre_inference: ClassVar[bool] = False  # its plans have a `pre_inference` pass
-    # what the guide supplies: "attention" rows of its generation (score_guidance) or the
-    # "hidden" states of its visual tokens from one prefill (score_hidden)
+    needs_guidance: ClassVar[bool] = False
     guidance_signal: ClassVar[Literal["attention", "hidden"]] = "attention"
-    # needs a head trained before its trials (a sweep's `stages:`, `prunelab train-vib`)
-    needs_training: ClassVar[bool] = False
     default_prune_layer: ClassVar[int | None] = None
     min_prune_layer: ClassVar[int] = 0
     paper: ClassVar[str] = ""
@@ -289,6 +317,22 @@ class PruningMethod:
         the layer chosen from the pass's ``signals``."""
         raise NotImplementedError(f"{self.name} has no pre-inference pass")
 
+    # -- what a trial can ask of it --------------------------------------------------------
+    @classmethod
+    def layer_range(cls, n_layers: int) -> tuple[int, int]:
+        """The ``prune_layer`` values this method can act at on an LLM of ``n_layers``."""
+        return cls.min_prune_layer, n_layers - 1
+
+    def plan_problem(self, ctx: PlanContext) -> str | None:
+        """Why this method cannot plan a trial in ``ctx`` (None: it can): the first line of
+        the error its ``plan`` raises, e.g. a budget its stages cannot reach."""
+        try:
+            self.plan(ctx)
+        except ValueError as exc:
+            text = str(exc).strip()
+            return text.splitlines()[0] if text else type(exc).__name__
+        return None
+
     # -- hyperparameters ------------------------------------------------------------------
     @classmethod
     def hyperparameters(cls) -> dict[str, Any]:
@@ -308,6 +352,17 @@ class PruningMethod:
                 f"(allowed: {allowed})"
             )
         return cls(**hparams)
+
+
+@runtime_checkable
+class TrainedHeadMethod(Protocol):
+    """A method (e.g. pgp) whose trials need a head trained first: the
+    sweep's training stage ``stages.<stage>`` trains it, once per distinct ``head_hparams()``
+    (the hyperparameters that decide the head, part of its key)."""
+
+    stage: str
+
+    def head_hparams(self) -> dict[str, Any]: ...
 
 
 def _check_field_types(obj: Any) -> None:

@@ -206,7 +206,6 @@ class PGP(PruningMethod):
     uses_layer: ClassVar[bool] = True
     needs_guidance: ClassVar[bool] = True
     guidance_signal: ClassVar[str] = "hidden"
-    needs_training: ClassVar[bool] = True
     default_prune_layer: ClassVar[int | None] = 0
     min_prune_layer: ClassVar[int] = 0
     paper: ClassVar[str] = "IF-Prune / PGP, CVPR 2026 (seeds/pgp-posterior-guided-pruning.txt)"

@@ -293,7 +293,6 @@ class PREP(PruningMethod):
 
     name: ClassVar[str] = "prep"
     stages: ClassVar[str] = "pre-inference (pooled tokens, EKL over layers 6-15) + layer k*"
-    needs_pre_inference: ClassVar[bool] = True
     paper: ClassVar[str] = "PREP: Pre-inference Guided Token Pruning (seeds/prep.txt)"
 
     def __post_init__(self) -> None:

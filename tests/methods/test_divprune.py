@@ -11,7 +11,7 @@ from prunelab.methods.divprune import cosine_distances, divprune_order
 from prunelab.workers.adapters.base import grid_coords
 from prunelab.workers.runner import ReferenceCache, run_trial
 
-_trial = TINY.trial_config
+_trial = TINY.tiny_trial
 
 
 # x0 = east, x1 = almost east, x2 = north, x3 = west (lengths do not matter: cosine)

@@ -200,7 +200,7 @@ def test_hyperparameters_and_errors():
 
 def test_whole_trial_logs_the_selection_curves():
     loaded, adapter = TINY.load_tiny("tiny-llava")
-    config = TINY.trial_config("tiny-llava", "infoprune", 2, keep_ratio=0.25)
+    config = TINY.tiny_trial("tiny-llava", "infoprune", 2, keep_ratio=0.25)
     output = run_trial(loaded, adapter, config, ReferenceCache())
     metrics = output.metrics
     assert abs(metrics["avg_visual_tokens"] - 0.25 * metrics["visual_tokens_in"]) <= 1.0

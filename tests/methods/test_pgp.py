@@ -105,7 +105,11 @@ def test_head_scores_are_kl_of_its_posterior() -> None:
 
 def test_plan_select_and_validation() -> None:
     method = M.get("pgp")()
-    assert method.needs_guidance and method.guidance_signal == "hidden" and method.needs_training
+    assert (
+        method.needs_guidance
+        and method.guidance_signal == "hidden"
+        and isinstance(method, M.TrainedHeadMethod)
+    )
     plan0 = method.plan(M.PlanContext(576, 32, M.Budget(keep_ratio=0.05), None, 0))
     assert plan0.vision_keep == 29 and plan0.layers == ()  # L = 0: before the LLM
     plan9 = method.plan(M.PlanContext(576, 32, M.Budget(keep_tokens=64), 9, 0))
@@ -155,6 +159,7 @@ def _train_config(**head) -> dict:
 def test_training_lowers_the_loss_and_the_head_scores_through_the_guide(head: dict) -> None:
     from tiny_models import load_tiny
 
+    from prunelab.trial import Trial
     from prunelab.workers.benchmarks.shapes import ShapesBenchmark
     from prunelab.workers.guidance import run_guidance
     from prunelab.workers.vib import decode_head, train_vib, trial_assets
@@ -170,7 +175,8 @@ def test_training_lowers_the_loss_and_the_head_scores_through_the_guide(head: di
     assert meta["gate"] == head.get("gate", "sigmoid")
     assert any(k.startswith("lora.") for k in tensors) == (head.get("lora_rank", 8) > 0)
 
-    method = M.get("pgp")(**head).bind(trial_assets({"vib_head": {"state": result.blob}}))
+    trial = Trial("tiny-llava", "shapes", "pgp", head, vib_head={"state": result.blob})
+    method = M.get("pgp")(**head).bind(trial_assets(trial))
     sample = ShapesBenchmark().sample(0)
     with torch.inference_mode():
         guidance = run_guidance(guide[1], method, sample, 4, lambda: 0.0)

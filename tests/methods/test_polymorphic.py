@@ -220,6 +220,6 @@ def test_hyperparameters_and_errors():
 @pytest.mark.parametrize("hparams", [{}, {"score": "attention", "merged_position": "end"}])
 def test_whole_trial_on_tiny_llava(hparams):
     loaded, adapter = TINY.load_tiny("tiny-llava")
-    config = TINY.trial_config("tiny-llava", "polymorphic", 2, keep_ratio=0.25, hparams=hparams)
+    config = TINY.tiny_trial("tiny-llava", "polymorphic", 2, keep_ratio=0.25, hparams=hparams)
     metrics = run_trial(loaded, adapter, config, ReferenceCache()).metrics
     assert abs(metrics["avg_visual_tokens"] - 0.25 * metrics["visual_tokens_in"]) <= 1.0

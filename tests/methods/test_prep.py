@@ -214,7 +214,7 @@ def test_plan_is_provisional_until_the_pre_inference() -> None:
     assert step is not None and step.hidden and not step.text_attention
     assert step.candidates == tuple(range(6, 16))
     assert step.layers == tuple(range(5, 16))  # Q^{k-1} of the first candidate too
-    assert M.get("prep").needs_pre_inference and not M.get("prep").uses_layer
+    assert not M.get("prep").uses_layer
 
 
 def test_after_pre_inference_chooses_the_ekl_argmax() -> None:

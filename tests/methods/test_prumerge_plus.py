@@ -18,7 +18,7 @@ from prunelab.methods.prumerge_plus import (
 from prunelab.workers.adapters.base import grid_coords
 from prunelab.workers.runner import ReferenceCache, run_trial
 
-_trial = TINY.trial_config
+_trial = TINY.tiny_trial
 
 
 def test_iqr_finds_the_one_clear_outlier():

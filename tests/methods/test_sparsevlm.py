@@ -221,7 +221,7 @@ def test_recycled_tokens_change_the_outputs():
     cache = ReferenceCache()
 
     def kl(hparams):
-        config = TINY.trial_config("tiny-llava", "sparsevlm", 2, keep_ratio=0.5, hparams=hparams)
+        config = TINY.tiny_trial("tiny-llava", "sparsevlm", 2, keep_ratio=0.5, hparams=hparams)
         return [p["fidelity_kl"] for p in run_trial(loaded, adapter, config, cache).predictions]
 
     merged, dropped = kl({}), kl({"recycle": False})

@@ -11,7 +11,7 @@ from prunelab.methods.tome import bipartite_merge_round, tome_merge
 from prunelab.workers.adapters.base import grid_coords
 from prunelab.workers.runner import ReferenceCache, run_trial
 
-_trial = TINY.trial_config
+_trial = TINY.tiny_trial
 
 
 def test_two_identical_tokens_merge_into_their_average():

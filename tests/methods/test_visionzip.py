@@ -11,7 +11,7 @@ from prunelab.methods.visionzip import visionzip_select, visionzip_split
 from prunelab.workers.adapters.base import grid_coords
 from prunelab.workers.runner import ReferenceCache, run_trial
 
-_trial = TINY.trial_config
+_trial = TINY.tiny_trial
 
 
 def test_split_reproduces_the_published_settings():
