@@ -36,7 +36,7 @@ Signals (LLaVA-1.5-7B sizes whatever the device):
 
 Prefill: the unpruned prefill (vision + LLM up to the first token's logits) of the same
 architecture built with ``prefill_speedup.build`` from ``PRESETS["llava"]`` in this process,
-through ``runner._run_sample`` with ``timing.Timer`` (CUDA events on a GPU): the full 7B width
+through ``runner.run_sample`` with ``timing.Timer`` (CUDA events on a GPU): the full 7B width
 in bf16 on a GPU, the reduced preset in float32 on a CPU (the signals keep the 7B sizes there,
 so the CPU percentage is only indicative). Medians over ``repeats`` after ``warmup`` runs.
 Goal: overhead <= 2% of the prefill on a GPU.
@@ -73,7 +73,7 @@ from prunelab.workers.adapters.base import grid_coords
 from prunelab.workers.benchmarks.shapes import ShapesBenchmark
 from prunelab.workers.cost import exact_layer_flops, prefill_flops
 from prunelab.workers.models import ModelInfo
-from prunelab.workers.runner import _run_sample
+from prunelab.workers.runner import run_sample
 from prunelab.workers.timing import Timer
 
 KEEP = (192, 128, 64)
@@ -399,8 +399,7 @@ def prepare_prefill(size: str, device, dtype) -> tuple[Callable[[], float], Layo
 
     def prefill() -> float:
         generator = torch.Generator().manual_seed(0)
-        result = _run_sample(adapter, prepared, none, Plan(), generator, 1, timer)
-        return result[0].prefill_s
+        return run_sample(adapter, prepared, none, Plan(), generator, 1, timer).generation.prefill_s
 
     return prefill, layout, (loaded, adapter)
 

@@ -52,6 +52,7 @@ import prunelab.orchestrator.sweep as sweep_module
 from prunelab.orchestrator.spec import load_sweep
 from prunelab.orchestrator.sweep import Stores, submit_sweep
 from prunelab.orchestrator.tracking import Tracker
+from prunelab.trial import Trial, TrialResult
 from prunelab.workers.actor import Worker
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -108,9 +109,9 @@ def run_prunelab(
     recording: list[float] = []
     original = sweep_module._Recorder.done
 
-    def done(recorder: Any, dispatch: Any, result: dict[str, Any]) -> None:
+    def done(recorder: Any, dispatch: Any, result: TrialResult) -> None:
         # called once the worker has its next trial: recording overlaps that trial's compute
-        trials.append((time.time(), float(result["run_s"])))
+        trials.append((time.time(), result.run_s))
         start = time.perf_counter()
         original(recorder, dispatch, result)
         recording.append(time.perf_counter() - start)
@@ -133,15 +134,15 @@ def run_prunelab(
     return trials, int(parent.data.metrics["model_loads"]), wall, recording
 
 
-def _tune_trainable(config: dict[str, Any], trials: list[dict[str, Any]]) -> None:
+def _tune_trainable(config: dict[str, Any], trials: list[Trial]) -> None:
     """A Tune function trainable: a fresh process state per trial, so it loads the model."""
     worker = Worker("tune", threads=1)
     result = worker.run(trials[config["index"]])
     tune.report(
         {
-            "score": float(result["metrics"]["score"]),
-            "model_loads": result["model_loads"],
-            "run_s": result["run_s"],  # the trial itself, without the model load
+            "score": float(result.metrics["score"]),
+            "model_loads": result.model_loads,
+            "run_s": result.run_s,  # the trial itself, without the model load
             "end": time.time(),
         }
     )
@@ -150,10 +151,10 @@ def _tune_trainable(config: dict[str, Any], trials: list[dict[str, Any]]) -> Non
 def run_tune(plan: Any, root: Path) -> tuple[list[tuple[float, float]], int, float]:
     """The same grid through ``Tuner`` + ``grid_search``: (end time, compute) of each trial,
     model loads, wall time."""
-    configs = [t.config() for t in plan.trials]
+    planned = list(plan.trials)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_tune_trainable, trials=configs), {"cpu": 1}),
-        param_space={"index": tune.grid_search(list(range(len(configs))))},
+        tune.with_resources(tune.with_parameters(_tune_trainable, trials=planned), {"cpu": 1}),
+        param_space={"index": tune.grid_search(list(range(len(planned))))},
         tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=False),
         run_config=tune.RunConfig(
             name=f"bench-{uuid.uuid4().hex[:6]}", storage_path=str(root / "tune"), verbose=0

@@ -5,7 +5,7 @@
 Each model is built from its 7B config with random weights (no download) in bf16 on a GPU, and
 fed one image whose visual tokens number 576 (LLaVA-1.5: 336 px; Qwen2-VL: 672 px, 48x48
 patches merged 2x2). The unpruned prefill is compared with FastV at K=2 keeping 192, 128 and 64
-of the 576 tokens, through the same code path a trial runs (``runner._run_sample``: vision tower,
+of the 576 tokens, through the same code path a trial runs (``runner.run_sample``: vision tower,
 attention probe for FastV's last-token row, layer-stage pruner, first token).
 
 Prefill = vision encoding + LLM prefill up to the first token's logits, median over ``repeats``
@@ -34,7 +34,7 @@ from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import ShapesBenchmark
 from prunelab.workers.cost import exact_layer_flops
 from prunelab.workers.models import LoadedModel, ModelSpec, describe_model
-from prunelab.workers.runner import _run_sample
+from prunelab.workers.runner import run_sample
 from prunelab.workers.timing import Timer
 
 KEEP = (192, 128, 64)
@@ -142,7 +142,7 @@ def bench_model(name: str, size: str, device, dtype, warmup: int, repeats: int) 
         for run in range(warmup + repeats):
             for i, (_, _, method, plan) in enumerate(settings):
                 generator = torch.Generator().manual_seed(0)
-                gen, _, _ = _run_sample(adapter, prepared, method, plan, generator, 1, timer)
+                gen = run_sample(adapter, prepared, method, plan, generator, 1, timer).generation
                 if run >= warmup:
                     times[i].append(gen.prefill_s)
                 flops[i] = prefill_flops(gen.lengths.tokens, loaded, gen.vision_flops)

@@ -35,8 +35,10 @@ import time
 from typing import Any
 
 import prunelab.methods as methods
+from prunelab.orchestrator.config import EvalConfig
 from prunelab.orchestrator.vib_stage import head_spec
 from prunelab.sweeps import group_config
+from prunelab.trial import Trial
 from prunelab.workers.adapters import adapter_for
 from prunelab.workers.models import load_model
 from prunelab.workers.runner import ReferenceCache, run_trial
@@ -47,32 +49,21 @@ VIB_STEPS = 0  # pgp head training steps; 0: one epoch (the paper), 250 steps on
 CATEGORIES = ("color", "shape", "count", "exist")
 
 
-def trial(model: str, method: str, limit: int, ratio: float | None) -> dict[str, Any]:
-    """A trial config as the orchestrator sends it, on the shapes test split."""
+def trial(model: str, method: str, limit: int, ratio: float | None) -> Trial:
+    """A trial on the shapes test split (the method's default layer, seed 0, no heatmaps)."""
     cls = methods.get(method)
-    config: dict[str, Any] = {
-        "model": model,
-        "model_config": group_config("model", model),
-        "benchmark": "shapes",
-        "benchmark_config": {"name": "shapes", "kind": "shapes", "split": "test"},
-        "method": method,
-        "hparams": {},
-        "eval": {
-            "limit": limit,
-            "sample_seed": 0,
-            "max_new_tokens": 3,
-            "warmup": 0,
-            "fidelity": True,
-            "flops_convention": "pdrop",
-        },
-    }
-    if cls.uses_budget and ratio is not None:
-        config["keep_ratio"] = ratio
-    if cls.uses_layer:
-        config["prune_layer"] = cls.default_prune_layer
-    if cls.uses_seed:
-        config["seed"] = 0
-    return config
+    return Trial(
+        model=model,
+        benchmark="shapes",
+        method=method,
+        hparams={},
+        keep_ratio=ratio if cls.uses_budget else None,
+        prune_layer=cls.default_prune_layer if cls.uses_layer else None,
+        seed=0 if cls.uses_seed else None,
+        model_config=group_config("model", model),
+        benchmark_config={"name": "shapes", "kind": "shapes", "split": "test"},
+        eval=EvalConfig(limit=limit, sample_seed=0, max_new_tokens=3, warmup=0, heatmaps=0),
+    )
 
 
 def train_head(guide: tuple[Any, Any], guide_name: str, steps: int, limit: int | None) -> dict:
@@ -171,14 +162,14 @@ def main() -> None:
             continue
         cells, cats = [], []
         for ratio in ratios:
-            config = trial(args.model, name, args.limit, ratio)
+            planned = trial(args.model, name, args.limit, ratio)
             if name == "pgp" and vib_head is not None:
-                config["vib_head"] = vib_head  # the trained head, as the orchestrator attaches it
+                planned = planned.with_head(vib_head)  # as the orchestrator attaches it
             try:
                 out = run_trial(
                     loaded,
                     adapter,
-                    config,
+                    planned,
                     references,
                     guide=guide if cls.needs_guidance else None,
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prunelab.sweeps import group_config
+from prunelab.trial import Trial
 from prunelab.workers.adapters import adapter_for
 from prunelab.workers.models import load_model
 
@@ -55,7 +56,8 @@ def trained_vib_head(guide: str) -> dict:
 
 
 def trial_config(model: str, method: str, limit: int = 6, **axes) -> dict:
-    """A trial config as the orchestrator sends it (see ``TrialSpec.config``), on shapes."""
+    """A trial's stored form (``Trial.to_dict``) on shapes; ``axes`` may also give any other
+    field of a trial (``vib_head``, ``guidance_config``, ...)."""
     return {
         "model": model,
         "model_config": model_config(model),
@@ -70,20 +72,26 @@ def trial_config(model: str, method: str, limit: int = 6, **axes) -> dict:
             "warmup": 0,
             "fidelity": True,
             "flops_convention": "pdrop",
+            "heatmaps": 0,
         },
         **axes,
     }
 
 
+def tiny_trial(model: str, method: str, limit: int = 6, **axes) -> Trial:
+    """The :class:`Trial` of :func:`trial_config` (what a worker runs)."""
+    return Trial.from_dict(trial_config(model, method, limit, **axes))
+
+
 def average_trial_metrics(model: str, method: str, limit: int, keep_ratio: float, **axes) -> dict:
-    """The metrics of a trial (``trial_config``) of a ``budget_is_average`` method on tiny model
+    """The metrics of a trial (``tiny_trial``) of a ``budget_is_average`` method on tiny model
     ``model`` at ``keep_ratio``, once checked that its visual tokens averaged over the LLM's
     layers are ``keep_ratio`` of those in, within one token."""
     from prunelab.workers.runner import run_trial
 
     loaded, adapter = load_tiny(model)
-    config = trial_config(model, method, limit, keep_ratio=keep_ratio, **axes)
-    metrics = run_trial(loaded, adapter, config).metrics
+    trial = tiny_trial(model, method, limit, keep_ratio=keep_ratio, **axes)
+    metrics = run_trial(loaded, adapter, trial).metrics
     average, budget = metrics["avg_visual_tokens"], keep_ratio * metrics["visual_tokens_in"]
     assert abs(average - budget) <= 1.0, f"{method} on {model}: average {average}, budget {budget}"
     return metrics

@@ -7,17 +7,20 @@ for another model arrives.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from prunelab.trial import Trial, TrialResult
 from prunelab.workers.adapters import adapter_for
 from prunelab.workers.faults import inject as inject_faults
-from prunelab.workers.models import load_model
+from prunelab.workers.models import ModelSpec, load_model
 from prunelab.workers.runner import ReferenceCache, run_trial
 
 __all__ = ["TrialFailure", "Worker"]
@@ -45,7 +48,7 @@ class Worker:
     def holds(self) -> str | None:
         return self.model_key
 
-    def _ensure_model(self, model_name: str, model_config: dict[str, Any]) -> float:
+    def _ensure_model(self, model_name: str, model_config: Mapping[str, Any]) -> float:
         if self.model_key == model_name and self.loaded is not None:
             return 0.0
         self.loaded = self.adapter = None
@@ -54,33 +57,33 @@ class Worker:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         start = time.perf_counter()
-        self.loaded = load_model(model_config)
+        self.loaded = load_model(dict(model_config))
         self.adapter = adapter_for(self.loaded)
         self.model_key = model_name
         self.model_loads += 1
         return time.perf_counter() - start
 
-    def _ensure_guide(self, guide_config: dict[str, Any] | None) -> tuple[Any, float]:
+    def _ensure_guide(self, guide_config: Mapping[str, Any] | None) -> tuple[Any, float]:
         """The guidance model of a trial (loaded once, kept with the model), and load time."""
         if guide_config is None:
             return None, 0.0
-        name = guide_config["name"]
-        if name in self.guides:
-            return self.guides[name], 0.0
+        spec = ModelSpec.from_config(dict(guide_config))
+        if spec.name in self.guides:
+            return self.guides[spec.name], 0.0
         start = time.perf_counter()
-        loaded = load_model(guide_config)
-        self.guides[name] = (loaded, adapter_for(loaded))
-        return self.guides[name], time.perf_counter() - start
+        loaded = load_model(spec)
+        self.guides[spec.name] = (loaded, adapter_for(loaded))
+        return self.guides[spec.name], time.perf_counter() - start
 
-    def run(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Run one trial config; returns metrics, predictions and where it ran."""
+    def run(self, trial: Trial) -> TrialResult:
+        """Run one trial; its result says how long it ran and where."""
         try:
-            load_s = self._ensure_model(config["model"], config["model_config"])
-            guide, guide_s = self._ensure_guide(config.get("guidance_config"))
+            load_s = self._ensure_model(trial.model, trial.model_config)
+            guide, guide_s = self._ensure_guide(trial.guidance_config)
             load_s += guide_s
             start = time.perf_counter()
-            inject_faults(config)  # test-only; a no-op unless PRUNELAB_TEST_FAULTS is set
-            output = run_trial(self.loaded, self.adapter, config, self.references, guide=guide)
+            inject_faults(trial)  # test-only; a no-op unless PRUNELAB_TEST_FAULTS is set
+            result = run_trial(self.loaded, self.adapter, trial, self.references, guide=guide)
         except torch.cuda.OutOfMemoryError as exc:
             # free what the failed trial held; the model (if fully loaded) stays for the next
             if self.adapter is None:
@@ -89,12 +92,10 @@ class Worker:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise TrialFailure(f"out of memory: {exc}") from None
-        return {
-            "metrics": output.metrics,
-            "predictions": output.predictions,
-            "artifacts": output.artifacts,
-            "run_s": time.perf_counter() - start,
-            "load_s": load_s,
-            "model_loads": self.model_loads,
+        return dataclasses.replace(
+            result,
+            run_s=time.perf_counter() - start,
+            load_s=load_s,
+            model_loads=self.model_loads,
             **self.identity(),
-        }
+        )

@@ -5,8 +5,8 @@ before Ray starts (Ray worker processes inherit it) to make a worker fail mid-tr
 controlled way. Its value is a JSON list of rules, or ``@PATH`` of a file holding one (read
 again at every trial, so a test can change the rules of a running cluster). A rule applies to
 a trial when every key of its ``match`` object (dotted keys reach into nested sections, e.g.
-``eval.sample_seed``) equals the trial config's value (a missing ``match`` matches every
-trial)::
+``eval.sample_seed``) equals the value in the trial's stored form (``Trial.to_dict``; a missing
+``match`` matches every trial)::
 
     [{"fault": "kill", "match": {"method": "fastv"}, "once": "/tmp/x/killed"},
      {"fault": "oom", "match": {"method": "random"}},
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import torch
+
+from prunelab.trial import Trial
 
 __all__ = ["FAULTS_ENV", "inject"]
 
@@ -71,9 +73,11 @@ def _rules() -> list[dict[str, Any]]:
     return json.loads(raw) if raw else []
 
 
-def inject(config: dict[str, Any]) -> None:
-    """Apply the rules of ``$PRUNELAB_TEST_FAULTS`` that match ``config`` (no-op when unset)."""
-    for rule in _rules():
+def inject(trial: Trial) -> None:
+    """Apply the rules of ``$PRUNELAB_TEST_FAULTS`` that match ``trial`` (no-op when unset)."""
+    rules = _rules()
+    config = trial.to_dict() if rules else {}  # the stored form the dotted keys reach into
+    for rule in rules:
         if not _matches(rule, config):
             continue
         if rule.get("once") and not _claim_once(rule["once"]):

@@ -59,7 +59,7 @@ def run_guidance(
     tokens = adapter.vision_signals(prepared, frozenset()).tokens
     with probe_attention(probe):
         generation, _ = adapter.generate(
-            prepared, tokens, lambda n, v: adapter.layer_pruner(n, v), max_new_tokens, clock
+            prepared, adapter.llm_input(prepared, tokens), max_new_tokens, clock
         )
     rows = [row for layer in range(n_layers) for row in probe.rows.get(layer, [])]
     return Guidance(scores=method.score_guidance(rows, visual), generation=generation)
@@ -77,9 +77,7 @@ def _hidden_guidance(
     lora, scale = getattr(method, "guidance_lora", ({}, 1.0))
     layer = int(getattr(method, "guidance_layer", -1))
     with lora_applied(adapter, lora, scale), capture_hidden(adapter, layer) as captured:
-        generation, _ = adapter.generate(
-            prepared, tokens, lambda n, v: adapter.layer_pruner(n, v), 1, clock
-        )
+        generation, _ = adapter.generate(prepared, adapter.llm_input(prepared, tokens), 1, clock)
     assert captured.value is not None
     hidden = captured.value[0, prepared.visual_positions]  # (N, d)
     return Guidance(scores=method.score_hidden(hidden), generation=generation)

@@ -1,11 +1,12 @@
 """Importance heatmaps: which visual tokens a trial kept, merged or dropped, over the image.
 
 For the first few samples of a trial (``eval.heatmaps``) the runner runs the sample once more
-under a :class:`SelectionTrace`, which records what the method chose without changing it: the
-vision stage's :class:`~prunelab.methods.base.VisionSelection` and the layer-stage pruner
-(:class:`~prunelab.workers.pruning.LayerPruner`) of the generation. :func:`token_fate` turns that
-into one state per visual token entering the vision stage, and :func:`render_token_fate` draws
-the token grid of every tile over the image as a PNG:
+(same plan, same seeded generator, so the same selection); its ``SampleRun`` holds what the
+method chose: the vision stage's :class:`~prunelab.methods.base.VisionSelection` and, from the
+layer-stage pruner (:class:`~prunelab.workers.pruning.LayerPruner`) of the generation, where the
+visual tokens sat in the LLM sequence and which of them each layer step kept.
+:func:`token_fate` turns that into one state per visual token entering the vision stage, and
+:func:`render_token_fate` draws the token grid of every tile over the image as a PNG:
 
 - kept: present at the end of the prefill (image shown as is, green outline);
 - merged: merged by the vision stage into a token that stays (blue tint);
@@ -16,33 +17,29 @@ Tokens are placed by the adapter's ``Prepared.coords`` (tile, row, col). Tile 0 
 image in every family (LLaVA's single grid, LLaVA-NeXT's base crop, Qwen2-VL's merged grid,
 InternVL's thumbnail) and is drawn over it; other tiles (LLaVA-NeXT's high-resolution grid,
 InternVL's crops) are drawn as bare grids beside it. No MLflow here: the PNG bytes travel in
-``TrialOutput.artifacts``.
+``TrialResult.artifacts``.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from prunelab.methods.base import PruningMethod, VisionSelection
-from prunelab.workers.pruning import LayerPruner
+from prunelab.methods.base import VisionSelection
 
 __all__ = [
     "DROPPED",
     "KEPT",
     "MERGED",
     "PRUNED_IN_LLM",
-    "SelectionTrace",
     "TokenFate",
     "render_token_fate",
     "token_fate",
-    "trace_token_fate",
 ]
 
 KEPT, MERGED, DROPPED, PRUNED_IN_LLM = 0, 1, 2, 3
@@ -86,16 +83,17 @@ class TokenFate:
 def token_fate(
     coords: torch.Tensor,
     vision: VisionSelection | None,
-    pruner: LayerPruner | None,
+    visual_positions: torch.Tensor | None = None,
+    kept_at: Mapping[int, torch.Tensor] | None = None,
 ) -> TokenFate:
-    """Per-token states from a vision-stage selection and the generation's layer pruner.
+    """Per-token states from a vision-stage selection and the layer stages of the prefill.
 
     coords: (N, 3) of the tokens entering the vision stage. vision: its selection (``kept``
     (M,) anchors into N, ``assignment`` (N,) output each input merged into, -1 dropped), None
-    when the method has no vision stage (M = N). pruner: the layer pruner of the prefill, whose
-    ``visual_positions`` (M,) place the M tokens in the LLM sequence, ``layer_tokens`` hold the
-    sequence each pruned layer processed and ``kept_visual`` the visual positions left at the
-    end; None means no layer stage ran.
+    when the method has no vision stage (M = N). visual_positions: (M,) positions of the M
+    tokens in the LLM's prefill sequence; kept_at: per layer step (its decoder layer), the
+    positions of the visual tokens it kept (``LayerPruner.kept_at``). None / empty: no layer
+    stage ran.
     """
     n = int(coords.shape[0])
     if vision is None:
@@ -109,19 +107,13 @@ def token_fate(
     m = int(anchors.numel())
     # per output token: the layer at whose input it left the LLM (-1: still there at the end)
     left_at = torch.full((m,), -1, dtype=torch.long)
-    if pruner is not None:
-        positions = pruner.visual_positions.detach().cpu()
+    if visual_positions is not None:
+        positions = visual_positions.detach().cpu()
         if positions.numel() != m:
             raise ValueError(f"the LLM saw {positions.numel()} visual tokens, the vision stage {m}")
-        for layer in range(len(pruner.layers)):
-            present = pruner.layer_tokens.get(layer)
-            if present is None:
-                continue
-            alive = torch.isin(positions, present.detach().cpu())
+        for layer, kept in sorted((kept_at or {}).items()):
+            alive = torch.isin(positions, kept.detach().cpu())
             left_at[(~alive) & (left_at < 0)] = layer
-        final = torch.isin(positions, pruner.kept_visual.detach().cpu())
-        # dropped after the last layer's input (never happens with decoder-layer steps)
-        left_at[(~final) & (left_at < 0)] = len(pruner.layers)
 
     state = torch.full((n,), DROPPED, dtype=torch.long)
     layer = torch.full((n,), -1, dtype=torch.long)
@@ -140,70 +132,6 @@ def token_fate(
         state=state.numpy().astype(np.int8),
         layer=layer.numpy(),
     )
-
-
-class _AdapterProxy:
-    """The adapter, except that the layer pruners it builds are recorded."""
-
-    def __init__(self, adapter: Any, trace: SelectionTrace) -> None:
-        self._adapter = adapter
-        self._trace = trace
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._adapter, name)
-
-    def layer_pruner(self, seq_len: int, visual_positions: torch.Tensor, **kwargs: Any):
-        pruner = self._adapter.layer_pruner(seq_len, visual_positions, **kwargs)
-        self._trace.pruners.append(pruner)
-        return pruner
-
-
-class _MethodProxy:
-    """The method, except that its vision-stage selections are recorded."""
-
-    def __init__(self, method: PruningMethod, trace: SelectionTrace) -> None:
-        self._method = method
-        self._trace = trace
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._method, name)
-
-    def select_vision(self, signals: Any, keep: int) -> VisionSelection:
-        selection = self._method.select_vision(signals, keep)
-        self._trace.vision.append(selection)
-        return selection
-
-
-class SelectionTrace:
-    """Stand-ins for an adapter and a method that record the selections of one run.
-
-    ``adapter`` and ``method`` behave like the originals (every attribute is forwarded); the
-    vision selections and layer pruners made through them land in ``vision`` and ``pruners``.
-    """
-
-    def __init__(self, adapter: Any, method: PruningMethod) -> None:
-        self.vision: list[VisionSelection] = []
-        self.pruners: list[LayerPruner] = []
-        self.adapter = _AdapterProxy(adapter, self)
-        self.method = _MethodProxy(method, self)
-
-
-def trace_token_fate(
-    adapter: Any,
-    method: PruningMethod,
-    coords: torch.Tensor,
-    run: Callable[[Any, Any], object],
-) -> TokenFate:
-    """Run one sample through ``run(adapter, method)`` under a trace; return its token fate.
-
-    ``run`` must make exactly the selection the trial made (same plan, same seeded generator);
-    it receives the recording stand-ins for the adapter and the method.
-    """
-    trace = SelectionTrace(adapter, method)
-    run(trace.adapter, trace.method)
-    vision = trace.vision[-1] if trace.vision else None
-    pruner = trace.pruners[-1] if trace.pruners else None
-    return token_fate(coords, vision, pruner)
 
 
 # -- rendering ----------------------------------------------------------------------------------

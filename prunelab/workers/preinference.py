@@ -2,8 +2,8 @@
 
 The method pools the N visual tokens into r tokens (``PruningMethod.pool_pre_inference``); the
 model's own LLM runs a prefill over the prompt with the pooled tokens in place of the visual
-tokens (the adapter's ``generate`` path with ``kept`` anchors, so every family lays them out as
-it lays out a vision-stage selection), records the signals the plan's
+tokens (the adapter's ``llm_input`` with ``kept`` anchors, so every family lays them out as it
+lays out a vision-stage selection, then its ``generate``), records the signals the plan's
 :class:`~prunelab.methods.PreInferenceStep` asks for, and stops at the input of decoder layer
 ``max(step.layers)``: a forward pre-hook there raises a private exception, so the remaining
 layers, the LM head and decoding never run. Attention rows come from the
@@ -27,7 +27,6 @@ from prunelab.methods.base import Plan, PreInferenceSignals, PruningMethod, Visi
 from prunelab.workers.adapters.base import Adapter, Prepared
 from prunelab.workers.attention import AttentionProbe, probe_attention
 from prunelab.workers.cost import exact_layer_flops, prefill_flops
-from prunelab.workers.pruning import LayerPruner
 
 __all__ = ["PreInference", "pre_inference_flops", "run_pre_inference"]
 
@@ -69,24 +68,21 @@ def run_pre_inference(
     step = plan.pre_inference
     if step is None:
         raise ValueError(f"{method.name}'s plan has no pre-inference step")
-    layers: list[nn.Module] = list(adapter.layers)  # type: ignore[attr-defined]
+    layers: list[nn.Module] = list(adapter.layers)
     stop = max(step.layers)
     if not 1 <= stop < len(layers):
         raise ValueError(f"pre-inference up to layer {stop}: must be in [1, {len(layers) - 1}]")
     pooled = method.pool_pre_inference(signals)
     hidden: dict[int, torch.Tensor] = {}
-    where: dict[str, Any] = {}
+    llm_input = adapter.llm_input(prepared, pooled.tokens, pooled.kept)
+    visual = llm_input.visual_positions
+    text = _text_after_visual(llm_input.inputs_embeds.shape[1], visual)
     probe = AttentionProbe(modules=adapter.attention_modules)
-
-    def make_pruner(seq_len: int, visual: torch.Tensor) -> LayerPruner:
-        text = _text_after_visual(seq_len, visual)
-        where.update(visual=visual, text=text)
-        if step.text_attention:
-            for k in step.layers:
-                if k >= 1:
-                    probe.queries[k - 1] = text
-        where["pruner"] = pruner = adapter.layer_pruner(seq_len, visual)
-        return pruner
+    if step.text_attention:
+        for k in step.layers:
+            if k >= 1:
+                probe.queries[k - 1] = text
+    pruner = adapter.layer_pruner(llm_input)  # no steps: it records the lengths (the cost)
 
     def record(depth: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -103,7 +99,7 @@ def run_pre_inference(
     ]
     try:
         with probe_attention(probe):
-            adapter.generate(prepared, pooled.tokens, make_pruner, 1, clock, kept=pooled.kept)
+            adapter.generate(prepared, llm_input, 1, clock, pruner=pruner)
         raise RuntimeError("the pre-inference pass ran past its last layer")
     except _StopPreInference:
         pass
@@ -111,8 +107,8 @@ def run_pre_inference(
         for handle in handles:
             handle.remove()
     recorded = PreInferenceSignals(
-        visual=where["visual"],
-        text=where["text"],
+        visual=visual,
+        text=text,
         hidden=hidden,
         attention={k: probe.rows[k - 1] for k in step.layers if k - 1 in probe.rows},
     )
@@ -122,7 +118,7 @@ def run_pre_inference(
     return PreInference(
         plan=final,
         layer=layer,
-        tokens_per_layer=list(where["pruner"].lengths.tokens),
+        tokens_per_layer=list(pruner.lengths.tokens),
         n_pooled=int(pooled.tokens.shape[0]),
         n_visual=int(signals.tokens.shape[0]),
         hidden_size=int(signals.tokens.shape[1]),

@@ -10,7 +10,8 @@ One :class:`LayerPruner` serves one generation (prefill + greedy decode) of one 
   others from the hidden states, and from the per-layer inputs every later layer receives
   (rotary embeddings, position ids, attention mask). Keys and values of dropped tokens are never
   computed for later layers, so the KV cache holds only kept tokens there and decoding is exact
-  for the pruned model.
+  for the pruned model;
+- records, per step, which visual tokens it kept (``kept_at``: what an importance heatmap draws).
 
 All hooks are removed when the context exits; the model is untouched afterwards.
 """
@@ -87,6 +88,8 @@ class LayerPruner:
         self.renumbered = False
         self.lengths = LayerLengths()
         self.kept_visual: torch.Tensor = visual_positions  # original positions still present
+        # per layer step (its decoder layer): the original positions of the visual tokens it kept
+        self.kept_at: dict[int, torch.Tensor] = {}
         # per layer: the prefill tokens it processed (its KV cache entries), when pruned
         self.layer_tokens: dict[int, torch.Tensor] = {}
         self.renumbered_layers: set[int] = set()  # layers that saw renumbered positions
@@ -226,6 +229,7 @@ class LayerPruner:
         selected = torch.cat([text, visual[keep]]).sort().values  # (S',)
         self.current = self.current[selected]
         self.kept_visual = self.current[self.is_visual[self.current]]
+        self.kept_at[index] = self.kept_visual
         if step.positions == "renumber":
             self.renumbered = True
         return hidden[:, selected]

@@ -8,39 +8,46 @@ import statistics
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 import prunelab.methods as methods
-from prunelab.methods.base import Plan, PlanContext, PruningMethod
-from prunelab.workers.adapters import Adapter, Prepared
+from prunelab.methods.base import Plan, PlanContext, PruningMethod, VisionSelection
+from prunelab.trial import Trial, TrialResult
+from prunelab.workers.adapters import Adapter, Generation, Prepared
 from prunelab.workers.attention import AttentionProbe, probe_attention
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample
-from prunelab.workers.cost import kv_cache_bytes, trial_flops
-from prunelab.workers.guidance import run_guidance
-from prunelab.workers.heatmaps import render_token_fate, trace_token_fate
+from prunelab.workers.cost import trial_flops
+from prunelab.workers.guidance import Guidance, run_guidance
+from prunelab.workers.heatmaps import render_token_fate, token_fate
 from prunelab.workers.models import LoadedModel
 from prunelab.workers.preinference import PreInference, pre_inference_flops, run_pre_inference
+from prunelab.workers.pruning import LayerPruner
 from prunelab.workers.timing import Timer
 from prunelab.workers.vib import trial_assets
 
 DIAGNOSTIC_SAMPLES = 4  # samples whose vision-stage diagnostics go to a trial artifact
 
-__all__ = ["ReferenceCache", "SampleResult", "TrialOutput", "build_method", "run_trial"]
+__all__ = [
+    "ReferenceCache",
+    "SampleResult",
+    "SampleRun",
+    "build_method",
+    "run_sample",
+    "run_trial",
+]
 
 
-def build_method(config: dict[str, Any]) -> tuple[PruningMethod, methods.Budget | None]:
-    """The method instance and budget a trial config asks for."""
-    method = methods.get(config["method"]).from_hparams(config.get("hparams") or {})
-    method = method.bind(trial_assets(config))  # trained assets, e.g. pgp's VIB head
+def build_method(trial: Trial) -> tuple[PruningMethod, methods.Budget | None]:
+    """The method instance and budget a trial asks for (no budget: the method takes none)."""
+    method = methods.get(trial.method).from_hparams(dict(trial.hparams))
+    method = method.bind(trial_assets(trial))  # trained assets, e.g. pgp's VIB head
     budget = None
     if method.uses_budget:
-        budget = methods.Budget(
-            keep_ratio=config.get("keep_ratio"), keep_tokens=config.get("keep_tokens")
-        )
+        budget = methods.Budget(keep_ratio=trial.keep_ratio, keep_tokens=trial.keep_tokens)
     return method, budget
 
 
@@ -98,18 +105,38 @@ class SampleResult:
 
 
 @dataclass
-class TrialOutput:
-    metrics: dict[str, float]
-    predictions: list[dict[str, Any]] = field(default_factory=list)
-    # files for the trial's MLflow run: relative name -> text or bytes (e.g. importance/*.png)
-    artifacts: dict[str, str | bytes] = field(default_factory=dict)
+class SampleRun:
+    """One sample through a method (:func:`run_sample`): what the trial measures of it and
+    what its importance heatmap draws."""
+
+    generation: Generation  # the (pruned) generation, prefill_s / decode_s filled in
+    # the generation's layer-stage pruner (exited): visual_positions (M,) of the visual tokens
+    # entering the LLM, kept_at (per layer step, the visual tokens it kept), lengths
+    pruner: LayerPruner
+    vision: VisionSelection | None = None  # the vision stage's selection (None: no such stage)
+    guidance: Guidance | None = None  # the guidance model's run, for methods with a guide
+    pre_inference: PreInference | None = None  # the pre-inference pass, for plans with one
+
+    @property
+    def kept(self) -> torch.Tensor | None:
+        """(M,) the input token each visual token entering the LLM is anchored on (None: all
+        N tokens, as they are)."""
+        return None if self.vision is None else self.vision.kept
+
+    @property
+    def diagnostics(self) -> dict[str, list[float]]:
+        """The vision stage's diagnostic curves (computed when ``run_sample`` was asked for
+        them; empty otherwise)."""
+        return (self.vision.diagnostics if self.vision is not None else None) or {}
 
 
 def _sample_generator(seed: int | None, sample_id: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{sample_id}".encode()))
 
 
-def _guidance_after_vision(guidance, kept: torch.Tensor | None) -> torch.Tensor | None:
+def _guidance_after_vision(
+    guidance: Guidance | None, kept: torch.Tensor | None
+) -> torch.Tensor | None:
     """The guide's scores for the layer stages: after a vision stage, those of the tokens it
     kept (anchors), in their order."""
     if guidance is None:
@@ -119,7 +146,7 @@ def _guidance_after_vision(guidance, kept: torch.Tensor | None) -> torch.Tensor 
     return guidance.scores[kept.to(guidance.scores.device)]
 
 
-def _run_sample(
+def run_sample(
     adapter: Adapter,
     prepared: Prepared,
     method: PruningMethod,
@@ -128,14 +155,16 @@ def _run_sample(
     max_new_tokens: int,
     timer: Timer,
     guide: tuple[Adapter, Sample] | None = None,
-    on_pre_inference: Callable[[PreInference], None] | None = None,
-    diagnostics: list[dict[str, list[float]]] | None = None,
-):
-    """Guidance (if the method has a guide), vision stage (if any), pre-inference (if the plan
-    has one: it sets the plan's layers; its run goes to ``on_pre_inference``), then generation
-    with the layer stages. Returns the generation (timings filled in), the vision stage's
-    anchors and the guide's run. ``diagnostics``: collects the vision stage's diagnostic
-    curves (``VisionSelection.diagnostics``), which the method computes only when given."""
+    diagnostics: bool = False,
+) -> SampleRun:
+    """One sample through ``method``: guidance (if the method has a guide), vision stage (if
+    any), pre-inference (if the plan has one: it sets the plan's layers), then generation with
+    the layer stages under a pruner built here for the LLM input.
+
+    ``diagnostics``: ask the vision stage for its diagnostic curves (the method computes them
+    only when asked). The generation's ``prefill_s`` runs from the start (guidance included) to
+    the first token's logits, its ``decode_s`` from there to the last token.
+    """
     start = timer.mark()
     guidance = None
     if method.needs_guidance:
@@ -149,48 +178,41 @@ def _run_sample(
             )
     signals = adapter.vision_signals(prepared, plan.vision_signals)
     signals.generator = generator
-    signals.family, signals.want_diagnostics = adapter.family, diagnostics is not None
+    signals.family, signals.want_diagnostics = adapter.family, diagnostics
+    pre_inference = None
     if plan.pre_inference is not None:
         pre_inference = run_pre_inference(adapter, prepared, method, plan, signals, timer.mark)
         plan = pre_inference.plan
-        if on_pre_inference is not None:
-            on_pre_inference(pre_inference)
     signals.guidance = guidance.scores if guidance is not None else None
+    vision = None
     if plan.vision_keep is not None:
-        selection = method.select_vision(signals, plan.vision_keep)
-        tokens, kept_inputs = selection.tokens, selection.kept
-        if diagnostics is not None and selection.diagnostics:
-            diagnostics.append(selection.diagnostics)
-    else:
-        tokens, kept_inputs = signals.tokens, None
+        vision = method.select_vision(signals, plan.vision_keep)
+    tokens, kept = (vision.tokens, vision.kept) if vision is not None else (signals.tokens, None)
     probe = AttentionProbe(modules=adapter.attention_modules)
-    pruner_kwargs = {
-        "method": method,
-        "steps": plan.layers,
-        "probe": probe,
-        "generator": generator,
-        # after a vision stage, the scores of the tokens it kept (anchors) in their order
-        "guidance": _guidance_after_vision(guidance, kept_inputs),
-    }
     with probe_attention(probe):
+        llm_input = adapter.llm_input(prepared, tokens, kept)
+        pruner = adapter.layer_pruner(
+            llm_input,
+            method=method,
+            steps=plan.layers,
+            probe=probe,
+            generator=generator,
+            # after a vision stage, the scores of the tokens it kept (anchors) in their order
+            guidance=_guidance_after_vision(guidance, kept),
+        )
         generation, first_ready = adapter.generate(
-            prepared,
-            tokens,
-            lambda seq_len, visual: adapter.layer_pruner(seq_len, visual, **pruner_kwargs),
-            max_new_tokens,
-            timer.mark,
-            kept=kept_inputs,
+            prepared, llm_input, max_new_tokens, timer.mark, pruner=pruner
         )
     end = timer.mark()
     generation.prefill_s = timer.seconds(start, first_ready)
     generation.decode_s = timer.seconds(first_ready, end)
-    return generation, kept_inputs, guidance
+    return SampleRun(generation, pruner, vision, guidance, pre_inference)
 
 
 def _plan(
     method: PruningMethod,
     budget: methods.Budget | None,
-    config: dict[str, Any],
+    trial: Trial,
     adapter: Adapter,
     prepared: Prepared,
     n_layers: int,
@@ -200,8 +222,8 @@ def _plan(
         n_visual=prepared.n_visual,
         n_layers=n_layers,
         budget=budget,
-        prune_layer=config.get("prune_layer"),
-        seed=config.get("seed") or 0,
+        prune_layer=trial.prune_layer,
+        seed=trial.seed or 0,
         family=adapter.family,
     )
     return method.plan(ctx)
@@ -210,24 +232,25 @@ def _plan(
 def run_trial(
     loaded: LoadedModel,
     adapter: Adapter,
-    config: dict[str, Any],
+    trial: Trial,
     references: ReferenceCache | None = None,
     progress: Callable[[int, int], None] | None = None,
     guide: tuple[LoadedModel, Adapter] | None = None,
-) -> TrialOutput:
-    """Evaluate one trial config (see ``TrialSpec.config``) and measure its costs.
+) -> TrialResult:
+    """Evaluate one trial and measure its costs: its metrics, predictions and artifacts (how
+    long and where it ran is the worker's to fill in).
 
     ``guide``: the smaller guidance model (and its adapter) of methods that need one.
     """
-    method, budget = build_method(config)
-    eval_cfg = config["eval"]
-    benchmark = build_benchmark(config["benchmark_config"])
+    method, budget = build_method(trial)
+    settings = trial.eval
+    benchmark = build_benchmark(trial.benchmark_config)
     bench_id = str(sorted(benchmark.describe().items()))
-    samples: list[Sample] = benchmark.samples(eval_cfg["limit"], eval_cfg.get("sample_seed", 0))
+    samples: list[Sample] = benchmark.samples(settings.limit, settings.sample_seed)
     info = loaded.info
     timer = Timer(loaded.device)
-    max_new = int(eval_cfg.get("max_new_tokens", 4))
-    convention = eval_cfg.get("flops_convention", "pdrop")
+    max_new = settings.max_new_tokens
+    convention = settings.flops_convention
     references = references if references is not None else ReferenceCache()
     unpruned = methods.get("none")()
     if loaded.device.type == "cuda":
@@ -238,23 +261,23 @@ def run_trial(
     with torch.inference_mode():
         for index, sample in enumerate(samples):
             prepared = adapter.prepare(sample)
-            plan = _plan(method, budget, config, adapter, prepared, info.n_layers)
+            plan = _plan(method, budget, trial, adapter, prepared, info.n_layers)
             guided = (guide[1], sample) if guide is not None else None
             if index == 0:
-                for _ in range(int(eval_cfg.get("warmup", 0))):
-                    _run_sample(
+                for _ in range(settings.warmup):
+                    run_sample(
                         adapter, prepared, method, plan,
-                        _sample_generator(config.get("seed"), sample.id), max_new, timer, guided,
+                        _sample_generator(trial.seed, sample.id), max_new, timer, guided,
                     )  # fmt: skip
-            pre_runs: list[PreInference] = []
-            sample_curves: list[dict] | None = [] if index < DIAGNOSTIC_SAMPLES else None
-            generation, _, guidance = _run_sample(
+            want_curves = index < DIAGNOSTIC_SAMPLES
+            run = run_sample(
                 adapter, prepared, method, plan,
-                _sample_generator(config.get("seed"), sample.id), max_new, timer, guided,
-                on_pre_inference=pre_runs.append,
-                diagnostics=sample_curves,
+                _sample_generator(trial.seed, sample.id), max_new, timer, guided,
+                diagnostics=want_curves,
             )  # fmt: skip
-            curves.extend({"sample": sample.id, **c} for c in sample_curves or [])
+            if want_curves and run.diagnostics:
+                curves.append({"sample": sample.id, **run.diagnostics})
+            generation = run.generation
             prediction = adapter.decode(generation.token_ids)
             result = SampleResult(
                 id=sample.id,
@@ -272,29 +295,29 @@ def run_trial(
                 prefill_s=generation.prefill_s,
                 decode_s=generation.decode_s,
             )
-            if guidance is not None:
+            if run.guidance is not None:
                 assert guide is not None
+                guided_gen = run.guidance.generation
                 result.guidance_flops = trial_flops(
-                    guidance.generation.lengths.tokens,
-                    len(guidance.generation.token_ids),
+                    guided_gen.lengths.tokens,
+                    len(guided_gen.token_ids),
                     guide[0].info,
                     convention,
-                    guidance.generation.vision_flops,
+                    guided_gen.vision_flops,
                 )
-            for pre in pre_runs:  # counted with guidance: tflops_guidance and tflops
-                result.guidance_flops += pre_inference_flops(pre, info, convention)
-                result.pre_inference_layer = pre.layer
-            if eval_cfg.get("fidelity", True):
+            if run.pre_inference is not None:  # counted with guidance: tflops_guidance, tflops
+                result.guidance_flops += pre_inference_flops(run.pre_inference, info, convention)
+                result.pre_inference_layer = run.pre_inference.layer
+            if settings.fidelity:
                 key = (info.revision, bench_id, sample.id)
                 if not plan.prunes:
                     references.put(key, generation.first_logprobs)
                 reference = references.get(key)
                 if reference is None:
-                    reference_gen, _, _ = _run_sample(
+                    reference = run_sample(
                         adapter, prepared, unpruned, Plan(),
                         _sample_generator(0, sample.id), 1, timer,
-                    )  # fmt: skip
-                    reference = reference_gen.first_logprobs
+                    ).generation.first_logprobs  # fmt: skip
                     references.put(key, reference)
                 result.fidelity_kl, result.fidelity_top1 = first_token_fidelity(
                     reference, generation.first_logprobs
@@ -326,20 +349,20 @@ def run_trial(
         }
         for r in results
     ]
-    heatmaps = _importance_heatmaps(
-        adapter, method, budget, config, samples[: max(0, int(eval_cfg.get("heatmaps", 0)))],
-        info.n_layers, timer, guide,
+    artifacts = _importance_heatmaps(
+        adapter, method, budget, trial, samples[: max(0, settings.heatmaps)], info.n_layers,
+        timer, guide,
     )  # fmt: skip
     if curves:  # e.g. infoprune's MFI / MGI per selection step
-        heatmaps[f"{method.name}/curves.json"] = json.dumps(curves)
-    return TrialOutput(metrics=metrics, predictions=predictions, artifacts=heatmaps)
+        artifacts[f"{method.name}/curves.json"] = json.dumps(curves)
+    return TrialResult(metrics=metrics, predictions=predictions, artifacts=artifacts)
 
 
 def _importance_heatmaps(
     adapter: Adapter,
     method: PruningMethod,
     budget: methods.Budget | None,
-    config: dict[str, Any],
+    trial: Trial,
     samples: list[Sample],
     n_layers: int,
     timer: Timer,
@@ -347,28 +370,26 @@ def _importance_heatmaps(
 ) -> dict[str, str | bytes]:
     """``importance/<sample id>.png`` per sample: its tokens kept / merged / dropped over the
     image. Each sample runs once more, untimed, with the trial's plan and seeded generator (so
-    the same selection) under a trace; nothing for a method that prunes nothing."""
+    the same selection), and its run tells what was chosen; nothing for a method that prunes
+    nothing."""
     artifacts: dict[str, str | bytes] = {}
-    max_new = int(config["eval"].get("max_new_tokens", 4))
     with torch.inference_mode():
         for sample in samples:
             prepared = adapter.prepare(sample)
-            plan = _plan(method, budget, config, adapter, prepared, n_layers)
+            plan = _plan(method, budget, trial, adapter, prepared, n_layers)
             if not plan.prunes:
                 break
             guided = (guide[1], sample) if guide is not None else None
-
-            def run(traced_adapter, traced_method, prepared=prepared, plan=plan, sample=sample,
-                    guided=guided) -> None:  # fmt: skip
-                _run_sample(
-                    traced_adapter, prepared, traced_method, plan,
-                    _sample_generator(config.get("seed"), sample.id), max_new, timer, guided,
-                )  # fmt: skip
-
-            fate = trace_token_fate(adapter, method, prepared.coords, run)
+            run = run_sample(
+                adapter, prepared, method, plan, _sample_generator(trial.seed, sample.id),
+                trial.eval.max_new_tokens, timer, guided,
+            )  # fmt: skip
+            fate = token_fate(
+                prepared.coords, run.vision, run.pruner.visual_positions, run.pruner.kept_at
+            )
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", sample.id)
             artifacts[f"importance/{name}.png"] = render_token_fate(
-                sample.image, fate, title=f"{config['method']} {sample.id}"
+                sample.image, fate, title=f"{trial.method} {sample.id}"
             )
     return artifacts
 
@@ -386,51 +407,24 @@ def aggregate(
     loaded: LoadedModel,
     benchmark_metrics: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Trial metrics: means over samples, medians for latency.
+    """Trial metrics: every entry of the table :data:`prunelab.metrics.METRICS` (names, units
+    and how each is aggregated over samples are defined there, nowhere else).
 
-    ``benchmark_metrics``: what the benchmark's own ``aggregate`` computed (its headline
-    ``score``, ``score.<category>`` and extras); they replace the mean score and categories.
+    Adding a metric is one entry in that table; if it needs a per-sample value that
+    :class:`SampleResult` does not hold, also one field there, filled in :func:`run_trial`'s
+    sample loop. ``benchmark_metrics``: what the benchmark's own ``aggregate`` computed (its
+    headline ``score``, ``score.<category>`` and extras); they replace the mean score and
+    categories.
     """
-    flops = [
-        trial_flops(r.tokens_per_layer, r.new_tokens, info, convention, r.vision_flops)
-        + r.guidance_flops
-        for r in results
-    ]
-    itemsize = next(loaded.model.parameters()).element_size()
-    kv = [
-        kv_cache_bytes(r.tokens_per_layer, r.new_tokens, info.n_kv_heads, info.head_dim, itemsize)
-        for r in results
-    ]
-    decode_per_token = [r.decode_s / (r.new_tokens - 1) for r in results if r.new_tokens > 1]
-    metrics: dict[str, float] = {
-        "score": 100.0 * statistics.fmean(r.score for r in results),
-        "visual_tokens_in": statistics.fmean(r.visual_in for r in results),
-        "visual_tokens_kept": statistics.fmean(r.visual_kept for r in results),
-        "avg_visual_tokens": statistics.fmean(r.avg_visual for r in results),
-        "tflops": statistics.fmean(flops) / 1e12,
-        "prefill_ms": 1000 * statistics.median(r.prefill_s for r in results),
-        "latency_ms": 1000 * statistics.median(r.prefill_s + r.decode_s for r in results),
-        "kv_cache_mb": statistics.fmean(kv) / 2**20,
-        "samples": float(len(results)),
-    }
-    if any(r.guidance_flops for r in results):
-        metrics["tflops_guidance"] = statistics.fmean(r.guidance_flops for r in results) / 1e12
-    if decode_per_token:
-        metrics["decode_ms_per_token"] = 1000 * statistics.median(decode_per_token)
-    chosen = [r.pre_inference_layer for r in results if r.pre_inference_layer is not None]
-    if chosen:
-        metrics["prep_layer"] = statistics.fmean(chosen)  # mean layer chosen by pre-inference
-    categories = sorted({r.category for r in results if r.category})
-    for category in categories:
-        scores = [r.score for r in results if r.category == category]
-        metrics[f"score.{category}"] = 100.0 * statistics.fmean(scores)
-    if benchmark_metrics is not None:
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("score.")}
-        metrics.update({k: float(v) for k, v in benchmark_metrics.items()})
-    fidelity = [r for r in results if r.fidelity_kl is not None]
-    if fidelity:
-        metrics["fidelity_kl"] = statistics.fmean(r.fidelity_kl for r in fidelity)  # type: ignore[misc]
-        metrics["fidelity_top1"] = statistics.fmean(r.fidelity_top1 for r in fidelity)  # type: ignore[misc]
+    from prunelab.metrics import TrialContext, trial_metrics
+
+    peak = None
     if loaded.device.type == "cuda":
-        metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(loaded.device) / 2**20
-    return metrics
+        peak = torch.cuda.max_memory_allocated(loaded.device)
+    context = TrialContext(
+        info=info,
+        convention=convention,
+        itemsize=next(loaded.model.parameters()).element_size(),
+        peak_mem_bytes=peak,
+    )
+    return trial_metrics(results, context, benchmark_metrics)

@@ -37,6 +37,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from prunelab.methods.pgp import VIBHead, kl_weight, reparameterize
+from prunelab.trial import Trial
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample
 
@@ -338,11 +339,11 @@ def decode_head(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 _HEADS: OrderedDict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = OrderedDict()
 
 
-def trial_assets(config: dict[str, Any]) -> dict[str, Any]:
-    """What a trial config's trained assets are, decoded (kept for the next trials): the VIB
-    head given as ``vib_head.state`` (the blob, attached by the orchestrator at dispatch) or
-    ``vib_head.path`` (a local safetensors file). {} when the trial has none."""
-    spec = config.get("vib_head")
+def trial_assets(trial: Trial) -> dict[str, Any]:
+    """What a trial's trained assets are, decoded (kept for the next trials): the VIB head of
+    ``trial.vib_head``, given as its ``state`` (the blob, attached by the orchestrator at
+    dispatch) or its ``path`` (a local safetensors file). {} when the trial has none."""
+    spec = trial.vib_head
     if not spec:
         return {}
     key = str(spec.get("key", ""))

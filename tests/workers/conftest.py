@@ -1,10 +1,11 @@
-"""Tiny models and trial configs for worker tests (built once per session: random weights)."""
+"""Tiny models and trials for worker tests (built once per session: random weights)."""
 
 from __future__ import annotations
 
 import pytest
-from tiny_models import TINY_MODELS, load_tiny
-from tiny_models import trial_config as tiny_trial_config
+from tiny_models import TINY_MODELS, load_tiny, tiny_trial
+
+from prunelab.trial import Trial
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +20,10 @@ def tiny(request):
 
 
 @pytest.fixture
-def trial_config():
-    """Trial configs on tiny-llava: ``make(method, limit=6, **axes)``."""
+def make_trial():
+    """Trials on tiny-llava: ``make(method, limit=6, **axes)``."""
 
-    def make(method: str, limit: int = 6, **axes) -> dict:
-        return tiny_trial_config("tiny-llava", method, limit, **axes)
+    def make(method: str, limit: int = 6, **axes) -> Trial:
+        return tiny_trial("tiny-llava", method, limit, **axes)
 
     return make

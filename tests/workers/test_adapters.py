@@ -48,16 +48,13 @@ def _generate(adapter, prepared, method=None, plan=None, max_new_tokens=3, seed=
         tokens, kept = selection.tokens, selection.kept
     probe = AttentionProbe(modules=adapter.attention_modules)
     steps = plan.layers if plan is not None else ()
+    llm_input = adapter.llm_input(prepared, tokens, kept)
+    pruner = adapter.layer_pruner(
+        llm_input, method=method, steps=steps, probe=probe, generator=generator
+    )
     with probe_attention(probe):
         generation, _ = adapter.generate(
-            prepared,
-            tokens,
-            lambda n, v: adapter.layer_pruner(
-                n, v, method=method, steps=steps, probe=probe, generator=generator
-            ),
-            max_new_tokens,
-            time.perf_counter,
-            kept=kept,
+            prepared, llm_input, max_new_tokens, time.perf_counter, pruner=pruner
         )
     return generation
 

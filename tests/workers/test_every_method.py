@@ -9,7 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from tiny_models import TINY_MODELS, guide_for, load_tiny, model_config, trained_vib_head
+from tiny_models import (
+    TINY_MODELS,
+    guide_for,
+    load_tiny,
+    model_config,
+    tiny_trial,
+    trained_vib_head,
+)
 
 import prunelab.methods as M
 from prunelab.orchestrator.tracking import Tracker
@@ -30,14 +37,14 @@ def _unpruned(adapter) -> tuple[list[int], torch.Tensor]:
     prepared = adapter.prepare(ShapesBenchmark().sample(7))
     tokens = adapter.vision_signals(prepared, frozenset()).tokens
     generation, _ = adapter.generate(
-        prepared, tokens, lambda n, v: adapter.layer_pruner(n, v), 3, time.perf_counter
+        prepared, adapter.llm_input(prepared, tokens), 3, time.perf_counter
     )
     return generation.token_ids, generation.first_logprobs
 
 
 @pytest.mark.parametrize("model", TINY_MODELS)
 @pytest.mark.parametrize("method", M.available())
-def test_method_on_family(method: str, model: str, trial_config, tracker) -> None:
+def test_method_on_family(method: str, model: str, tracker) -> None:
     loaded, adapter = load_tiny(model)
     cls = M.get(method)
     instance = cls()
@@ -54,13 +61,13 @@ def test_method_on_family(method: str, model: str, trial_config, tracker) -> Non
         axes["prune_layer"] = cls.default_prune_layer
     if cls.uses_seed:
         axes["seed"] = 0
-    config = trial_config(method, limit=2, **axes)
-    config["model"], config["model_config"] = model, model_config(model)
-    if cls.needs_training:  # pgp: a VIB head trained for a few steps on the guide
-        config["vib_head"] = trained_vib_head(model_config(model)["guidance"])
+    head = None
+    if isinstance(cls(), M.TrainedHeadMethod):  # pgp: a VIB head trained for a few steps
+        head = trained_vib_head(model_config(model)["guidance"])
+    trial = tiny_trial(model, method, limit=2, vib_head=head, **axes)
 
     before = _unpruned(adapter)
-    output = run_trial(loaded, adapter, config, ReferenceCache(), guide=guide)
+    output = run_trial(loaded, adapter, trial, ReferenceCache(), guide=guide)
     after = _unpruned(adapter)
     assert after[0] == before[0] and torch.equal(after[1], before[1])  # model untouched
     for layer in adapter.layers:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import TINY_MODELS, load_tiny
-from tiny_models import trial_config as tiny_trial_config
+from tiny_models import TINY_MODELS, load_tiny, tiny_trial
 
 from prunelab.methods.base import PlanContext, VisionSelection
 from prunelab.workers.adapters.base import grid_coords
@@ -23,20 +22,15 @@ from prunelab.workers.heatmaps import (
     TokenFate,
     render_token_fate,
     token_fate,
-    trace_token_fate,
 )
-from prunelab.workers.runner import _run_sample, _sample_generator, build_method, run_trial
+from prunelab.workers.runner import _sample_generator, build_method, run_sample, run_trial
 from prunelab.workers.timing import Timer
 
 
-def _pruner(visual_positions, layer_tokens, kept_visual, n_layers=4):
-    """The parts of a LayerPruner that token_fate reads."""
-    return SimpleNamespace(
-        visual_positions=torch.tensor(visual_positions),
-        layer_tokens={k: torch.tensor(v) for k, v in layer_tokens.items()},
-        kept_visual=torch.tensor(kept_visual),
-        layers=[None] * n_layers,
-    )
+def _llm(visual_positions, kept_at):
+    """What token_fate reads of the layer stages: the visual tokens' positions in the LLM
+    sequence and, per layer step, the positions it kept (``LayerPruner.kept_at``)."""
+    return torch.tensor(visual_positions), {k: torch.tensor(v) for k, v in kept_at.items()}
 
 
 def test_fate_of_vision_and_layer_stages():
@@ -48,8 +42,7 @@ def test_fate_of_vision_and_layer_stages():
         kept=torch.tensor([0, 2, 5]),
         assignment=torch.tensor([0, 0, 1, 2, -1, 2]),
     )
-    pruner = _pruner([10, 11, 12], {2: [0, 1, 10, 12], 3: [0, 1, 10, 12]}, [10, 12])
-    fate = token_fate(grid_coords(2, 3), vision, pruner)
+    fate = token_fate(grid_coords(2, 3), vision, *_llm([10, 11, 12], {2: [10, 12]}))
     assert fate.state.tolist() == [KEPT, MERGED, PRUNED_IN_LLM, MERGED, DROPPED, KEPT]
     assert fate.layer.tolist() == [-1, -1, 2, -1, -1, -1]
     assert fate.counts() == {"kept": 2, "merged": 2, "dropped": 1, "pruned in LLM": 1}
@@ -61,26 +54,25 @@ def test_fate_follows_merged_tokens_into_the_llm():
     vision = VisionSelection(
         tokens=torch.zeros(2, 4), kept=torch.tensor([0, 2]), assignment=torch.tensor([0, 1, 1])
     )
-    pruner = _pruner([5, 6], {1: [0, 5], 2: [0, 5], 3: [0, 5]}, [5])
-    fate = token_fate(grid_coords(1, 3), vision, pruner)
+    fate = token_fate(grid_coords(1, 3), vision, *_llm([5, 6], {1: [5]}))
     assert fate.state.tolist() == [KEPT, PRUNED_IN_LLM, PRUNED_IN_LLM]
     assert fate.layer.tolist() == [-1, 1, 1]
 
 
 def test_fate_layer_stages_only_and_unpruned():
     # no vision stage: the 4 visual tokens enter the LLM; layer 1 keeps 2, layer 3 keeps 1
-    pruner = _pruner([2, 3, 4, 5], {1: [0, 1, 3, 5, 6], 2: [0, 1, 3, 5, 6], 3: [0, 1, 5, 6]}, [5])
-    fate = token_fate(grid_coords(2, 2), None, pruner)
+    fate = token_fate(grid_coords(2, 2), None, *_llm([2, 3, 4, 5], {1: [3, 5], 3: [5]}))
     assert fate.state.tolist() == [PRUNED_IN_LLM, PRUNED_IN_LLM, PRUNED_IN_LLM, KEPT]
     assert fate.layer.tolist() == [1, 3, 1, -1]
-    unpruned = token_fate(grid_coords(2, 2), None, _pruner([2, 3, 4, 5], {}, [2, 3, 4, 5]))
+    unpruned = token_fate(grid_coords(2, 2), None, *_llm([2, 3, 4, 5], {}))
     assert unpruned.state.tolist() == [KEPT] * 4
+    assert token_fate(grid_coords(2, 2), None).state.tolist() == [KEPT] * 4
 
 
 def test_fate_rejects_mismatched_counts():
     vision = VisionSelection(tokens=torch.zeros(2, 4), kept=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="the LLM saw 3 visual tokens, the vision stage 2"):
-        token_fate(grid_coords(1, 4), vision, _pruner([1, 2, 3], {}, [1, 2, 3]))
+        token_fate(grid_coords(1, 4), vision, *_llm([1, 2, 3], {}))
 
 
 def test_render_darkens_dropped_tokens_and_keeps_kept_ones():
@@ -110,6 +102,11 @@ def test_render_draws_every_tile():
     assert png.width >= 240 + 240  # a panel per tile, side by side
 
 
+def _with_heatmaps(trial, heatmaps: int):
+    """``trial`` with ``heatmaps`` importance heatmaps (its first samples)."""
+    return dataclasses.replace(trial, eval=dataclasses.replace(trial.eval, heatmaps=heatmaps))
+
+
 @pytest.mark.parametrize(
     ("method", "axes", "states"),
     [
@@ -120,11 +117,9 @@ def test_render_draws_every_tile():
 )
 def test_trial_heatmaps_match_what_the_trial_kept(method, axes, states):
     loaded, adapter = load_tiny("tiny-llava")
-    config = tiny_trial_config("tiny-llava", method, limit=3, **axes)
-    config["eval"]["heatmaps"] = 2
-    with_maps = run_trial(loaded, adapter, config)
-    config["eval"]["heatmaps"] = 0
-    without = run_trial(loaded, adapter, config)
+    trial = tiny_trial("tiny-llava", method, limit=3, **axes)
+    with_maps = run_trial(loaded, adapter, _with_heatmaps(trial, 2))
+    without = run_trial(loaded, adapter, _with_heatmaps(trial, 0))
     assert without.artifacts == {}
     # tracing re-runs samples but changes nothing the trial measures
     for key in ("score", "visual_tokens_kept", "avg_visual_tokens", "tflops", "fidelity_kl"):
@@ -156,41 +151,43 @@ def test_traced_fate_is_what_the_trial_kept(model, method_name, axes):
     """On every family: the drawn fate is the trial's selection (kept = the sample's
     visual_kept) and the heatmap of the first sample decodes."""
     loaded, adapter = load_tiny(model)
-    config = tiny_trial_config(model, method_name, limit=1, **axes)
-    config["eval"]["heatmaps"] = 1
-    output = run_trial(loaded, adapter, config)
+    trial = _with_heatmaps(tiny_trial(model, method_name, limit=1, **axes), 1)
+    output = run_trial(loaded, adapter, trial)
     (name,) = output.artifacts
     assert name == f"importance/{output.predictions[0]['id']}.png"
     png = Image.open(io.BytesIO(output.artifacts[name]))
     assert png.format == "PNG" and png.width >= 240
 
-    method, budget = build_method(config)
-    sample = build_benchmark(config["benchmark_config"]).samples(1, 0)[0]
+    method, budget = build_method(trial)
+    sample = build_benchmark(trial.benchmark_config).samples(1, 0)[0]
     prepared = adapter.prepare(sample)
     plan = method.plan(
         PlanContext(
             n_visual=prepared.n_visual,
             n_layers=loaded.info.n_layers,
             budget=budget,
-            prune_layer=config.get("prune_layer"),
-            seed=config.get("seed") or 0,
+            prune_layer=trial.prune_layer,
+            seed=trial.seed or 0,
             family=adapter.family,
         )
     )
-    generator = _sample_generator(config.get("seed"), sample.id)
-    timer = Timer(loaded.device)
-
-    def run(traced_adapter, traced_method) -> None:
-        _run_sample(traced_adapter, prepared, traced_method, plan, generator, 3, timer)
-
+    generator = _sample_generator(trial.seed, sample.id)
     with torch.inference_mode():
-        fate = trace_token_fate(adapter, method, prepared.coords, run)
+        run = run_sample(adapter, prepared, method, plan, generator, 3, Timer(loaded.device))
+    pruner = run.pruner
+    if plan.vision_keep is not None:
+        assert run.vision is not None and run.kept is not None
+        assert run.kept.numel() == plan.vision_keep == pruner.visual_positions.numel()
+    assert sorted(pruner.kept_at) == sorted(step.layer for step in plan.layers)
+    for step in plan.layers:
+        assert pruner.kept_at[step.layer].numel() == step.keep
+    fate = token_fate(prepared.coords, run.vision, pruner.visual_positions, pruner.kept_at)
     assert fate.state.shape == (prepared.n_visual,)
     assert fate.counts()["kept"] == output.predictions[0]["visual_kept"]
+    assert fate.counts()["kept"] == run.generation.lengths.visual[-1]
 
 
 def test_unpruned_trial_has_no_heatmaps():
     loaded, adapter = load_tiny("tiny-llava")
-    config = tiny_trial_config("tiny-llava", "none", limit=2)
-    config["eval"]["heatmaps"] = 2
-    assert run_trial(loaded, adapter, config).artifacts == {}
+    trial = _with_heatmaps(tiny_trial("tiny-llava", "none", limit=2), 2)
+    assert run_trial(loaded, adapter, trial).artifacts == {}

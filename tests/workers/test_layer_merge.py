@@ -31,13 +31,9 @@ class MeanMerge(M.PruningMethod):
 def _run(adapter, method, step):
     prepared = adapter.prepare(ShapesBenchmark().sample(4))
     tokens = adapter.vision_signals(prepared, frozenset()).tokens
-    out, _ = adapter.generate(
-        prepared,
-        tokens,
-        lambda n, v: adapter.layer_pruner(n, v, method=method, steps=(step,)),
-        3,
-        time.perf_counter,
-    )
+    llm_input = adapter.llm_input(prepared, tokens)
+    pruner = adapter.layer_pruner(llm_input, method=method, steps=(step,))
+    out, _ = adapter.generate(prepared, llm_input, 3, time.perf_counter, pruner=pruner)
     return out
 
 

@@ -172,14 +172,8 @@ def test_generation_with_a_vision_stage_on_a_non_square_image(tiny_next):
     signals = adapter.vision_signals(prepared, plan.vision_signals)
     signals.generator = torch.Generator().manual_seed(1)
     selection = method.select_vision(signals, plan.vision_keep)
-    generation, _ = adapter.generate(
-        prepared,
-        selection.tokens,
-        lambda s, v: adapter.layer_pruner(s, v),
-        3,
-        time.perf_counter,
-        kept=selection.kept,
-    )
+    llm_input = adapter.llm_input(prepared, selection.tokens, selection.kept)
+    generation, _ = adapter.generate(prepared, llm_input, 3, time.perf_counter)
     assert generation.lengths.visual == [plan.vision_keep] * layers
     assert generation.visual_in == n
     rows = prepared.extra["newline_positions"].numel()

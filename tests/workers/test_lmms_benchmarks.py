@@ -526,16 +526,17 @@ def test_ocrbench(tmp_path: Path) -> None:
 
 def test_run_trial_on_a_parquet_benchmark(tmp_path: Path) -> None:
     """One real trial of the tiny model on a tiny POPE file: the official metrics come out."""
-    from tiny_models import load_tiny, trial_config
+    from tiny_models import load_tiny, tiny_trial
 
     from prunelab.workers.runner import run_trial
 
     data = write(tmp_path / "POPE" / "test-00000-of-00001.parquet", pope_rows(5))
-    config = trial_config("tiny-llava", "fastv", limit=4, keep_ratio=0.25, prune_layer=2)
-    config["benchmark"] = "pope"
-    config["benchmark_config"] = {"name": "pope", "kind": "pope", "path": str(data.parent)}
+    trial = tiny_trial(
+        "tiny-llava", "fastv", limit=4, keep_ratio=0.25, prune_layer=2, benchmark="pope",
+        benchmark_config={"name": "pope", "kind": "pope", "path": str(data.parent)},
+    )  # fmt: skip
     loaded, adapter = load_tiny("tiny-llava")
-    output = run_trial(loaded, adapter, config)
+    output = run_trial(loaded, adapter, trial)
     metrics = output.metrics
     assert metrics["samples"] == 4 and len(output.predictions) == 4
     for key in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from tiny_models import load_tiny, trial_config
+from tiny_models import load_tiny, tiny_trial
 
 import prunelab.methods as M
 from prunelab.methods.prep import alignment_from_hidden, choose_layer, layer_scores
@@ -127,14 +127,14 @@ def test_pre_inference_flops_hand_computed() -> None:
 
 def test_trial_metrics_carry_the_layer_and_the_flops() -> None:
     loaded, adapter = load_tiny("tiny-llava")
-    config = trial_config("tiny-llava", "prep", limit=2, keep_ratio=0.25)
-    output = run_trial(loaded, adapter, config, ReferenceCache())
+    trial = tiny_trial("tiny-llava", "prep", limit=2, keep_ratio=0.25)
+    output = run_trial(loaded, adapter, trial, ReferenceCache())
     metrics = output.metrics
     assert 1.0 <= metrics["prep_layer"] <= 2.0  # candidates of the 4-layer model: 1, 2
     # per sample: its pooled sequence through 2 layers (last candidate 2), under pdrop
     info = loaded.info
     expected = []
-    for sample in build_benchmark(config["benchmark_config"]).samples(2, 0):
+    for sample in build_benchmark(trial.benchmark_config).samples(2, 0):
         prepared = adapter.prepare(sample)
         signals = adapter.vision_signals(prepared, frozenset())
         r = M.get("prep")().pool_pre_inference(signals).tokens.shape[0]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import trial_config
+from tiny_models import tiny_trial
 from transformers import LlavaProcessor
 
 from prunelab.sweeps import group_config
@@ -89,10 +89,9 @@ def test_patch_labels_follow_the_cells() -> None:
 def test_unpruned_accuracy_on_held_out_split() -> None:
     """The shipped weights, loaded like a real model, on 200 `shapes` test samples (a split
     the training never saw: training uses `train`, validation `val`)."""
-    config = trial_config("toy-llava", "none", limit=200)
-    config["model_config"] = group_config("model", "toy-llava")
-    loaded = load_model(config["model_config"])
-    out = run_trial(loaded, adapter_for(loaded), config)
+    trial = tiny_trial("toy-llava", "none", limit=200)
+    loaded = load_model(trial.model_config)
+    out = run_trial(loaded, adapter_for(loaded), trial)
     assert out.metrics["samples"] == 200
     assert out.metrics["score"] >= 90.0, out.metrics["score"]  # exact match, in %
 

@@ -9,14 +9,16 @@ A family adapter (one module per family in this package) knows how its model
   family's structure consistent (position ids, newline tokens, tiles);
 - counts its vision-side FLOPs (`vision_flops`).
 
-Everything else is shared and lives in :class:`VLMAdapter`: the greedy generation loop with the
-layer-stage pruner, attention probing of the LLM and of the vision encoder, and decoding.
+Everything else is shared and lives in :class:`VLMAdapter`: the LLM input of a vision stage's
+tokens (`llm_input`), the layer-stage pruner for it (`layer_pruner`, built by the caller before
+the generation), the greedy generation loop under that pruner (`generate`), attention probing of
+the LLM and of the vision encoder, and decoding.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from prunelab.methods.base import VisionSignals
+from prunelab.methods.base import LayerStep, PruningMethod, VisionSignals
 from prunelab.workers.attention import AttentionProbe, probe_attention, wrap_attention
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.models import ModelSpec
@@ -106,24 +108,35 @@ class Generation:
 class Adapter(Protocol):
     family: str
     attention_modules: dict[int, int]  # id() of each LLM attention module -> its layer index
+    layers: list[nn.Module]  # the LLM's decoder layers, in order
 
     def prepare(self, sample: Sample) -> Prepared: ...
 
     def vision_signals(self, prepared: Prepared, wanted: frozenset[str]) -> VisionSignals: ...
 
+    def llm_input(
+        self, prepared: Prepared, visual_tokens: torch.Tensor, kept: torch.Tensor | None = None
+    ) -> LLMInput: ...
+
+    def layer_pruner(
+        self,
+        llm_input: LLMInput,
+        *,
+        method: PruningMethod | None = None,
+        steps: Sequence[LayerStep] = (),
+        probe: AttentionProbe | None = None,
+        generator: torch.Generator | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> LayerPruner: ...
+
     def generate(
         self,
         prepared: Prepared,
-        visual_tokens: torch.Tensor,
-        make_pruner: Callable[[int, torch.Tensor], LayerPruner],
+        llm_input: LLMInput,
         max_new_tokens: int,
         clock: Callable[[], Any],
-        kept: torch.Tensor | None = None,
-    ) -> tuple[Generation, float]: ...
-
-    def layer_pruner(
-        self, seq_len: int, visual_positions: torch.Tensor, **kwargs: Any
-    ) -> LayerPruner: ...
+        pruner: LayerPruner | None = None,
+    ) -> tuple[Generation, Any]: ...
 
     def decode(self, token_ids: list[int]) -> str: ...
 
@@ -321,29 +334,62 @@ class VLMAdapter:
         with probe_attention(probe):
             yield probe
 
-    def generate(
-        self,
-        prepared: Prepared,
-        visual_tokens: torch.Tensor,
-        make_pruner: Callable[[int, torch.Tensor], LayerPruner],
-        max_new_tokens: int,
-        clock: Callable[[], Any],
-        kept: torch.Tensor | None = None,
-    ) -> tuple[Generation, float]:
-        """Generate with ``visual_tokens`` (M, D) in place of the N visual placeholders.
+    def llm_input(
+        self, prepared: Prepared, visual_tokens: torch.Tensor, kept: torch.Tensor | None = None
+    ) -> LLMInput:
+        """The LLM input with ``visual_tokens`` (M, D) in place of the N visual placeholders.
 
-        ``make_pruner(seq_len, visual_positions)`` builds the layer-stage pruner for the
-        resulting sequence; ``kept`` anchors each of the M tokens on an input token (vision
-        stage). Returns the generation and the ``clock()`` mark taken when the first logits
-        were ready.
+        ``kept`` (M,) anchors each of the M tokens on an input token (a vision stage's
+        selection); it may be None only when M == N.
         """
         if kept is None and visual_tokens.shape[0] != prepared.n_visual:
             raise ValueError(
                 f"{visual_tokens.shape[0]} visual tokens for {prepared.n_visual} placeholders "
                 "need `kept` (the input token each one stands for)"
             )
-        llm_input = self._sequence(prepared, visual_tokens, kept)
-        pruner = make_pruner(llm_input.inputs_embeds.shape[1], llm_input.visual_positions)
+        return self._sequence(prepared, visual_tokens, kept)
+
+    def layer_pruner(
+        self,
+        llm_input: LLMInput,
+        *,
+        method: PruningMethod | None = None,
+        steps: Sequence[LayerStep] = (),
+        probe: AttentionProbe | None = None,
+        generator: torch.Generator | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> LayerPruner:
+        """The layer-stage pruner of a generation from ``llm_input``: ``method`` applies
+        ``steps`` (none: it only records the lengths each layer sees); see
+        :class:`~prunelab.workers.pruning.LayerPruner` for the rest."""
+        return LayerPruner(
+            self.layers,
+            llm_input.inputs_embeds.shape[1],
+            llm_input.visual_positions,
+            method=method,
+            steps=steps,
+            probe=probe,
+            rotary=self._rotary,
+            generator=generator,
+            guidance=guidance,
+        )
+
+    def generate(
+        self,
+        prepared: Prepared,
+        llm_input: LLMInput,
+        max_new_tokens: int,
+        clock: Callable[[], Any],
+        pruner: LayerPruner | None = None,
+    ) -> tuple[Generation, Any]:
+        """Generate greedily from ``llm_input`` (see :meth:`llm_input`) of ``prepared``.
+
+        ``pruner`` (built by :meth:`layer_pruner` for this ``llm_input``) runs the layer stages
+        during the prefill; None: an unpruned generation. Returns the generation and the
+        ``clock()`` mark taken when the first logits were ready.
+        """
+        if pruner is None:
+            pruner = self.layer_pruner(llm_input)
 
         def forward(**kwargs: Any) -> torch.Tensor:
             return self.model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
@@ -366,9 +412,6 @@ class VLMAdapter:
             vision_flops=self.vision_flops(prepared),
         )
         return generation, first_ready
-
-    def layer_pruner(self, seq_len: int, visual_positions: torch.Tensor, **kwargs) -> LayerPruner:
-        return LayerPruner(self.layers, seq_len, visual_positions, rotary=self._rotary, **kwargs)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from prunelab.methods.base import VisionSignals
+from prunelab.workers.adapters import register_family
 from prunelab.workers.adapters.base import (
     TINY_TEXT,
     TINY_VISION,
@@ -339,3 +340,6 @@ class InternVLAdapter(VLMAdapter):
 
 def adapter_class(family: str) -> type[VLMAdapter]:
     return InternVLAdapter
+
+
+register_family(__name__, "internvl")

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from prunelab.methods.base import VisionSignals
+from prunelab.workers.adapters import register_family
 from prunelab.workers.adapters.base import (
     TINY_TEXT,
     TINY_VISION,
@@ -174,3 +175,6 @@ class LlavaAdapter(VLMAdapter):
 
 def adapter_class(family: str) -> type[VLMAdapter]:
     return LlavaAdapter
+
+
+register_family(__name__, "llava")

@@ -54,6 +54,7 @@ from transformers import (
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from prunelab.methods.base import VisionSignals
+from prunelab.workers.adapters import register_family
 from prunelab.workers.adapters.base import (
     TINY_TEXT,
     TINY_VISION,
@@ -341,3 +342,6 @@ class LlavaNextAdapter(VLMAdapter):
 
 def adapter_class(family: str) -> type[VLMAdapter]:
     return LlavaNextAdapter
+
+
+register_family(__name__, "llava_next")

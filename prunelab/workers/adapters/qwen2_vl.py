@@ -56,6 +56,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 from prunelab.methods.base import VisionSignals
+from prunelab.workers.adapters import register_family
 from prunelab.workers.adapters.base import (
     TINY_TEXT,
     LLMInput,
@@ -481,3 +482,6 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
 def adapter_class(family: str) -> type[VLMAdapter]:
     return Qwen2_5_VLAdapter if family == "qwen2_5_vl" else Qwen2VLAdapter
+
+
+register_family(__name__, "qwen2_vl", "qwen2_5_vl")
