@@ -120,25 +120,24 @@ def _dry_run(plan: Any, stores) -> int:
     total_tflops = 0.0
     model_tflops: dict[str, float] = {}  # per model, of the trials to run
     for trial in plan.trials:
-        config = trial.config()
-        tflops = estimate_tflops(config)
+        tflops = estimate_tflops(trial)
         if trial.key not in done:
             total_tflops += tflops
             model_tflops[trial.model] = model_tflops.get(trial.model, 0.0) + tflops
         mark = " (done)" if trial.key in done else ""
         print(
             f"{trial.key[:10]}  {trial.model:16} {trial.benchmark:10} {trial.method:12} "
-            f"{budget_label(config):7} {_blank(trial.prune_layer):5} {_blank(trial.seed):4}  "
+            f"{budget_label(trial):7} {_blank(trial.prune_layer):5} {_blank(trial.seed):4}  "
             f"{json.dumps(trial.hparams)}{mark}"
         )
     todo = [t for t in plan.trials if t.key not in done]
-    limit = plan.eval.get("limit")
+    limit = plan.eval.limit
     samples = f"{limit * len(todo)} samples" if limit is not None else "all samples"
     print(
         f"to run: {len(todo)} trials, {samples}, about {total_tflops:.3g} TFLOPs of LLM "
-        f"prefill ({plan.eval.get('flops_convention', 'pdrop')} convention)"
+        f"prefill ({plan.eval.flops_convention} convention)"
     )
-    workers = max(1, int(plan.workers.get("count", 1)))
+    workers = max(1, plan.workers.count)
     for model, tflops in model_tflops.items():
         measured = throughput.get(model)
         if measured is None:
@@ -211,16 +210,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         sweep = repo.get_sweep(session, args.sweep)
         if sweep is None:
             raise UsageError([f"no sweep with id or name {args.sweep!r}"])
+        rows = [(t, t.trial) for t in repo.sweep_trials(session, sweep.id)]
         trials = [
             {
                 "id": t.id,
                 "trial_key": t.trial_key,
-                "method": t.config["method"],
-                "model": t.config["model"],
-                "benchmark": t.config["benchmark"],
-                "keep_ratio": t.config.get("keep_ratio"),
-                "keep_tokens": t.config.get("keep_tokens"),
-                "prune_layer": t.config.get("prune_layer"),
+                "method": trial.method,
+                "model": trial.model,
+                "benchmark": trial.benchmark,
+                "keep_ratio": trial.keep_ratio,
+                "keep_tokens": trial.keep_tokens,
+                "prune_layer": trial.prune_layer,
                 "status": t.status,
                 "attempts": t.attempts,
                 "worker": t.worker,
@@ -228,7 +228,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "score": (t.metrics or {}).get("score"),
                 "mlflow_run_id": t.mlflow_run_id,
             }
-            for t in repo.sweep_trials(session, sweep.id)
+            for t, trial in rows
         ]
     progress = _progress(t["status"] for t in trials)
     if args.json:
@@ -279,7 +279,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if sweep is None:
             raise UsageError([f"no sweep with id or name {args.sweep!r}"])
         report = build_report(
-            (t.config, t.status, t.metrics) for t in repo.sweep_trials(session, sweep.id)
+            (t.trial, t.status, t.metrics) for t in repo.sweep_trials(session, sweep.id)
         )
     render = {"md": report_markdown, "csv": report_csv, "latex": report_latex}[args.format]
     text = render(report)

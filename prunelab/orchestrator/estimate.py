@@ -17,8 +17,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from prunelab.db import Trial
+from prunelab.db import Trial as TrialRow
 from prunelab.methods.base import PlanContext
+from prunelab.trial import Trial
 from prunelab.workers.cost import trial_flops
 from prunelab.workers.models import ModelInfo, describe_model
 from prunelab.workers.runner import build_method
@@ -41,16 +42,16 @@ def _info(model_config_json: str) -> ModelInfo:
     return describe_model(json.loads(model_config_json))
 
 
-def planned_visual_per_layer(config: dict[str, Any], info: ModelInfo) -> list[int]:
+def planned_visual_per_layer(trial: Trial, info: ModelInfo) -> list[int]:
     """Visual tokens each LLM layer will see under the trial's plan: (n_layers,)."""
-    method, budget = build_method(config)
+    method, budget = build_method(trial)
     plan = method.plan(
         PlanContext(
             n_visual=info.n_visual,
             n_layers=info.n_layers,
             budget=budget,
-            prune_layer=config.get("prune_layer"),
-            seed=config.get("seed") or 0,
+            prune_layer=trial.prune_layer,
+            seed=trial.seed or 0,
             family=info.family,
         )
     )
@@ -63,13 +64,12 @@ def planned_visual_per_layer(config: dict[str, Any], info: ModelInfo) -> list[in
     return per_layer
 
 
-def estimate_tflops(config: dict[str, Any]) -> float:
+def estimate_tflops(trial: Trial) -> float:
     """Prefill TFLOPs over all the trial's samples (text length assumed; ``exact`` adds vision)."""
-    info = _info(json.dumps(config["model_config"], sort_keys=True))
-    tokens = [v + ASSUMED_TEXT_TOKENS for v in planned_visual_per_layer(config, info)]
-    convention = config["eval"].get("flops_convention", "pdrop")
-    per_sample = trial_flops(tokens, 1, info, convention)
-    return per_sample * int(config["eval"]["limit"]) / 1e12
+    info = _info(json.dumps(trial.model_config, sort_keys=True))
+    tokens = [v + ASSUMED_TEXT_TOKENS for v in planned_visual_per_layer(trial, info)]
+    per_sample = trial_flops(tokens, 1, info, trial.eval.flops_convention)
+    return per_sample * int(trial.eval.limit) / 1e12  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -98,23 +98,23 @@ def measured_seconds(metrics: dict[str, Any] | None) -> float | None:
 
 
 def measured_throughput(
-    finished: Iterable[tuple[dict[str, Any], dict[str, Any] | None]],
+    finished: Iterable[tuple[Trial, dict[str, Any] | None]],
 ) -> dict[str, Throughput]:
-    """Per model name, the throughput of its earlier finished trials, given as (config,
+    """Per model name, the throughput of its earlier finished trials, given as (trial,
     metrics). Trials without timings, or whose config no longer plans (a method since
     removed or changed), are skipped."""
     work: dict[str, float] = {}
     seconds: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for config, metrics in finished:
+    for trial, metrics in finished:
         elapsed = measured_seconds(metrics)
         if elapsed is None:
             continue
         try:
-            tflops = estimate_tflops(config)
+            tflops = estimate_tflops(trial)
         except (KeyError, ValueError, TypeError):
             continue
-        model = config["model"]
+        model = trial.model
         work[model] = work.get(model, 0.0) + tflops
         seconds[model] = seconds.get(model, 0.0) + elapsed
         counts[model] = counts.get(model, 0) + 1
@@ -128,10 +128,13 @@ def measured_throughput(
 def earlier_throughput(session: Session, models: Iterable[str]) -> dict[str, Throughput]:
     """:func:`measured_throughput` of every finished trial in the database of ``models``."""
     wanted = set(models)
-    query = select(Trial.config, Trial.metrics).where(Trial.status == "finished")
-    rows = (
-        (config, metrics)
-        for config, metrics in session.execute(query).tuples()
-        if config.get("model") in wanted
-    )
+    query = select(TrialRow.config, TrialRow.metrics).where(TrialRow.status == "finished")
+    rows = []
+    for config, metrics in session.execute(query).tuples():
+        try:
+            trial = Trial.from_dict(config)
+        except (KeyError, TypeError):  # a row written by a version with another layout
+            continue
+        if trial.model in wanted:
+            rows.append((trial, metrics))
     return measured_throughput(rows)

@@ -8,7 +8,11 @@ score ratio (score / unpruned score, in %). At each (model, budget) the best pru
 column is bold (``**x**`` in markdown, ``\\textbf{x}`` in LaTeX, plain in CSV).
 
 The per-trial table with every cost metric (``trials.csv`` on the parent run) is
-:func:`results_rows` + :func:`trials_markdown` / :func:`trials_csv`.
+:func:`results_rows` + :func:`trials_markdown` / :func:`trials_csv`; its metric columns are the
+entries of :data:`prunelab.metrics.METRICS` that name a ``column``.
+
+Trials are given as (trial, status, metrics): the trial a :class:`~prunelab.trial.Trial` or its
+stored form (the ``trials.config`` mapping), read once through :meth:`Trial.from_dict`.
 """
 
 from __future__ import annotations
@@ -17,14 +21,18 @@ import csv
 import io
 import math
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from prunelab import metrics as metric_table
+from prunelab.metrics import ratio, relative_metrics
+from prunelab.trial import Trial
+
 __all__ = [
-    "TABLE_COLUMNS",
     "Report",
     "ReportRow",
+    "as_trial",
     "budget_cell",
     "budget_label",
     "build_report",
@@ -35,54 +43,56 @@ __all__ = [
     "report_markdown",
     "results_rows",
     "trial_params",
+    "trials_columns",
     "trials_csv",
     "trials_markdown",
 ]
 
-AXES = ("model", "benchmark", "method", "keep_ratio", "keep_tokens", "prune_layer", "seed")
 UPPER_BOUND = "upper bound"
 MEAN_RATIO_HEADER = "mean score ratio (%)"
 MISSING = "-"  # a cell without a value (LaTeX prints "--")
 
-TrialTuple = tuple[dict[str, Any], str, dict[str, Any] | None]  # (config, status, metrics)
+TrialLike = Trial | Mapping[str, Any]  # a Trial, or its stored form (``trials.config``)
+TrialTuple = tuple[TrialLike, str, Mapping[str, Any] | None]  # (trial, status, metrics)
+_Trials = list[tuple[Trial, str, Mapping[str, Any]]]  # read: metrics {} when there are none
+
+# metric names the paper-style report reads
+SCORE, TFLOPS = "score", "tflops"
 
 
-def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+def as_trial(trial: TrialLike) -> Trial:
+    """``trial`` itself, or the :class:`Trial` of a stored trial config."""
+    return trial if isinstance(trial, Trial) else Trial.from_dict(trial)
+
+
+def _read(trials: Iterable[TrialTuple]) -> _Trials:
+    """(trial, status, metrics) triples with the trial as a :class:`Trial`."""
+    return [(as_trial(trial), status, metrics or {}) for trial, status, metrics in trials]
+
+
+def trial_params(trial: TrialLike) -> dict[str, Any]:
     """MLflow params of a trial: the axes (None when the method does not use one) and hparams."""
-    params = {axis: config.get(axis) for axis in AXES}
-    for name, value in sorted((config.get("hparams") or {}).items()):
-        params[f"method.{name}"] = value
-    return params
+    return as_trial(trial).params()
 
 
-def budget_label(config: dict[str, Any]) -> str:
+def budget_label(trial: TrialLike) -> str:
     """Short budget of a trial for run names and listings: ``64``, ``22.2%`` or ``all``."""
-    if config.get("keep_tokens") is not None:
-        return str(config["keep_tokens"])
-    if config.get("keep_ratio") is not None:
-        return f"{100 * config['keep_ratio']:.1f}%"
+    trial = as_trial(trial)
+    if trial.keep_tokens is not None:
+        return str(trial.keep_tokens)
+    if trial.keep_ratio is not None:
+        return f"{100 * trial.keep_ratio:.1f}%"
     return "all"
 
 
-def budget_cell(config: dict[str, Any]) -> str:
+def budget_cell(trial: TrialLike) -> str:
     """Budget as the report prints it: ``64 tokens``, ``22.2%``, or ``upper bound`` (unpruned)."""
-    if config.get("keep_tokens") is not None:
-        return f"{config['keep_tokens']} tokens"
-    if config.get("keep_ratio") is not None:
-        return f"{100 * config['keep_ratio']:.1f}%"
+    trial = as_trial(trial)
+    if trial.keep_tokens is not None:
+        return f"{trial.keep_tokens} tokens"
+    if trial.keep_ratio is not None:
+        return f"{100 * trial.keep_ratio:.1f}%"
     return UPPER_BOUND
-
-
-def relative_metrics(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, float]:
-    """``score_ratio`` and ``flops_ratio`` against the unpruned trial (absent if undefined)."""
-    out: dict[str, float] = {}
-    if not baseline:
-        return out
-    for name, source in (("score_ratio", "score"), ("flops_ratio", "tflops")):
-        value, reference = metrics.get(source), baseline.get(source)
-        if value is not None and reference:
-            out[name] = float(value) / float(reference)
-    return out
 
 
 def _number(value: Any) -> float | None:
@@ -136,21 +146,21 @@ class Report:
         return list(dict.fromkeys(row.model for row in self.rows))
 
 
-def _budget_order(config: dict[str, Any]) -> tuple:
+def _budget_order(trial: Trial) -> tuple:
     """Unpruned first, then absolute budgets, then ratios, each largest first."""
-    if config.get("keep_tokens") is not None:
-        return (1, -float(config["keep_tokens"]))
-    if config.get("keep_ratio") is not None:
-        return (2, -float(config["keep_ratio"]))
-    return (0 if config["method"] == "none" else 3, 0.0)
+    if trial.keep_tokens is not None:
+        return (1, -float(trial.keep_tokens))
+    if trial.keep_ratio is not None:
+        return (2, -float(trial.keep_ratio))
+    return (0 if trial.is_baseline else 3, 0.0)
 
 
-def _varying_hparams(trials: Sequence[TrialTuple]) -> dict[str, list[str]]:
+def _varying_hparams(trials: _Trials) -> dict[str, list[str]]:
     """Per method, the hyperparameters that take more than one value in the sweep."""
     values: dict[str, dict[str, set[str]]] = {}
-    for config, _, _ in trials:
-        per_method = values.setdefault(config["method"], {})
-        for name, value in (config.get("hparams") or {}).items():
+    for trial, _, _ in trials:
+        per_method = values.setdefault(trial.method, {})
+        for name, value in trial.hparams.items():
             per_method.setdefault(name, set()).add(repr(value))
     return {
         method: sorted(name for name, seen in hps.items() if len(seen) > 1)
@@ -158,79 +168,70 @@ def _varying_hparams(trials: Sequence[TrialTuple]) -> dict[str, list[str]]:
     }
 
 
-def _varies(trials: Sequence[TrialTuple], axis: str) -> bool:
+def _varies(trials: _Trials, axis: str) -> bool:
     """Whether some method runs at more than one value of ``axis`` (per model and budget)."""
     seen: dict[tuple, set] = {}
-    for config, _, _ in trials:
-        if config["method"] == "none":
+    for trial, _, _ in trials:
+        if trial.is_baseline:
             continue
-        group = (config["model"], config["method"], budget_cell(config))
-        seen.setdefault(group, set()).add(config.get(axis))
+        group = (trial.model, trial.method, budget_cell(trial))
+        seen.setdefault(group, set()).add(getattr(trial, axis))
     return any(len(values) > 1 for values in seen.values())
 
 
-def _models(trials: Sequence[TrialTuple]) -> list[str]:
+def _models(trials: _Trials) -> list[str]:
     """The sweep's models, in order of first appearance."""
-    return list(dict.fromkeys(config["model"] for config, _, _ in trials))
+    return list(dict.fromkeys(trial.model for trial, _, _ in trials))
 
 
 def build_report(trials: Iterable[TrialTuple]) -> Report:
-    """The paper-style report of a sweep's trials, each given as (config, status, metrics).
+    """The paper-style report of a sweep's trials, each given as (trial, status, metrics).
 
     Score ratios are recomputed here from each trial's score and its (model, benchmark)
     unpruned score, so they are right even for trials logged before their baseline finished.
     A row's mean ratio needs every ratio benchmark finished; otherwise it is None.
     """
-    trials = list(trials)
-    benchmarks = list(dict.fromkeys(config["benchmark"] for config, _, _ in trials))
-    variant_columns = [
-        label
-        for axis, label in (("prune_layer", "layer"), ("seed", "seed"))
-        if _varies(trials, axis)
-    ]
+    trials = _read(trials)
+    benchmarks = list(dict.fromkeys(trial.benchmark for trial, _, _ in trials))
     axis_of = {"layer": "prune_layer", "seed": "seed"}
+    variant_columns = [label for label, axis in axis_of.items() if _varies(trials, axis)]
     hparams = _varying_hparams(trials)
     baseline_scores: dict[tuple[str, str], float | None] = {}
-    for config, status, metrics in trials:
-        if config["method"] == "none" and status == "finished":
-            baseline_scores[(config["model"], config["benchmark"])] = _number(
-                (metrics or {}).get("score")
-            )
+    for trial, status, metrics in trials:
+        if trial.is_baseline and status == "finished":
+            baseline_scores[(trial.model, trial.benchmark)] = _number(metrics.get(SCORE))
 
     rows: dict[tuple, ReportRow] = {}
-    for config, status, metrics in trials:
-        metrics = metrics or {}
-        method = config["method"]
+    for trial, status, metrics in trials:
+        method = trial.method
         varying = hparams.get(method, [])
         if varying:
-            shown = ", ".join(f"{name}={config['hparams'][name]}" for name in varying)
+            shown = ", ".join(f"{name}={trial.hparams[name]}" for name in varying)
             method = f"{method} ({shown})"
-        variant = {label: config.get(axis_of[label]) for label in variant_columns}
-        budget = budget_cell(config)
-        key = (config["model"], method, budget, tuple(variant.items()))
+        variant = {label: getattr(trial, axis_of[label]) for label in variant_columns}
+        budget = budget_cell(trial)
+        key = (trial.model, method, budget, tuple(variant.items()))
         row = rows.get(key)
         if row is None:
-            is_baseline = config["method"] == "none"
             row = rows[key] = ReportRow(
-                model=config["model"],
+                model=trial.model,
                 method=method,
                 budget=budget,
                 variant=variant,
-                is_baseline=is_baseline,
+                is_baseline=trial.is_baseline,
                 order=(
-                    _budget_order(config),
+                    _budget_order(trial),
                     method,
                     tuple(-1 if v is None else v for v in variant.values()),
                 ),
             )
-        benchmark = config["benchmark"]
+        benchmark = trial.benchmark
         row.status[benchmark] = status
         finished = status == "finished"
-        score = _number(metrics.get("score")) if finished else None
-        reference = baseline_scores.get((config["model"], benchmark))
+        score = _number(metrics.get(SCORE)) if finished else None
         row.scores[benchmark] = score
-        row.ratios[benchmark] = score / reference if score is not None and reference else None
-        row.tflops[benchmark] = _number(metrics.get("tflops")) if finished else None
+        row.ratios[benchmark] = ratio(score, baseline_scores.get((trial.model, benchmark)))
+        row.tflops[benchmark] = _number(metrics.get(TFLOPS)) if finished else None
 
     ratio_benchmarks = [
         b for b in benchmarks if any(baseline_scores.get((m, b)) for m in _models(trials))
@@ -410,39 +411,35 @@ def report_latex(report: Report) -> str:
 
 
 # -- the per-trial table ------------------------------------------------------------------------
-TABLE_COLUMNS = (
-    ("score", "score"),
-    ("score_ratio", "score ratio"),
-    ("avg_visual_tokens", "avg tokens"),
-    ("tflops", "TFLOPs"),
-    ("flops_ratio", "FLOPs ratio"),
-    ("prefill_ms", "prefill ms"),
-    ("fidelity_top1", "top-1 agree"),
-)
+def trials_columns() -> list[tuple[str, str]]:
+    """(metric, header) of the per-trial table's metric columns: the entries of
+    :data:`prunelab.metrics.METRICS` with a ``column``, in the table's order."""
+    return [(metric.name, str(metric.column)) for metric in metric_table.table_columns()]
 
 
 def results_rows(trials: Iterable[TrialTuple]) -> list[dict]:
-    """Rows (config, status, metrics) -> per-trial rows sorted by model, benchmark, method,
+    """Rows (trial, status, metrics) -> per-trial rows sorted by model, benchmark, method,
     budget (largest first), layer."""
+    columns = trials_columns()
     rows = []
-    for config, status, metrics in trials:
+    for trial, status, metrics in _read(trials):
         row = {
-            "model": config["model"],
-            "benchmark": config["benchmark"],
-            "method": config["method"],
-            "budget": budget_label(config),
-            "layer": "" if config.get("prune_layer") is None else str(config["prune_layer"]),
+            "model": trial.model,
+            "benchmark": trial.benchmark,
+            "method": trial.method,
+            "budget": budget_label(trial),
+            "layer": "" if trial.prune_layer is None else str(trial.prune_layer),
             "status": status,
         }
-        for key, _ in TABLE_COLUMNS:
-            row[key] = (metrics or {}).get(key)
+        for key, _ in columns:
+            row[key] = metrics.get(key)
         row["_sort"] = (
-            config["model"],
-            config["benchmark"],
-            config["method"] != "none",
-            config["method"],
-            _budget_order(config),
-            config.get("prune_layer") or 0,
+            trial.model,
+            trial.benchmark,
+            not trial.is_baseline,
+            trial.method,
+            _budget_order(trial),
+            trial.prune_layer or 0,
         )
         rows.append(row)
     rows.sort(key=lambda r: r.pop("_sort"))
@@ -450,27 +447,22 @@ def results_rows(trials: Iterable[TrialTuple]) -> list[dict]:
 
 
 def _fmt(key: str, value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return MISSING
-    if key in ("score_ratio", "flops_ratio", "fidelity_top1"):
-        return f"{100 * value:.1f}%"
-    if key == "tflops":
-        return f"{value:.3g}"
-    if key in ("avg_visual_tokens", "prefill_ms", "score"):
-        return f"{value:.1f}"
-    return str(value)
+    """A metric cell of the per-trial markdown table, in the format of the metric's entry."""
+    text = metric_table.format_value(metric_table.lookup(key), value)
+    return MISSING if text is None else text
 
 
 def trials_markdown(rows: Sequence[dict]) -> str:
     """Per-trial rows (:func:`results_rows`) as a markdown table of cost and quality metrics."""
-    head = ["model", "benchmark", "method", "budget", "layer"] + [t for _, t in TABLE_COLUMNS]
+    columns = trials_columns()
+    head = ["model", "benchmark", "method", "budget", "layer"] + [t for _, t in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["model"], row["benchmark"], row["method"], row["budget"], row["layer"]]
         if row["status"] != "finished":
-            cells += [row["status"]] + [""] * (len(TABLE_COLUMNS) - 1)
+            cells += [row["status"]] + [""] * (len(columns) - 1)
         else:
-            cells += [_fmt(key, row[key]) for key, _ in TABLE_COLUMNS]
+            cells += [_fmt(key, row[key]) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -479,7 +471,7 @@ def trials_csv(rows: Sequence[dict]) -> str:
     """Per-trial rows (:func:`results_rows`) as CSV with raw metric values."""
     buffer = io.StringIO()
     fields = ["model", "benchmark", "method", "budget", "layer", "status"] + [
-        key for key, _ in TABLE_COLUMNS
+        key for key, _ in trials_columns()
     ]
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -493,7 +485,7 @@ def report_artifacts(trials: Iterable[TrialTuple]) -> dict[str, str | bytes]:
     trial's cost and quality metrics)."""
     from prunelab.orchestrator.plots import pareto_png  # matplotlib only when plotting
 
-    trials = list(trials)
+    trials = _read(trials)
     report = build_report(trials)
     return {
         "table.md": report_markdown(report),

@@ -36,6 +36,7 @@ from ray.exceptions import (
     RayTaskError,
 )
 
+from prunelab.trial import Trial, TrialResult
 from prunelab.workers.actor import TrialFailure, Worker
 
 __all__ = ["Dispatch", "WorkerPool", "start_ray"]
@@ -60,14 +61,22 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dispatch:
-    """One trial handed to the pool: its id, model (for affinity) and worker config."""
+    """One trial handed to the pool: its database id and the trial its worker runs."""
 
     trial_id: int
-    model: str
-    config: dict[str, Any]
-    priority: int = 0  # lower runs first (baselines: 0, others: 1)
+    trial: Trial
+
+    @property
+    def model(self) -> str:
+        """The model the trial runs on (workers keep theirs: affinity)."""
+        return self.trial.model
+
+    @property
+    def priority(self) -> int:
+        """Lower runs first: baselines (0), whose metrics the others are measured against."""
+        return 0 if self.trial.is_baseline else 1
 
 
 @dataclass
@@ -149,7 +158,7 @@ class WorkerPool:
         self,
         trials: list[Dispatch],
         claim: Callable[[Dispatch, str], bool],
-        done: Callable[[Dispatch, dict[str, Any]], None],
+        done: Callable[[Dispatch, TrialResult], None],
         failed: FailedCallback,
     ) -> None:
         """Run ``trials`` to completion.
@@ -165,7 +174,7 @@ class WorkerPool:
         running: dict[Any, _Running] = {}
         starting: dict[Any, _Slot] = {s.ready_ref: s for s in self.slots if not s.ready}
         idle = [s for s in self.slots if s.ready]
-        results: list[tuple[Dispatch, dict[str, Any]]] = []  # finished, not yet handed over
+        results: list[tuple[Dispatch, TrialResult]] = []  # finished, not yet handed over
         warned = False
         start_deaths = 0  # in a row: a worker that cannot start at all must not loop forever
 
@@ -187,7 +196,7 @@ class WorkerPool:
                     continue
                 slot.model = trial.model
                 deadline = time.monotonic() + self.trial_timeout_s if self.trial_timeout_s else None
-                running[slot.actor.run.remote(trial.config)] = _Running(slot, trial, deadline)
+                running[slot.actor.run.remote(trial.trial)] = _Running(slot, trial, deadline)
             # the freed workers already run their next trials: record the finished ones now,
             # so database writes and MLflow logging overlap the workers' compute
             for trial, result in results:

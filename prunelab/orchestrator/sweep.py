@@ -8,6 +8,7 @@ record the run id. A finished trial without a run id is logged again on resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -21,17 +22,19 @@ import yaml
 from sqlalchemy import Engine
 from tqdm import tqdm
 
-from prunelab.db import Trial, init_db, repo, session_factory
+from prunelab.db import Trial as TrialRow
+from prunelab.db import init_db, repo, session_factory
+from prunelab.metrics import relative_metrics
+from prunelab.orchestrator.config import WorkersConfig
 from prunelab.orchestrator.results import (
     budget_label,
     build_report,
-    relative_metrics,
     report_artifacts,
     report_markdown,
-    trial_params,
 )
 from prunelab.orchestrator.tracking import Tracker
 from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads, fail_untrained
+from prunelab.trial import TrialResult
 
 __all__ = ["Stores", "execute", "resume_sweep", "submit_sweep", "sweep_table"]
 
@@ -58,7 +61,7 @@ def submit_sweep(plan: Any, stores: Stores, rerun: bool = False) -> int:
         sweep = repo.create_sweep(session, plan.name, plan.spec, plan.spec_yaml, orchestrator)
         sweep_id = sweep.id
         rows, already = repo.add_trials(
-            session, sweep_id, [(t.key, t.config(), t.is_baseline) for t in plan.trials]
+            session, sweep_id, [(t.key, t.to_dict(), t.is_baseline) for t in plan.trials]
         )
         ids = [row.id for row in rows]
         if rerun:
@@ -91,7 +94,7 @@ def resume_sweep(ref: str, stores: Stores) -> int:
         sweep = repo.get_sweep(session, ref)
         if sweep is None:
             raise LookupError(f"no sweep with id or name {ref!r}")
-        sweep_id, workers = sweep.id, sweep.spec.get("workers", {})
+        sweep_id, workers = sweep.id, _workers_config(sweep.spec)
         # only the claims of this sweep's dead orchestrator are stale; a trial shared with a
         # sweep whose orchestrator is alive stays with it
         live = repo.running_claims(session, sweep_id) - {sweep.orchestrator}
@@ -100,6 +103,12 @@ def resume_sweep(ref: str, stores: Stores) -> int:
         repo.set_sweep_status(session, sweep_id, "running")
     print(f"resuming sweep {ref} ({sweep_id}): {reset} interrupted trial(s) back to pending")
     return execute(engine, tracker, sweep_id, workers, orchestrator, stores.ray_address)
+
+
+def _workers_config(spec: dict[str, Any]) -> WorkersConfig:
+    """The ``workers`` section of a recorded sweep spec (settings it lacks: the defaults)."""
+    known = {f.name for f in dataclasses.fields(WorkersConfig)}
+    return WorkersConfig(**{k: v for k, v in (spec.get("workers") or {}).items() if k in known})
 
 
 class _Recorder:
@@ -114,24 +123,25 @@ class _Recorder:
             sweep = repo.get_sweep(session, sweep_id)
             assert sweep is not None
             self.name, self.parent = sweep.name, sweep.mlflow_run_id
-            trials = repo.sweep_trials(session, sweep_id)
-            baselines = {
-                (t.config["model"], t.config["benchmark"]): t.id
-                for t in trials
-                if t.config["method"] == "none"
-            }
-            self.baseline_of = {
-                t.id: baselines.get((t.config["model"], t.config["benchmark"])) for t in trials
-            }
-            # key and config never change: read once, not once per logged trial
-            self.identity = {t.id: (t.trial_key, t.config) for t in trials}
-        self.waiting: dict[int, dict[str, Any]] = {}  # finished, waiting for their baseline
+            rows = repo.sweep_trials(session, sweep_id)
+        # key and trial never change: read once, not once per logged trial
+        self.identity = {t.id: (t.trial_key, t.trial) for t in rows}
+        baselines = {
+            (trial.model, trial.benchmark): trial_id
+            for trial_id, (_, trial) in self.identity.items()
+            if trial.is_baseline
+        }
+        self.baseline_of = {
+            trial_id: baselines.get((trial.model, trial.benchmark))
+            for trial_id, (_, trial) in self.identity.items()
+        }
+        self.waiting: dict[int, TrialResult | None] = {}  # finished, waiting for their baseline
         # metrics of the trials this orchestrator ran to the end (their baselines' included)
         self.metrics: dict[int, dict[str, Any]] = {}
 
-    def _trial(self, trial_id: int) -> Trial:
+    def _trial(self, trial_id: int) -> TrialRow:
         with self.sessions() as session:
-            trial = session.get(Trial, trial_id)
+            trial = session.get(TrialRow, trial_id)
             assert trial is not None
             session.expunge(trial)
             return trial
@@ -151,11 +161,11 @@ class _Recorder:
         tqdm.write(f"trial {dispatch.trial_id} attempt failed ({status}): {error}")
         return status == "pending"
 
-    def done(self, dispatch, result: dict[str, Any]) -> None:
+    def done(self, dispatch, result: TrialResult) -> None:
         """A trial this orchestrator claimed (pending -> running) finished on a worker."""
-        trial_id, metrics = dispatch.trial_id, result["metrics"]
+        trial_id, metrics = dispatch.trial_id, dict(result.metrics)
         with self.sessions.begin() as session:
-            repo.finish_trial(session, trial_id, metrics, result["worker"], result["node"])
+            repo.finish_trial(session, trial_id, metrics, result.worker, result.node)
         # the trial's MLflow run can only be created after this write, by this process
         self.metrics[trial_id] = repo.finite_metrics(metrics)
         self.settle(trial_id, result)
@@ -168,12 +178,12 @@ class _Recorder:
         trial = self._trial(trial_id)
         return (trial.metrics or {}) if trial.status == "finished" else None
 
-    def settle(self, trial_id: int, result: dict[str, Any] | None) -> None:
+    def settle(self, trial_id: int, result: TrialResult | None) -> None:
         """Log a finished trial once its baseline is known; trials waiting on it follow."""
         baseline_id = self.baseline_of.get(trial_id)
         baseline = self._finished_metrics(baseline_id) if baseline_id is not None else None
         if baseline_id is not None and baseline is None and baseline_id != trial_id:
-            self.waiting[trial_id] = result or {}
+            self.waiting[trial_id] = result
             return
         self._log(trial_id, result, baseline)
         for waiting_id in [t for t in self.waiting if self.baseline_of.get(t) == trial_id]:
@@ -187,7 +197,7 @@ class _Recorder:
             baseline = self._finished_metrics(baseline_id) if baseline_id is not None else None
             self._log(trial_id, self.waiting.pop(trial_id), baseline)
 
-    def _log(self, trial_id: int, result: dict[str, Any] | None, baseline: dict | None) -> None:
+    def _log(self, trial_id: int, result: TrialResult | None, baseline: dict | None) -> None:
         """Log the MLflow child run of a finished trial, then record its id.
 
         A trial in ``self.metrics`` was finished by this process, which logs each trial once:
@@ -198,17 +208,17 @@ class _Recorder:
         ran_here = trial_id in self.metrics
         own = self._finished_metrics(trial_id) or {}
         metrics = {**own, **relative_metrics(own, baseline)}
-        trial_key, config = self.identity[trial_id]
+        trial_key, trial = self.identity[trial_id]
         artifacts: dict[str, str | bytes] = {
-            "trial.yaml": yaml.safe_dump(config, sort_keys=False),
+            "trial.yaml": yaml.safe_dump(trial.to_dict(), sort_keys=False),
         }
-        predictions = (result or {}).get("predictions")
-        if predictions:
-            artifacts["predictions.jsonl"] = "".join(json.dumps(p) + "\n" for p in predictions)
-        # files the worker made (importance heatmaps, method diagnostics): name -> text or bytes
-        artifacts.update((result or {}).get("artifacts") or {})
-        layer = config.get("prune_layer")
-        run_name = f"{config['method']}-{budget_label(config)}" + (
+        if result is not None and result.predictions:
+            lines = (json.dumps(p) + "\n" for p in result.predictions)
+            artifacts["predictions.jsonl"] = "".join(lines)
+        if result is not None:  # files the worker made (heatmaps, method diagnostics)
+            artifacts.update(result.artifacts)
+        layer = trial.prune_layer
+        run_name = f"{trial.method}-{budget_label(trial)}" + (
             f"-L{layer}" if layer is not None else ""
         )
         run_id = self.tracker.log_trial(
@@ -217,7 +227,7 @@ class _Recorder:
             self.sweep_id,
             trial_key,
             run_name,
-            trial_params(config),
+            trial.params(),
             {k: float(v) for k, v in metrics.items() if v is not None},
             artifacts,
             new=ran_here,
@@ -232,7 +242,7 @@ def execute(
     engine: Engine,
     tracker: Tracker,
     sweep_id: str,
-    workers: dict[str, Any],
+    workers: WorkersConfig,
     orchestrator: str,
     ray_address: str | None = None,
 ) -> int:
@@ -240,20 +250,11 @@ def execute(
     from prunelab.orchestrator.scheduler import Dispatch, WorkerPool, start_ray
 
     recorder = _Recorder(engine, tracker, sweep_id, orchestrator)
-    recorder.max_attempts = int(workers.get("max_attempts", 3))
+    recorder.max_attempts = workers.max_attempts
     sessions = recorder.sessions
 
-    def dispatches(trials: list[Trial]) -> list[Dispatch]:
-        return [
-            Dispatch(
-                trial_id=t.id,
-                model=t.config["model"],
-                config=t.config,
-                priority=0 if t.config["method"] == "none" else 1,
-            )
-            for t in trials
-            if t.status == "pending"
-        ]
+    def dispatches(trials: list[TrialRow]) -> list[Dispatch]:
+        return [Dispatch(t.id, recorder.identity[t.id][1]) for t in trials if t.status == "pending"]
 
     with sessions() as session:
         trials = repo.sweep_trials(session, sweep_id)
@@ -279,8 +280,8 @@ def execute(
             bar.update(count)
             bar.set_postfix(failed=failures[0])
 
-        def done(dispatch, result):
-            loads[result["worker"]] = result["model_loads"]
+        def done(dispatch, result: TrialResult):
+            loads[result.worker] = result.model_loads
             recorder.done(dispatch, result)
             ended(1, failed=False)
 
@@ -296,19 +297,19 @@ def execute(
                     # training stages first (pgp's VIB heads): reused or trained now; a head
                     # that fails to train fails only the trials that need it
                     untrained: dict[str, str] = {}  # head key -> why it failed to train
-                    configs = [d.config for d in todo]
-                    heads = ensure_heads(tracker, configs, workers, tqdm.write, untrained)
+                    trials = [d.trial for d in todo]
+                    heads = ensure_heads(tracker, trials, workers, tqdm.write, untrained)
                     todo, lost = fail_untrained(sessions, orchestrator, todo, untrained)
-                    attach_heads([d.config for d in todo], heads)
+                    todo = attach_heads(todo, heads)
                     if lost:
                         ended(len(lost), failed=True)
                 if todo:
                     if pool is None:
                         pool = WorkerPool(
-                            max(1, min(int(workers.get("count", 1)), len(todo))),
-                            cpus=float(workers.get("cpus_per_worker", 1)),
-                            gpus=float(workers.get("gpus_per_worker", 0)),
-                            trial_timeout_s=workers.get("trial_timeout_s"),
+                            max(1, min(workers.count, len(todo))),
+                            cpus=workers.cpus_per_worker,
+                            gpus=workers.gpus_per_worker,
+                            trial_timeout_s=workers.trial_timeout_s,
                         )
                     pool.run(todo, recorder.claim, done, failed)
                 # trials of this sweep claimed by another orchestrator (a shared trial_key):
@@ -353,7 +354,7 @@ def execute(
         trials = repo.sweep_trials(session, sweep_id)
         all_done = all(t.status == "finished" for t in trials)
     # the paper-style table (md, csv, tex), the Pareto plot and the per-trial metrics
-    artifacts = report_artifacts((t.config, t.status, t.metrics) for t in trials)
+    artifacts = report_artifacts((t.trial, t.status, t.metrics) for t in trials)
     table = str(artifacts["table.md"])
     tracker.log_sweep_artifacts(recorder.parent, artifacts)
     status = "finished" if all_done else "failed"
@@ -382,4 +383,4 @@ def sweep_table(engine: Engine, ref: str) -> str:
         if sweep is None:
             raise LookupError(f"no sweep with id or name {ref!r}")
         trials = repo.sweep_trials(session, sweep.id)
-        return report_markdown(build_report((t.config, t.status, t.metrics) for t in trials))
+        return report_markdown(build_report((t.trial, t.status, t.metrics) for t in trials))

@@ -43,8 +43,6 @@ TAG_TRIAL_KEY: Final = "prunelab.trial_key"
 TAG_PARENT: Final = "mlflow.parentRunId"
 
 # MLflow's limits for one log_batch call.
-_MAX_PARAMS_PER_BATCH: Final = 100
-_MAX_ENTRIES_PER_BATCH: Final = 1000
 
 # MLflow's SQLAlchemy store on PostgreSQL: at most 5 + 5 connections per process
 _MLFLOW_PG_POOL: Final = {
@@ -214,18 +212,13 @@ class Tracker:
     def _log_batch(
         self, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]
     ) -> None:
-        """Params (stringified, None omitted) and metrics (as float) in as few calls as
-        MLflow allows: one unless there are more than 100 params or 1000 entries."""
+        """Params (stringified, None omitted) and metrics (as float) in one ``log_batch``
+        call, which splits them into as many requests as MLflow's batch limits need."""
         timestamp = int(time.time() * 1000)
         param_list = [Param(k, str(v)) for k, v in params.items() if v is not None]
         metric_list = [Metric(k, float(v), timestamp, 0) for k, v in metrics.items()]
-        while param_list or metric_list:
-            batch_params = param_list[:_MAX_PARAMS_PER_BATCH]
-            room = _MAX_ENTRIES_PER_BATCH - len(batch_params)
-            batch_metrics = metric_list[:room]
-            self.client.log_batch(run_id, metrics=batch_metrics, params=batch_params)
-            param_list = param_list[len(batch_params) :]
-            metric_list = metric_list[len(batch_metrics) :]
+        if param_list or metric_list:
+            self.client.log_batch(run_id, metrics=metric_list, params=param_list)
 
     def _log_artifacts(self, run_id: str, artifacts: Artifacts, uri: str | None = None) -> None:
         """Store ``artifacts`` in the run's artifact location (``uri``: the run's

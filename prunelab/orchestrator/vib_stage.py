@@ -28,6 +28,7 @@ other trials run. No FINISHED head run is left for it, so the next submit trains
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.db import repo
+from prunelab.orchestrator.config import WorkersConfig
+from prunelab.trial import Trial
 from prunelab.workers.vib import HEAD_FILE, TRAIN_DEFAULTS, VibResult, train_vib
 
 __all__ = [
@@ -185,38 +188,36 @@ def _train_task(train: dict[str, Any]) -> VibResult:
     return train_vib(train)
 
 
-def _train(train: dict[str, Any], workers: dict[str, Any] | None) -> VibResult:
+def _train(train: dict[str, Any], workers: WorkersConfig | None) -> VibResult:
     """Train on a Ray task with a worker's resources when Ray is up, else in this process."""
     import ray
 
     if not ray.is_initialized():
         return train_vib(train)
-    workers = workers or {}
+    workers = workers or WorkersConfig()
     task = ray.remote(
-        num_cpus=float(workers.get("cpus_per_worker", 1)),
-        num_gpus=float(workers.get("gpus_per_worker", 0)),
-        max_retries=0,
+        num_cpus=workers.cpus_per_worker, num_gpus=workers.gpus_per_worker, max_retries=0
     )(_train_task)
     return ray.get(task.remote(train))
 
 
 def ensure_heads(
     tracker: Any,
-    configs: Iterable[dict[str, Any]],
-    workers: dict[str, Any] | None = None,
+    trials: Iterable[Trial],
+    workers: WorkersConfig | None = None,
     echo: Any = print,
     failures: dict[str, str] | None = None,
 ) -> dict[str, bytes]:
-    """The head of every distinct ``vib_head`` key among trial ``configs``: reused from MLflow
+    """The head of every distinct ``vib_head`` key among ``trials``: reused from MLflow
     when trained before, else trained and logged now. Returns {key: safetensors bytes}.
 
     A head whose training or logging raises: with ``failures`` given, its key -> a one-line
     reason (head, training config, error) goes there, it is absent from the result and the
     other heads are still handled; without ``failures`` the exception propagates."""
-    configs = list(configs)
+    trials = list(trials)
     blobs: dict[str, bytes] = {}
-    for config in configs:
-        spec = config.get("vib_head")
+    for trial in trials:
+        spec = trial.vib_head
         if not spec or spec["key"] in blobs or spec["key"] in (failures or {}):
             continue
         key = spec["key"]
@@ -234,7 +235,7 @@ def ensure_heads(
             if failures is None:
                 raise
             failures[key] = _failure(spec, exc)
-            users = sum((c.get("vib_head") or {}).get("key") == key for c in configs)
+            users = sum((t.vib_head or {}).get("key") == key for t in trials)
             echo(f"{failures[key]} ({users} trial(s) that need it fail, the others run)")
             continue
         echo(
@@ -268,13 +269,13 @@ def _failure(spec: dict[str, Any], exc: BaseException) -> str:
 def fail_untrained(
     sessions: Any, orchestrator: str, dispatches: list[Any], failures: dict[str, str]
 ) -> tuple[list[Any], list[Any]]:
-    """Split ``dispatches`` (with ``trial_id`` and ``config``) on their head: those whose head
+    """Split ``dispatches`` (with ``trial_id`` and ``trial``) on their head: those whose head
     failed (``failures``: key -> reason, from :func:`ensure_heads`) are claimed and failed in
     the database with the reason, as an attempt that failed for good, and are not to be
     dispatched. A trial another orchestrator holds is left to it. Returns (to run, failed)."""
     run, failed = [], []
     for dispatch in dispatches:
-        spec = dispatch.config.get("vib_head")
+        spec = dispatch.trial.vib_head
         reason = failures.get(spec["key"]) if spec else None
         if reason is None:
             run.append(dispatch)
@@ -286,9 +287,13 @@ def fail_untrained(
     return run, failed
 
 
-def attach_heads(configs: Iterable[dict[str, Any]], blobs: dict[str, bytes]) -> None:
-    """Put each trial's head bytes into its (dispatch) config as ``vib_head.state``."""
-    for config in configs:
-        spec = config.get("vib_head")
+def attach_heads(dispatches: Iterable[Any], blobs: dict[str, bytes]) -> list[Any]:
+    """The dispatches, each trial with a head carrying its bytes as ``vib_head.state``."""
+    attached = []
+    for dispatch in dispatches:
+        spec = dispatch.trial.vib_head
         if spec:
-            spec["state"] = blobs[spec["key"]]
+            head = {**spec, "state": blobs[spec["key"]]}
+            dispatch = dataclasses.replace(dispatch, trial=dispatch.trial.with_head(head))
+        attached.append(dispatch)
+    return attached

@@ -55,7 +55,7 @@ def _check_common(plan: SweepPlan, methods: tuple[str, ...], models: tuple[str, 
         info = plan.model_infos[model]
         assert (info.n_layers, info.n_visual) == SHAPES[model]
         assert plan.models[model]["source"] == "pretrained"
-    assert plan.workers["gpus_per_worker"] >= 1  # 7B models: a GPU per worker
+    assert plan.workers.gpus_per_worker >= 1  # 7B models: a GPU per worker
 
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))

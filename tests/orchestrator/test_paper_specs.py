@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 import prunelab.methods as M
 from prunelab.methods.base import Plan
 from prunelab.methods.pdrop import average_target, plan_average
-from prunelab.orchestrator.spec import SWEEPS_DIR, SweepPlan, TrialSpec, load_sweep
+from prunelab.orchestrator.spec import SWEEPS_DIR, SweepPlan, load_sweep
+from prunelab.trial import Trial
 from prunelab.workers.benchmarks import build_benchmark
 
 POLYMORPHIC_BENCHMARKS = ("vizwiz", "scienceqa_img", "gqa", "textvqa", "mme", "pope")
@@ -91,11 +92,11 @@ def _load(spec_dir: Path, spec: str, overrides: tuple[str, ...] = ()) -> SweepPl
     return load_sweep(str(spec_dir / f"{spec}.yaml"), list(overrides))
 
 
-def _method(trial: TrialSpec) -> M.PruningMethod:
+def _method(trial: Trial) -> M.PruningMethod:
     return M.get(trial.method).from_hparams(trial.hparams)
 
 
-def _plan(plan: SweepPlan, trial: TrialSpec) -> Plan:
+def _plan(plan: SweepPlan, trial: Trial) -> Plan:
     """The trial's plan on its model's shape, as the worker makes it."""
     info = plan.model_infos[trial.model]
     budget = M.Budget(keep_ratio=trial.keep_ratio, keep_tokens=trial.keep_tokens)
@@ -105,7 +106,7 @@ def _plan(plan: SweepPlan, trial: TrialSpec) -> Plan:
     return _method(trial).plan(context)
 
 
-def _tokens(plan: SweepPlan, trial: TrialSpec) -> float:
+def _tokens(plan: SweepPlan, trial: Trial) -> float:
     """The trial's budget in visual tokens of its model (unrounded for a ratio)."""
     budget = M.Budget(keep_ratio=trial.keep_ratio, keep_tokens=trial.keep_tokens)
     return average_target(budget, plan.model_infos[trial.model].n_visual)
@@ -137,7 +138,7 @@ def _check_grid(
                 trials = [t for t in group if t.method == method]
                 assert [getattr(t, axis) for t in trials] == list(budgets)
                 assert all(getattr(t, other) is None for t in trials)
-    assert plan.workers["gpus_per_worker"] >= 1  # 7B models: a GPU per worker
+    assert plan.workers.gpus_per_worker >= 1  # 7B models: a GPU per worker
 
 
 def _check_shapes(plan: SweepPlan) -> None:
@@ -165,7 +166,7 @@ def _check_shapes(plan: SweepPlan) -> None:
             assert abs(average - _tokens(plan, trial)) <= 1.0, (trial, average)
 
 
-def _trial(plan: SweepPlan, model: str, method: str, **budget: Any) -> TrialSpec:
+def _trial(plan: SweepPlan, model: str, method: str, **budget: Any) -> Trial:
     """The one trial of ``method`` on ``model`` at ``budget`` (on the first benchmark)."""
     found = [
         t

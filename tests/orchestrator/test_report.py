@@ -6,6 +6,7 @@ chosen so that every ratio is exact in binary and no rounding is ambiguous.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -25,14 +26,20 @@ from prunelab.orchestrator.estimate import (
 )
 from prunelab.orchestrator.plots import pareto_png, pareto_points
 from prunelab.orchestrator.results import (
+    budget_label,
     build_report,
     latex_escape,
     report_artifacts,
     report_csv,
     report_latex,
     report_markdown,
+    results_rows,
+    trial_params,
+    trials_csv,
+    trials_markdown,
 )
 from prunelab.orchestrator.spec import load_sweep
+from prunelab.trial import Trial
 
 
 def trial(model, benchmark, method, score, status="finished", tflops=1.0, hparams=None, **axes):
@@ -247,22 +254,68 @@ def test_report_artifacts_bundle():
     assert str(files["trials.csv"]).splitlines()[0].startswith("model,benchmark,method,budget")
 
 
+def test_trials_may_be_given_as_trial_objects():
+    typed = [(Trial.from_dict(config), status, metrics) for config, status, metrics in TRIALS]
+    assert report_markdown(build_report(typed)) == MARKDOWN
+    mixed = report_artifacts([typed[0], *TRIALS[1:]])
+    assert mixed["table.tex"] == LATEX
+    assert mixed["trials.csv"] == report_artifacts(TRIALS)["trials.csv"]
+    config = TRIALS[2][0]
+    assert trial_params(config) == trial_params(Trial.from_dict(config)) == {
+        "model": "m", "benchmark": "textvqa", "method": "fastv", "keep_ratio": None,
+        "keep_tokens": 64, "prune_layer": 2, "seed": None,
+    }  # fmt: skip
+    assert budget_label(config) == budget_label(Trial.from_dict(config)) == "64"
+    assert budget_label(TRIALS[-1][0]) == "25.0%" and budget_label(TRIALS[0][0]) == "all"
+
+
+PER_TRIAL = [
+    trial("m", "gqa", "fastv", None, status="failed", keep_ratio=0.25, prune_layer=2),
+    (
+        trial("m", "gqa", "fastv", 45.0, keep_tokens=64, prune_layer=3)[0],
+        "finished",
+        {"score": 45.0, "score_ratio": 0.75, "avg_visual_tokens": 40.5, "tflops": 1.2345,
+         "flops_ratio": 0.25, "prefill_ms": 12.34, "fidelity_top1": 0.875, "samples": 8.0},
+    ),
+    trial("m", "gqa", "none", 60.0, tflops=3.95),
+]  # fmt: skip
+
+
+def test_per_trial_table_exact():
+    rows = results_rows(PER_TRIAL)
+    assert trials_markdown(rows) == (
+        "| model | benchmark | method | budget | layer | score | score ratio | avg tokens "
+        "| TFLOPs | FLOPs ratio | prefill ms | top-1 agree |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| m | gqa | none | all |  | 60.0 | - | - | 3.95 | - | - | - |\n"
+        "| m | gqa | fastv | 64 | 3 | 45.0 | 75.0% | 40.5 | 1.23 | 25.0% | 12.3 | 87.5% |\n"
+        "| m | gqa | fastv | 25.0% | 2 | failed |  |  |  |  |  |  |\n"
+    )
+    assert trials_csv(rows) == (
+        "model,benchmark,method,budget,layer,status,score,score_ratio,avg_visual_tokens,"
+        "tflops,flops_ratio,prefill_ms,fidelity_top1\n"
+        "m,gqa,none,all,,finished,60.0,,,3.95,,,\n"
+        "m,gqa,fastv,64,3,finished,45.0,0.75,40.5,1.2345,0.25,12.34,0.875\n"
+        "m,gqa,fastv,25.0%,2,failed,,,,,,,\n"
+    )
+
+
 # -- estimates ----------------------------------------------------------------------------------
-def _quickstart_configs() -> list[dict]:
+def _quickstart_trials() -> list[Trial]:
     plan = load_sweep("quickstart", ["keep_ratio=0.111,0.333", "eval.limit=4"])
-    return [t.config() for t in plan.trials]
+    return list(plan.trials)
 
 
 def test_measured_throughput_from_earlier_trials():
-    configs = _quickstart_configs()
-    analytic = [estimate_tflops(c) for c in configs[:2]]
+    trials = _quickstart_trials()
+    analytic = [estimate_tflops(t) for t in trials[:2]]
+    gone = dataclasses.replace(trials[2], model="other", method="no-such-method")
     finished = [
-        (configs[0], {"latency_ms": 250.0, "samples": 4.0}),  # 1 s
-        (configs[1], {"latency_ms": 750.0, "samples": 4.0}),  # 3 s
-        (configs[2], {"samples": 4.0}),  # no timing: skipped
-        ({**configs[2], "model": "other", "method": "no-such-method"}, {"latency_ms": 1.0,
-                                                                        "samples": 1.0}),
-    ]  # fmt: skip
+        (trials[0], {"latency_ms": 250.0, "samples": 4.0}),  # 1 s
+        (trials[1], {"latency_ms": 750.0, "samples": 4.0}),  # 3 s
+        (trials[2], {"samples": 4.0}),  # no timing: skipped
+        (gone, {"latency_ms": 1.0, "samples": 1.0}),
+    ]
     measured = measured_throughput(finished)
     assert set(measured) == {"toy-llava"}
     assert measured["toy-llava"].trials == 2
@@ -280,7 +333,7 @@ def _fake_db(tmp_path, statuses: list[str], metrics: dict | None = None):
     with sessions.begin() as session:
         sweep = repo.create_sweep(session, "quickstart", plan.spec, plan.spec_yaml, "host:1:x")
         rows, _ = repo.add_trials(
-            session, sweep.id, [(t.key, t.config(), t.is_baseline) for t in plan.trials]
+            session, sweep.id, [(t.key, t.to_dict(), t.is_baseline) for t in plan.trials]
         )
         for row, status in zip(rows, statuses, strict=True):
             if status in ("running", "finished"):
@@ -301,9 +354,8 @@ def test_dry_run_estimates_time_from_earlier_trials(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "5 trials, 2 already finished" in out
-    configs = [t.config() for t in plan.trials]
-    rate = sum(estimate_tflops(c) for c in configs[:2]) / 4.0  # 2 trials x 2 s
-    todo = sum(estimate_tflops(c) for c in configs[2:])
+    rate = sum(estimate_tflops(t) for t in plan.trials[:2]) / 4.0  # 2 trials x 2 s
+    todo = sum(estimate_tflops(t) for t in plan.trials[2:])
     seconds = todo / rate
     assert f"about {seconds:.0f} s of model time" in out
     assert "throughput of 2 earlier trial(s)" in out

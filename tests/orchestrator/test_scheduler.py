@@ -13,6 +13,7 @@ from tiny_models import trial_config
 
 from prunelab.orchestrator.config import range_problems
 from prunelab.orchestrator.scheduler import Dispatch, WorkerPool, _Slot
+from prunelab.trial import Trial, TrialResult
 from prunelab.workers.faults import FAULTS_ENV
 
 
@@ -21,7 +22,9 @@ def slot(name: str, model: str | None) -> _Slot:
 
 
 def trial(i: int, model: str, priority: int = 1) -> Dispatch:
-    return Dispatch(trial_id=i, model=model, config={}, priority=priority)
+    """A dispatch of priority 0 (a baseline) or 1 (a pruning trial)."""
+    method = "none" if priority == 0 else "random"
+    return Dispatch(i, Trial(model=model, benchmark="shapes", method=method, hparams={}))
 
 
 def picker(*slots: _Slot) -> WorkerPool:
@@ -69,7 +72,7 @@ class Log:
 
     def __init__(self, retries: int = 1) -> None:
         self.claims: list[tuple[int, str]] = []
-        self.results: dict[int, dict[str, Any]] = {}
+        self.results: dict[int, TrialResult] = {}
         self.failures: list[tuple[int, str, bool]] = []
         self.retries = retries
 
@@ -77,7 +80,7 @@ class Log:
         self.claims.append((dispatch.trial_id, worker))
         return True
 
-    def done(self, dispatch: Dispatch, result: dict[str, Any]) -> None:
+    def done(self, dispatch: Dispatch, result: TrialResult) -> None:
         assert dispatch.trial_id not in self.results, "a trial finished twice"
         self.results[dispatch.trial_id] = result
 
@@ -92,9 +95,8 @@ def grid(models: list[str], per_model: int) -> list[Dispatch]:
     for model in models:
         for i in range(per_model):
             config = trial_config(model, "random", limit=1, keep_ratio=0.5, seed=i, prune_layer=1)
-            config["eval"]["warmup"] = 0
-            config["eval"]["fidelity"] = False
-            trials.append(Dispatch(len(trials), model, config, priority=1))
+            config["eval"] |= {"warmup": 0, "fidelity": False}
+            trials.append(Dispatch(len(trials), Trial.from_dict(config)))
     # interleave the models, the worst order for a pool without affinity
     return sorted(trials, key=lambda t: (t.trial_id % per_model, t.model))
 
@@ -112,7 +114,7 @@ def test_model_loads_are_workers_times_models_at_most(local_ray: Path, per_model
     assert not log.failures and len(log.results) == per_model * len(models)
     loads: dict[str, int] = {}
     for result in log.results.values():
-        loads[result["worker"]] = max(loads.get(result["worker"], 0), result["model_loads"])
+        loads[result.worker] = max(loads.get(result.worker, 0), result.model_loads)
     assert sum(loads.values()) <= 2 * len(models)  # however many trials
 
 
@@ -121,7 +123,7 @@ def test_out_of_memory_is_final_and_the_worker_keeps_going(local_ray: Path) -> N
     models = ["tiny-llava"]
     trials = grid(models, 3)
     victim = trials[0]
-    local_ray.write_text(f'[{{"fault": "oom", "match": {{"seed": {victim.config["seed"]}}}}}]')
+    local_ray.write_text(f'[{{"fault": "oom", "match": {{"seed": {victim.trial.seed}}}}}]')
     pool = WorkerPool(1, cpus=1)
     log = Log(retries=5)
     try:
@@ -135,14 +137,14 @@ def test_out_of_memory_is_final_and_the_worker_keeps_going(local_ray: Path) -> N
     assert failure[1].startswith("out of memory")
     assert set(log.results) == {t.trial_id for t in trials[1:]}
     assert pool.replaced == 0
-    assert {r["pid"] for r in log.results.values()} == {pid}  # the same process went on
-    assert max(r["model_loads"] for r in log.results.values()) == 1
+    assert {r.pid for r in log.results.values()} == {pid}  # the same process went on
+    assert max(r.model_loads for r in log.results.values()) == 1
 
 
 @pytest.mark.slow
 def test_timeout_and_death_replace_the_worker(local_ray: Path, tmp_path: Path) -> None:
     trials = grid(["tiny-llava"], 3)
-    hang, die = trials[0].config["seed"], trials[1].config["seed"]
+    hang, die = trials[0].trial.seed, trials[1].trial.seed
     local_ray.write_text(
         f'[{{"fault": "sleep", "seconds": 300, "match": {{"seed": {hang}}}, '
         f'"once": "{tmp_path / "hung"}"}}, '
@@ -161,7 +163,7 @@ def test_timeout_and_death_replace_the_worker(local_ray: Path, tmp_path: Path) -
     assert all(retryable for _, _, retryable in log.failures)
     assert set(log.results) == {t.trial_id for t in trials}  # both retried and finished
     assert pool.replaced == 2
-    assert len({r["pid"] for r in log.results.values()}) >= 2  # replacements ran them
+    assert len({r.pid for r in log.results.values()}) >= 2  # replacements ran them
 
 
 def test_trial_timeout_must_be_positive() -> None:
@@ -185,8 +187,8 @@ def test_a_worker_gets_its_next_trial_before_the_last_result_is_recorded(
         def identity(self) -> dict[str, Any]:
             return {"pid": os.getpid()}
 
-        def run(self, config: dict[str, Any]) -> dict[str, Any]:
-            return {"worker": self.name, "index": config["index"]}
+        def run(self, trial: Trial) -> TrialResult:
+            return TrialResult(metrics={}, worker=self.name)
 
     events: list[tuple[str, int]] = []
     log = Log()
@@ -195,11 +197,12 @@ def test_a_worker_gets_its_next_trial_before_the_last_result_is_recorded(
         events.append(("claim", dispatch.trial_id))
         return log.claim(dispatch, worker)
 
-    def done(dispatch: Dispatch, result: dict[str, Any]) -> None:
+    def done(dispatch: Dispatch, result: TrialResult) -> None:
         events.append(("done", dispatch.trial_id))
         log.done(dispatch, result)
 
-    trials = [Dispatch(i, "m", {"index": i}) for i in range(5)]
+    trials = [Dispatch(i, Trial(model="m", benchmark="b", method="random", hparams={}, seed=i))
+              for i in range(5)]  # fmt: skip
     pool = WorkerPool(1, cpus=1, worker_cls=Instant)
     try:
         pool.run(trials, claim, done, log.failed)
@@ -222,14 +225,14 @@ def test_workers_that_cannot_start_stop_the_pool_with_their_error(local_ray: Pat
         def identity(self) -> dict[str, Any]:
             return {"pid": os.getpid()}
 
-        def run(self, config: dict[str, Any]) -> dict[str, Any]:
-            return {}
+        def run(self, trial: Trial) -> TrialResult:
+            return TrialResult(metrics={})
 
     log = Log()
     pool = WorkerPool(1, cpus=1, worker_cls=Broken)
     try:
         with pytest.raises(RuntimeError, match="3 workers in a row died while starting"):
-            pool.run([Dispatch(0, "m", {})], log.claim, log.done, log.failed)
+            pool.run([trial(0, "m")], log.claim, log.done, log.failed)
     finally:
         pool.shutdown()
     assert pool.replaced == 2 and log.claims == []

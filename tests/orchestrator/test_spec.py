@@ -13,7 +13,10 @@ import pytest
 import prunelab.methods as M
 from prunelab.methods import registry
 from prunelab.orchestrator import spec as spec_module
-from prunelab.orchestrator.spec import SpecError, SweepPlan, TrialSpec, load_sweep
+from prunelab.orchestrator.config import WorkersConfig
+from prunelab.orchestrator.spec import SpecError, SweepPlan, load_sweep
+from prunelab.orchestrator.spec import groups as groups_module
+from prunelab.trial import Trial
 
 TINY_MODEL = (spec_module.SWEEPS_DIR / "model" / "tiny-llava.yaml").read_text()
 
@@ -73,14 +76,10 @@ def test_quickstart_expands_canonical_trials() -> None:
         ("fastv", 0.333, None, 2, None, False),
     ]
     assert len({t.key for t in plan.trials}) == 7
-    assert plan.eval["limit"] == 32
-    assert plan.workers == {
-        "count": 2,
-        "gpus_per_worker": 0.0,
-        "cpus_per_worker": 1.0,
-        "max_attempts": 3,
-        "trial_timeout_s": None,
-    }
+    assert plan.eval.limit == 32
+    assert plan.workers == WorkersConfig(
+        count=2, gpus_per_worker=0.0, cpus_per_worker=1.0, max_attempts=3, trial_timeout_s=None
+    )
     assert set(plan.models) == {"toy-llava"} and set(plan.benchmarks) == {"shapes"}
     assert plan.spec["grid"]["method"] == "none,random,fastv"
     assert "name: quickstart" in plan.spec_yaml
@@ -127,10 +126,10 @@ def test_keep_tokens_on_the_command_line_replaces_the_spec_budget() -> None:
 
 def test_compose_overrides_are_applied() -> None:
     plan = load_sweep("quickstart", ["eval.limit=4", "workers.count=3", "name=other"])
-    assert plan.eval["limit"] == 4
-    assert plan.workers["count"] == 3
+    assert plan.eval.limit == 4
+    assert plan.workers.count == 3
     assert plan.name == "other" and plan.spec["name"] == "other"
-    assert all(t.eval["limit"] == 4 for t in plan.trials)
+    assert all(t.eval.limit == 4 for t in plan.trials)
 
 
 def test_grid_prefixed_axis_overrides_work() -> None:
@@ -157,8 +156,8 @@ def test_spec_file_outside_the_package(write_spec: SpecWriter) -> None:
     )
     plan = load_sweep(str(path), ["workers.count=1"])
     assert plan.name == "mine"
-    assert plan.eval["limit"] == 5 and plan.eval["max_new_tokens"] == 4  # from base.yaml
-    assert plan.workers["count"] == 1
+    assert plan.eval.limit == 5 and plan.eval.max_new_tokens == 4  # from the schema's base
+    assert plan.workers.count == 1
     assert [t.method for t in plan.trials] == ["none", "fastv"]
 
 
@@ -311,7 +310,7 @@ def test_baseline_in_the_grid_is_not_duplicated() -> None:
 def test_trial_config_holds_everything_a_worker_needs() -> None:
     plan = load_sweep("quickstart", [])
     trial = plan.trials[-1]
-    config = trial.config()
+    config = trial.to_dict()
     assert config["key"] == trial.key
     assert (config["model"], config["benchmark"], config["method"]) == (
         "toy-llava",
@@ -323,8 +322,9 @@ def test_trial_config_holds_everything_a_worker_needs() -> None:
     assert config["eval"]["limit"] == 32
     assert (config["keep_ratio"], config["prune_layer"], config["seed"]) == (0.333, 2, None)
     config["model_config"]["family"] = "changed"
-    assert trial.config()["model_config"]["family"] == "llava"  # a fresh copy each time
-    assert isinstance(trial, TrialSpec) and hash(trial) == hash(trial.key)
+    assert trial.to_dict()["model_config"]["family"] == "llava"  # a fresh copy each time
+    assert isinstance(trial, Trial) and hash(trial) == hash(trial.key)
+    assert Trial.from_dict(config | {"model_config": trial.model_config}) == trial
 
 
 def keys(overrides: list[str]) -> list[str]:
@@ -349,12 +349,12 @@ def test_keys_change_with_result_settings_not_with_workers() -> None:
 
 def test_keys_change_with_model_revision(monkeypatch: pytest.MonkeyPatch) -> None:
     base = keys(["method=fastv", "keep_ratio=0.5"])
-    real = spec_module.describe_model
+    real = groups_module.describe_model
 
     def other_revision(cfg):  # type: ignore[no-untyped-def]
         return dataclasses.replace(real(cfg), revision="another-revision")
 
-    monkeypatch.setattr(spec_module, "describe_model", other_revision)
+    monkeypatch.setattr(groups_module, "describe_model", other_revision)
     assert set(keys(["method=fastv", "keep_ratio=0.5"])).isdisjoint(base)
 
 
@@ -530,7 +530,7 @@ def test_model_config_rejected(write_spec: SpecWriter) -> None:
     )
     assert problems_of(path) == [
         f"model 'broken' ({path.parent}/model/broken.yaml): family='nope': expected one of "
-        "llava, llava_next, qwen2_vl, qwen2_5_vl, internvl"
+        "internvl, llava, llava_next, qwen2_5_vl, qwen2_vl"
     ]
 
 
@@ -539,11 +539,11 @@ def test_benchmark_config_rejected(write_spec: SpecWriter) -> None:
         spec_body("model: tiny-llava\nbenchmark: odd\nmethod: none"),
         groups={"benchmark/odd.yaml": "name: odd\nkind: unknown\n"},
     )
-    from prunelab.workers.benchmarks import KINDS
+    from prunelab.workers.benchmarks import BENCHMARKS
 
     assert problems_of(path) == [
         f"benchmark 'odd' ({path.parent}/benchmark/odd.yaml): "
-        f"benchmark kind='unknown': expected one of {', '.join(sorted(KINDS))}"
+        f"benchmark kind='unknown': expected one of {', '.join(BENCHMARKS.names())}"
     ]
 
 
@@ -604,6 +604,6 @@ def test_a_guidance_method_needs_a_guidance_model(write_spec: SpecWriter) -> Non
 def test_guidance_model_config_travels_with_the_trial() -> None:
     plan = load_sweep("quickstart", ["method=sgp", "keep_ratio=0.25"])
     (trial,) = [t for t in plan.trials if t.method == "sgp"]
-    assert trial.config()["guidance_config"]["name"] == "toy-llava-small"
+    assert trial.to_dict()["guidance_config"]["name"] == "toy-llava-small"
     baseline = next(t for t in plan.trials if t.is_baseline)
-    assert "guidance_config" not in baseline.config()
+    assert "guidance_config" not in baseline.to_dict()

@@ -40,7 +40,7 @@ def test_pgp_trials_carry_their_head_key(tmp_path: Path) -> None:
     plan = load_sweep(_spec(tmp_path))
     (baseline, trial) = plan.trials
     assert baseline.vib_head is None and trial.method == "pgp"
-    head = trial.config()["vib_head"]
+    head = trial.vib_head
     assert head["stage"] == "vib" and head["train"]["steps"] == 3
     assert head["train"]["guide"]["name"] == "tiny-llava-small"
     assert head["train"]["benchmark"]["split"] == "train"
@@ -150,7 +150,7 @@ def test_a_head_that_fails_to_train_fails_only_its_trials(
         ray_address=None,
     )
     plan = load_sweep(_spec(tmp_path, MIXED))
-    (broken,) = [t for t in plan.trials if t.config()["hparams"].get("gate") == "exp"]
+    (broken,) = [t for t in plan.trials if t.hparams.get("gate") == "exp"]
     key = broken.vib_head["key"]
 
     def trials() -> dict[str, Trial]:
