@@ -357,14 +357,17 @@ def stages_for(
 
         visual_now = int(vision_call().kept.numel())
         stages.append(Stage(_describe_vision(plan), vision_call))
+    carry = None  # what a step hands the next one (SparseVLM's raters), as the pruner does
     for step in plan.layers:
         signals = layer_signals(method, step, layout, visual_now, device, dtype, seed)
+        signals.carry = carry
 
         def layer_call(step: LayerStep = step, signals: LayerSignals = signals) -> Any:
             return method.select_layer(step, signals)
 
         result = layer_call()
         kept = result.keep if isinstance(result, LayerSelection) else result
+        carry = result.carry if isinstance(result, LayerSelection) else None
         visual_now = int(kept.numel())
         stages.append(Stage(_describe_layer(step), layer_call))
     return stages

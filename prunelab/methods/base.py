@@ -193,15 +193,19 @@ class VisionSelection:
 
 @dataclass
 class LayerSelection:
-    """The result of a layer stage that merges as well as drops.
+    """The result of a layer stage that merges as well as drops, or hands state on.
 
     ``keep``: sorted (k,) indices into ``LayerSignals.visual`` of the tokens that stay (each
     keeps its sequence slot and position). ``hidden``: (k, D) replacement hidden states for
     those tokens (e.g. a kept token with the pruned tokens merged into it), or None.
+    ``carry``: a tensor the pruner hands to the method's next layer step of the same sample as
+    ``LayerSignals.carry`` (e.g. SparseVLM's rater mask over the text tokens, which layer
+    steps never drop), or None.
     """
 
     keep: torch.Tensor
     hidden: torch.Tensor | None = None
+    carry: torch.Tensor | None = None
 
 
 @dataclass
@@ -216,6 +220,7 @@ class LayerSignals:
     embeddings: torch.Tensor | None = None  # (S, D) the LLM's input embeddings of those tokens
     generator: torch.Generator | None = None
     guidance: torch.Tensor | None = None  # (V,) guidance-model scores of the visual tokens
+    carry: torch.Tensor | None = None  # the previous layer step's LayerSelection.carry
 
 
 @dataclass

@@ -6,14 +6,17 @@ Text-guided, training-free pruning inside the LLM at a few layers (official ``pr
 tokens that are relevant to the image ("raters"), the lowest-rated are dropped from layer l+1
 on, and the best of the dropped ones are recycled: clustered and merged into a few tokens.
 
-Raters (official ``LlamaDynamicvitModel.forward``, "Section 3.2.2"), with H_v (V, D) the visual
-and H_t (T, D) the text hidden states (text = the tokens after the image: question and answer
-prefix, not the system prompt before it):
+Raters (Section 3.2; official ``LlamaDynamicvitModel.forward``, ``modelling_sparse_llama.py``),
+with E_v (V_0, D) the LLM's input embeddings of all V_0 visual tokens and E_t (T, D) those of
+the text after the image (question and answer prefix, not the system prompt before it):
 
-    (1)  R     = 1/V sum_i softmax_t(H_v H_t^T)_(i, t)            (T,) relevance of each text token
+    (1)  R      = 1/V_0 sum_i softmax_t(E_v E_t^T)_(i, t)       (T,) relevance of each text token
     (2)  raters = {t : R_t > mean(R)}
 
-Scores (official ``attn_postprocess_*`` in ``score.py``), A the head-mean attention of layer l:
+The official code computes (1)-(2) once, before its layer loop, and rates with the same text
+tokens (``t_token_idx``) at every pruning layer; so does ``raters="once"`` (default).
+
+Scores (official ``attn_postprocess_topk`` in ``score.py``), A the head-mean attention of layer l:
 
     (3)  s_j   = 1/|raters| sum_{t in raters} A_(t, j)           (V,) for each visual token j
     (4)  keep  = top-m of s                                       the others are "pruned"
@@ -28,40 +31,62 @@ on their hidden states x_i, d_ij = ||x_i - x_j|| / sqrt(D):
     (7)  centers = top-c of rho_i * delta_i;  each token joins its nearest center
     (8)  merged_c = mean of the tokens of cluster c               (c, D) new visual tokens
 
-(5)-(8) are ``prunelab.methods.dpc``, shared with Polymorphic.
+(5)-(8) are ``prunelab.methods.dpc``, shared with Polymorphic. The official code adds the c
+merged tokens after the m kept ones, so stage s leaves K_s = m_s + c(V_{s-1} - m_s) visual
+tokens, c(.) the cluster count above (``cluster_count``). A plan fixes K_s (the only count a
+layer stage has); the stage recovers m_s as the largest m with m + c(V - m) = K_s
+(``recycle_split``) and writes the c merged tokens into c of the K_s slots (``LayerSelection``).
 
-Budget (``budget_is_average``): the official code adds the c merged tokens after the m kept
-ones, so a stage leaves K = m + c visual tokens. Here K is planned (the only count a layer
-stage can have) and m solves m + c(V - m) = K with c(.) the official cluster count above; the
-c merged tokens are written into c of the K kept slots (``LayerSelection``). The K_s follow
+Schedules (``schedule``):
+
+- ``"solved"`` (default; ``budget_is_average``): the K_s follow
 
     (9)  K_s = floor(N * x * max(x, min_stage_ratio)^(s-1))       s = 1..S
 
-with x solved (bisection) so that the visual tokens averaged over all decoder layers,
-(l_1 N + sum_s (l_{s+1} - l_s) K_s) / L, equal the budget within one token (see
-``prunelab.methods.pdrop``, eq. (4)). Above x = 0.5 this is a geometric pyramid x, x^2, x^3;
-below, later stages keep half the previous one (``min_stage_ratio``), the mean stage-to-stage
-ratio of the official lists (0.66/0.55 for "192", 0.38/0.33 for "128", 0.39/0.56 for "64",
-recycled tokens included). LLaVA-1.5 (N=576, L=32, first pruned layers 3, 7, 16): 192 ->
-319/176/97, 128 -> 190/95/47, 64 -> 27/13/6 (official "64" list: 82/32/18 with recycling,
-an 82-token average by this count).
+  with x solved (bisection) so that the visual tokens averaged over all decoder layers,
+  (l_1 N + sum_s (l_{s+1} - l_s) K_s) / L, equal the budget within one token (see
+  ``prunelab.methods.pdrop``, eq. (4); every layer up to l sees all tokens). Above x = 0.5
+  this is a geometric pyramid x, x^2, x^3; below, later stages keep half the previous one
+  (``min_stage_ratio``), the mean stage-to-stage ratio of the official lists (0.66/0.55 for
+  "192", 0.38/0.33 for "128", 0.39/0.56 for "64", recycled tokens included). LLaVA-1.5
+  (N=576, L=32, first pruned layers 3, 7, 16): 192 -> 319/176/97, 128 -> 190/95/47,
+  96 -> 108/54/27, 64 -> 27/13/6.
+- ``"official"``: the official per-budget lists of m_s (``score.py`` ``sparse_token_list_*``,
+  chosen by ``RETAIN_TOKN``; version 1_0, the default there): 192: 300/200/110,
+  128: 303/110/36, 96: 238/48/26, 64: 66/30/17, each at most V_{s-1} - 1 as official, and
+  K_s = m_s + c(V_{s-1} - m_s) (m_s alone with ``recycle=False``). On LLaVA-1.5 the K_s are
+  309/204/113, 312/117/39, 249/55/27 and 82/32/18; ``recycle_split`` recovers exactly the
+  official m_s from them (tested). Averaged over the 32 layers by the count above (layer l
+  attends over, and caches, all V_{s-1} tokens) they give 6608/32 = 206.5, 4653/32 = 145.4,
+  3651/32 = 114.1 and 2632/32 = 82.25 visual tokens, not the budget they are named after;
+  the official log ("Equal Tokens", ``num_token``) counts layer l at its output K_s instead
+  and gets 192.0, 128.6, 96.9 and 64.8 (printed as int: 192, 128, 96, 64), hence the names.
+  The budget selects the list (``Budget.tokens(N)``: 192, 128, 96 or 64). The lists are
+  tuned for LLaVA-1.5-7B and come with no rule for other settings, so any other budget, a
+  model with other than 576 visual tokens or 32 layers, or ``layers`` other than 2,6,15 is
+  refused (``plan`` raises, one line for ``plan_problem``) rather than scaled into a
+  schedule the authors never ran. The official version 2_0 (SparseVLM+: other lists, no
+  recycling) is not offered.
 
 Choices:
 - Keep counts: the paper adapts the number dropped per layer to the rank of the rater x visual
   attention matrix; the released v1 code keeps min(floor(rank * scale + bias), V - 1) with
-  per-budget scale/bias, the current code (score.py ``attn_postprocess_topk``) fixed per-budget
-  lists, e.g. 300/200/110 ("192"), 303/110/36 ("128"), 66/30/17 ("64") plus the recycled
-  tokens. A per-sample, rank-dependent count cannot keep a per-sample budget and is not
-  expressible here (a plan fixes each stage's keep before the attention exists), and the
-  official lists average 206/145/82 visual tokens per layer on LLaVA-1.5 by this project's
-  count (every layer up to l sees all tokens), not the named budgets. So the counts are the
-  geometric schedule above; the rank is not used.
-- Rater states (``rater_source``): the official code computes (1)-(2) once, from the LLM's
-  input embeddings, and reuses the raters at every stage. ``"embeddings"`` (default) does the
-  same: each stage gets the input embeddings of the current tokens (``needs_embeddings``);
-  text tokens are never dropped, so every stage finds the same raters. ``"hidden"`` recomputes
-  (1)-(2) at each stage from the hidden states entering layer l+1 (the output of layer l), as
-  the paper's description of layer-wise rating reads. Raw states, no norm, in both.
+  per-budget scale/bias, the current code the fixed lists above. A per-sample, rank-dependent
+  count cannot keep a per-sample budget and is not expressible here (a plan fixes each
+  stage's keep before the attention exists); the rank is not used.
+- Raters (``raters``): ``"once"`` (default) as official: the first layer step asks for the
+  input embeddings (``needs_embeddings``; no vision stage precedes, so every visual token is
+  still present) and computes (1)-(2) from them; the rater mask over the text tokens
+  (``LayerSignals.text``, which layer steps never drop, so the mask stays aligned) is handed
+  to each later step through ``LayerSelection.carry`` / ``LayerSignals.carry``. A later step
+  without it is an error, not a recomputation. ``"per_stage"`` recomputes (1)-(2) at each
+  stage from the hidden states entering layer l+1 (the output of layer l) of the tokens then
+  present, a layer-wise reading of the paper the official code does not do: the surviving
+  visual tokens change R and so the raters. Raw states, no norm, in both. (Version 2
+  recomputed (1)-(2) at each stage from the input embeddings of the surviving tokens, which
+  is neither: the rater set changes as visual tokens drop.)
+- Text after the image: the text tokens after the last visual token of the sequence the
+  raters are chosen on (the first stage's for ``"once"``); every text token if there is none.
 - Layer: as official, layer l's own attention rates and layer l+1 is the first with fewer
   tokens (``LayerStep(layer=l + 1)``, whose signals come from layer l).
 - Attention: head mean of layer l's softmax rows (post-RoPE, causal) of the text queries
@@ -78,14 +103,16 @@ Choices:
   merged tokens take at most half of the K slots; ``recycle=False`` keeps the top K.
 - DPC-kNN ties: the official code adds uniform noise * 1e-6 to rho; here equal densities are
   ordered by token index (deterministic).
-- Other depths: ``layers`` (official ``pruning_loc``: the layer whose attention rates; layer+1
-  is the first with fewer tokens) default 2,6,15 of 32 scaled to round(l * L / 32), strictly
-  increasing, at most L-2 (4 layers: 0,1,2). An explicit ``layers`` is used as given.
+- Other depths (``schedule="solved"``): ``layers`` (official ``pruning_loc``: the layer whose
+  attention rates; layer+1 is the first with fewer tokens) default 2,6,15 of 32 scaled to
+  round(l * L / 32), strictly increasing, at most L-2 (4 layers: 0,1,2). An explicit
+  ``layers`` is used as given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -114,17 +141,33 @@ from prunelab.methods.pdrop import (
 from prunelab.methods.registry import register
 
 __all__ = [
+    "OFFICIAL_DEPTH",
+    "OFFICIAL_KEEPS",
+    "OFFICIAL_VISUAL",
     "PAPER_LAYERS",
     "SparseVLM",
     "cluster_count",
     "dpc_knn",
     "merge_clusters",
+    "official_keeps",
+    "rater_mask",
     "rater_relevance",
     "rater_scores",
     "recycle_split",
+    "text_after_image",
 ]
 
 PAPER_LAYERS = (2, 6, 15)  # official pruning_loc for LLaVA-1.5 (32 layers)
+OFFICIAL_VISUAL = 576  # LLaVA-1.5's visual tokens, for which the official lists are tuned
+OFFICIAL_DEPTH = 32  # LLaVA-1.5-7B's decoder layers
+# official score.py (version 1_0) sparse_token_list_<RETAIN_TOKN>: tokens kept by score (m_s)
+# at pruning_loc 2, 6, 15, before the merged ones are added
+OFFICIAL_KEEPS: dict[int, tuple[int, ...]] = {
+    192: (300, 200, 110),
+    128: (303, 110, 36),
+    96: (238, 48, 26),
+    64: (66, 30, 17),
+}
 
 
 def rater_relevance(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -132,6 +175,22 @@ def rater_relevance(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     similarity = visual.float() @ text.float().T  # (V, T)
     relevance = similarity.softmax(dim=-1).mean(dim=0)  # (T,)
     return relevance > relevance.mean()
+
+
+def text_after_image(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(T,) bool over the ``text`` positions (T,): those after the last ``visual`` position
+    (V,), the question and answer prefix; every one if none is after it."""
+    after = text > visual.max()
+    return after if bool(after.any()) else torch.ones_like(after)
+
+
+def rater_mask(states: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Eq. (1)-(2) on the (S, D) ``states`` of a sequence with ``visual`` (V,) and ``text`` (T,)
+    positions: (T,) bool over ``text``, the raters among the text after the image."""
+    after = text_after_image(visual, text)
+    mask = torch.zeros_like(after)
+    mask[after] = rater_relevance(states[visual], states[text[after]])
+    return mask
 
 
 def rater_scores(
@@ -176,13 +235,36 @@ def recycle_split(
     return slots - clusters, clusters
 
 
+def official_keeps(
+    scored: Sequence[int],
+    n_visual: int,
+    recycle_ratio: float | None,
+    cluster_ratio: float,
+) -> tuple[int, ...]:
+    """K_s of the official schedule: stage s keeps m_s = min(scored[s], V_{s-1} - 1) tokens by
+    score (official ``attn_postprocess_topk``) plus, unless ``recycle_ratio`` is None (no
+    recycling), cluster_count(V_{s-1} - m_s) merged ones; V_0 = ``n_visual``, V_s = K_s."""
+    keeps: list[int] = []
+    previous = n_visual
+    for listed in scored:
+        kept = min(listed, previous - 1)
+        if recycle_ratio is not None:
+            kept += cluster_count(previous - kept, recycle_ratio, cluster_ratio)
+        keeps.append(kept)
+        previous = kept
+    return tuple(keeps)
+
+
 @register
 @dataclass(frozen=True)
 class SparseVLM(PruningMethod):
     """See the module docstring. ``layers``: official ``pruning_loc`` (the layers whose attention
     rates the visual tokens; the next layer is the first with fewer), None = 2,6,15 scaled to
     the model's depth. ``recycle``: merge the best pruned tokens (``recycle_ratio`` of them,
-    into ``cluster_ratio`` as many clusters) into ``recycle_position`` slots."""
+    into ``cluster_ratio`` as many clusters) into ``recycle_position`` slots. ``raters``: chosen
+    ``"once"`` from the input embeddings (official) or ``"per_stage"`` from the hidden states.
+    ``schedule``: per-stage counts ``"solved"`` for the average budget, or the ``"official"``
+    lists (LLaVA-1.5 at 192/128/96/64 tokens only)."""
 
     layers: tuple[int, ...] | None = None
     recycle: bool = True
@@ -190,10 +272,13 @@ class SparseVLM(PruningMethod):
     cluster_ratio: float = 0.1
     recycle_position: Literal["end", "anchor"] = "end"
     min_stage_ratio: float = 0.5
-    rater_source: Literal["embeddings", "hidden"] = "embeddings"
+    raters: Literal["once", "per_stage"] = "once"
+    schedule: Literal["solved", "official"] = "solved"
 
     name: ClassVar[str] = "sparsevlm"
-    version: ClassVar[str] = "2"  # 2: raters from the input embeddings, as official
+    # 3: raters chosen once at the first stage and carried to the later ones (official);
+    # schedule="official"; rater_source replaced by raters
+    version: ClassVar[str] = "3"
     stages: ClassVar[str] = "after layers 2,6,15 of 32 (scaled to depth), recycling merged tokens"
     budget_is_average: ClassVar[bool] = True
     paper: ClassVar[str] = "Zhang et al., ICML 2025, arXiv:2410.04417"
@@ -208,56 +293,94 @@ class SparseVLM(PruningMethod):
 
     def plan(self, ctx: PlanContext) -> Plan:
         n, depth, target = plan_inputs("sparsevlm", ctx)
-        if self.layers is not None:
-            check_highest_layer(
-                "sparsevlm",
-                self.layers,
-                depth - 2,
-                f"leaves no later layer to prune on a model with {depth} layers "
-                f"(at most {depth - 2})",
-            )
-            rating = self.layers
+        if self.schedule == "official":
+            rating, keeps = PAPER_LAYERS, self.official_schedule(ctx)
         else:
-            rating = scale_layers(PAPER_LAYERS, depth, 0, depth - 2)
-        layers = tuple(layer + 1 for layer in rating)  # first layer with fewer tokens
-        solved = solve_keeps(n, depth, layers, target, self.stage_ratios(len(layers)))
-        if solved is None:
-            lowest = lowest_average(n, depth, layers)
-            raise out_of_reach(
-                "sparsevlm",
-                target,
-                f"layers {list(rating)} on a model with {depth} layers and {n} visual tokens",
-                f"at least {lowest:.1f}: every layer up to {rating[0]} sees all",
-                "give method.layers with an earlier first layer",
-            )
+            rating = self.rating_layers(depth)
+            layers = tuple(layer + 1 for layer in rating)
+            solved = solve_keeps(n, depth, layers, target, self.stage_ratios(len(layers)))
+            if solved is None:
+                lowest = lowest_average(n, depth, layers)
+                raise out_of_reach(
+                    "sparsevlm",
+                    target,
+                    f"layers {list(rating)} on a model with {depth} layers and {n} visual tokens",
+                    f"at least {lowest:.1f}: every layer up to {rating[0]} sees all",
+                    "give method.layers with an earlier first layer",
+                )
+            keeps = solved[0]
 
         def make(layer: int, keep: int) -> LayerStep:
             return LayerStep(
-                layer=layer,
-                keep=keep,
-                queries="text",
-                needs_hidden=True,
-                positions="renumber",
-                needs_embeddings=self.rater_source == "embeddings",
+                layer=layer, keep=keep, queries="text", needs_hidden=True, positions="renumber"
             )
 
-        return Plan(layers=layer_steps(n, layers, solved[0], make))
+        first_reduced = tuple(layer + 1 for layer in rating)  # first layer with fewer tokens
+        steps = layer_steps(n, first_reduced, keeps, make)
+        if self.raters == "once" and steps:  # the first stage chooses the raters
+            steps = (dataclasses.replace(steps[0], needs_embeddings=True), *steps[1:])
+        return Plan(layers=steps)
+
+    def rating_layers(self, depth: int) -> tuple[int, ...]:
+        """The layers whose attention rates (official ``pruning_loc``) on a ``depth``-layer LLM."""
+        if self.layers is None:
+            return scale_layers(PAPER_LAYERS, depth, 0, depth - 2)
+        check_highest_layer(
+            "sparsevlm",
+            self.layers,
+            depth - 2,
+            f"leaves no later layer to prune on a model with {depth} layers (at most {depth - 2})",
+        )
+        return self.layers
+
+    def official_schedule(self, ctx: PlanContext) -> tuple[int, ...]:
+        """K_s of ``schedule="official"`` (``official_keeps``); ValueError where the official
+        lists are not defined."""
+        assert ctx.budget is not None
+        n, depth, tokens = ctx.n_visual, ctx.n_layers, ctx.budget.tokens(ctx.n_visual)
+        scored = OFFICIAL_KEEPS.get(tokens)
+        layers = PAPER_LAYERS if self.layers is None else self.layers
+        if scored is None or (n, depth, layers) != (OFFICIAL_VISUAL, OFFICIAL_DEPTH, PAPER_LAYERS):
+            budgets = "/".join(str(b) for b in OFFICIAL_KEEPS)
+            raise ValueError(
+                f"sparsevlm.schedule='official': the official lists are for LLaVA-1.5 "
+                f"({OFFICIAL_VISUAL} visual tokens, {OFFICIAL_DEPTH} layers, layers 2,6,15) at "
+                f"{budgets} tokens, not {n} visual tokens, {depth} layers, layers "
+                f"{','.join(map(str, layers))} at {tokens} tokens; use schedule='solved'"
+            )
+        ratio = self.recycle_ratio if self.recycle else None
+        return official_keeps(scored, n, ratio, self.cluster_ratio)
 
     def stage_ratios(self, n_stages: int) -> Callable[[float], list[float]]:
         """Eq. (9): K_s / N = x * max(x, min_stage_ratio)^(s-1) as a function of the solved x."""
         floor = self.min_stage_ratio
         return lambda x: [x * max(x, floor) ** s for s in range(n_stages)]
 
+    def stage_raters(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+        """(T,) bool over ``signals.text``: the raters of this stage (see ``raters``)."""
+        if self.raters == "per_stage":
+            assert signals.hidden is not None
+            return rater_mask(signals.hidden, signals.visual, signals.text)
+        if step.needs_embeddings:  # the plan's first stage
+            if signals.embeddings is None:
+                raise ValueError("sparsevlm: the first layer step needs the input embeddings")
+            return rater_mask(signals.embeddings, signals.visual, signals.text)
+        carry = signals.carry
+        if carry is None or carry.shape != signals.text.shape or carry.dtype != torch.bool:
+            got = None if carry is None else f"{carry.dtype} {tuple(carry.shape)}"
+            raise ValueError(
+                f"sparsevlm: the layer step at {step.layer} needs the first stage's rater mask "
+                f"over its {signals.text.numel()} text tokens (LayerSignals.carry), got {got}"
+            )
+        return carry.to(signals.text.device)
+
     def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor | LayerSelection:
         assert signals.attention is not None and signals.query_positions is not None
         assert signals.hidden is not None
         visual, hidden = signals.visual, signals.hidden  # (V,), (S, D)
-        after = signals.text[signals.text > visual.max()]  # text after the image
-        if after.numel() == 0:
-            after = signals.text
-        rating = signals.embeddings if self.rater_source == "embeddings" else hidden
-        assert rating is not None
-        raters = after[rater_relevance(rating[visual], rating[after])]
+        mask = self.stage_raters(step, signals)  # (T,)
+        carry = mask if self.raters == "once" else None
+        raters = signals.text[mask]
         scores = rater_scores(signals.attention, signals.query_positions, raters, visual)  # (V,)
         order = torch.sort(scores, descending=True, stable=True).indices  # (V,)
         n_visual = visual.numel()
@@ -269,7 +392,7 @@ class SparseVLM(PruningMethod):
             kept_count, clusters = min(step.keep, n_visual), 0
         kept = order[:kept_count].sort().values  # (m,) indices into visual
         if clusters == 0:
-            return kept
+            return kept if carry is None else LayerSelection(keep=kept, carry=carry)
         pruned = order[kept_count:]  # best score first
         recycled = pruned[: min(pruned.numel(), int(pruned.numel() * self.recycle_ratio) + 1)]
         states = hidden[visual[recycled]]  # (n_r, D)
@@ -281,4 +404,4 @@ class SparseVLM(PruningMethod):
             replacement = torch.cat([hidden[visual[kept]].float(), merged])[slot_order]
         else:
             replacement = torch.cat([hidden[visual[kept]].float(), merged])
-        return LayerSelection(keep=keep, hidden=replacement.to(hidden.dtype))
+        return LayerSelection(keep=keep, hidden=replacement.to(hidden.dtype), carry=carry)

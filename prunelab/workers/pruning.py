@@ -11,7 +11,9 @@ One :class:`LayerPruner` serves one generation (prefill + greedy decode) of one 
   (rotary embeddings, position ids, attention mask). Keys and values of dropped tokens are never
   computed for later layers, so the KV cache holds only kept tokens there and decoding is exact
   for the pruned model;
-- records, per step, which visual tokens it kept (``kept_at``: what an importance heatmap draws).
+- records, per step, which visual tokens it kept (``kept_at``: what an importance heatmap draws);
+- hands each step the ``carry`` its previous step returned (``LayerSelection.carry``: state a
+  method keeps across the stages of one sample, e.g. SparseVLM's first-stage raters).
 
 All hooks are removed when the context exits; the model is untouched afterwards.
 """
@@ -99,6 +101,7 @@ class LayerPruner:
         # (S0, D) the LLM's input embeddings of the prefill, kept when a step asks for them
         self.embeddings: torch.Tensor | None = None
         self._keep_embeddings = any(step.needs_embeddings for step in steps)
+        self.carry: torch.Tensor | None = None  # the last layer step's LayerSelection.carry
         for step in steps:
             if not 1 <= step.layer < len(self.layers):
                 raise ValueError(
@@ -206,12 +209,13 @@ class LayerPruner:
             embeddings=self._embeddings() if step.needs_embeddings else None,
             generator=self.generator,
             guidance=self._guidance(visual),
+            carry=self.carry,
         )
         selection = self.method.select_layer(step, signals)
         if isinstance(selection, LayerSelection):
-            keep, merged = selection.keep, selection.hidden
+            keep, merged, self.carry = selection.keep, selection.hidden, selection.carry
         else:
-            keep, merged = selection, None  # (k,) indices into `visual`
+            keep, merged, self.carry = selection, None, None  # (k,) indices into `visual`
         if keep.numel() != min(step.keep, visual.numel()):
             raise RuntimeError(
                 f"{self.method.name} kept {keep.numel()} visual tokens at layer {index}, "
