@@ -34,8 +34,19 @@ Rules every entry follows:
   (:func:`relative_metrics`) once both trials are finished. It is left out when either value
   is missing or the baseline's is zero. It is a fraction (1.0: as good / as costly as
   unpruned), shown as a percentage.
+- **Intervals.** An entry with a ``bound`` (``low`` / ``high``) is that bound of a 95%
+  bootstrap interval (:mod:`prunelab.intervals`) of :data:`REPLICATED`, the one metric whose
+  bootstrap replicates a trial carries (``TrialResult.replicates``, ``trials.replicates``). A
+  ``trial`` bound (``score_ci_low``) is the percentile interval of the trial's own replicates,
+  which the worker computes with the benchmark's own aggregate and supplies through the
+  context (:attr:`TrialContext.score_interval`), in the unit of ``score``. A ``relative``
+  bound (``score_ratio_ci_low``) is the paired interval of the ratio, replicate-wise own /
+  baseline (:func:`prunelab.intervals.ratio_interval`), which :func:`relative_metrics`
+  derives when both trials' replicates are given; pairing assumes both trials were evaluated
+  on the same samples (same benchmark, eval ``limit`` and ``sample_seed``; the caller checks).
+  A bound without its replicates is not reported.
 
-Plain Python: no torch, no MLflow, no database (the orchestrator imports it).
+Plain Python and numpy: no torch, no MLflow, no database (the orchestrator imports it).
 """
 
 from __future__ import annotations
@@ -46,9 +57,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prunelab import intervals
+
 __all__ = [
     "AGGREGATES",
+    "BOUNDS",
     "METRICS",
+    "REPLICATED",
     "Metric",
     "TrialContext",
     "format_value",
@@ -68,6 +83,9 @@ class TrialContext:
     convention: str = "pdrop"  # the FLOPs convention (fastv, pdrop or exact)
     itemsize: int = 2  # bytes per KV-cache element (the dtype of the model's weights)
     peak_mem_bytes: float | None = None  # peak accelerator memory of the trial; None off CUDA
+    # the 95% bootstrap interval (low, high) of the trial's score, in the unit of ``score``
+    # (``intervals.percentile_interval`` of its replicates); None: not computed
+    score_interval: tuple[float, float] | None = None
 
 
 SampleValue = Callable[[Any, TrialContext], "float | None"]
@@ -82,6 +100,12 @@ AGGREGATES: dict[str, Callable[[list[float]], float] | None] = {
     "relative": None,  # derived by the orchestrator against the unpruned baseline
 }
 """How a metric is aggregated over a trial's samples."""
+
+REPLICATED = "score"
+"""The metric whose bootstrap replicates a trial carries (what ``bound`` entries bound)."""
+
+BOUNDS = ("low", "high")
+"""The bounds of an interval an entry can be (``Metric.bound``)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +130,7 @@ class Metric:
     group_by: str | None = None  # a family: one metric per value of this sample attribute
     when_nonzero: bool = False  # not reported when every sample's value is zero
     from_benchmark: bool = False  # a benchmark's own aggregate gives it (see the module doc)
+    bound: str | None = None  # a bound (low, high) of the 95% interval (see the module doc)
     column: str | None = None
     fmt: str | None = None
 
@@ -116,6 +141,16 @@ class Metric:
             raise ValueError(f"metric {self.name}: relative metrics (only) name relative_to")
         if self.group_by is not None and self._placeholder not in self.name:
             raise ValueError(f"metric {self.name}: a family's name holds {self._placeholder}")
+        if self.bound is not None:
+            self._check_bound()
+
+    def _check_bound(self) -> None:
+        if self.bound not in BOUNDS:
+            raise ValueError(f"metric {self.name}: bound is one of {BOUNDS}, not {self.bound!r}")
+        if self.aggregate not in ("trial", "relative"):
+            raise ValueError(f"metric {self.name}: interval bounds are trial or relative metrics")
+        if self.aggregate == "relative" and self.relative_to != REPLICATED:
+            raise ValueError(f"metric {self.name}: only {REPLICATED} has replicates to bound")
 
     @property
     def _placeholder(self) -> str:
@@ -184,6 +219,14 @@ def _peak_mem_bytes(context: TrialContext) -> float | None:
     return context.peak_mem_bytes
 
 
+def _score_ci_low(context: TrialContext) -> float | None:
+    return None if context.score_interval is None else context.score_interval[0]
+
+
+def _score_ci_high(context: TrialContext) -> float | None:
+    return None if context.score_interval is None else context.score_interval[1]
+
+
 # -- the table ----------------------------------------------------------------------------------
 METRICS: tuple[Metric, ...] = (
     Metric(
@@ -193,9 +236,31 @@ METRICS: tuple[Metric, ...] = (
         value="score", scale=100.0, from_benchmark=True, column="score", fmt=".1f",
     ),
     Metric(
+        "score_ci_low", "%", "trial",
+        "lower bound of the score's 95% bootstrap interval (units resampled, the benchmark's "
+        "own aggregate per replicate; supplied by the worker), in the unit of score",
+        value=_score_ci_low, bound="low", fmt=".1f",
+    ),
+    Metric(
+        "score_ci_high", "%", "trial",
+        "upper bound of the score's 95% bootstrap interval (see score_ci_low)",
+        value=_score_ci_high, bound="high", fmt=".1f",
+    ),
+    Metric(
         "score_ratio", "fraction", "relative",
         "score / the unpruned trial's score (same model and benchmark)",
         relative_to="score", column="score ratio", fmt=".1%",
+    ),
+    Metric(
+        "score_ratio_ci_low", "fraction", "relative",
+        "lower bound of score_ratio's paired 95% bootstrap interval (replicate-wise score / "
+        "the unpruned trial's score, on the same samples)",
+        relative_to="score", bound="low", fmt=".1%",
+    ),
+    Metric(
+        "score_ratio_ci_high", "fraction", "relative",
+        "upper bound of score_ratio's paired 95% bootstrap interval (see score_ratio_ci_low)",
+        relative_to="score", bound="high", fmt=".1%",
     ),
     Metric(
         "score.{category}", "%", "mean",
@@ -352,18 +417,30 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def relative_metrics(
-    own: Mapping[str, Any], baseline: Mapping[str, Any] | None
+    own: Mapping[str, Any],
+    baseline: Mapping[str, Any] | None,
+    own_replicates: Sequence[float] | None = None,
+    baseline_replicates: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """The ``relative`` metrics of a finished trial against its finished unpruned baseline
     (same model and benchmark), e.g. ``score_ratio`` and ``flops_ratio``; those undefined (a
-    value missing, a zero baseline value, no baseline) are absent."""
+    value missing, a zero baseline value, no baseline) are absent.
+
+    With both trials' score replicates (of equal length: trials on the same samples), the
+    ``bound`` entries too: the paired percentile interval of replicate-wise own / baseline
+    (:func:`prunelab.intervals.ratio_interval`). The caller pairs only trials evaluated on the
+    same samples (same eval ``limit`` and ``sample_seed``). A bound is reported only with its
+    ratio (not against a zero baseline score)."""
     out: dict[str, float] = {}
     if not baseline:
         return out
+    interval = intervals.ratio_interval(own_replicates, baseline_replicates)
     for metric in METRICS:
         if metric.relative_to is None:
             continue
         value = ratio(own.get(metric.relative_to), baseline.get(metric.relative_to))
+        if value is not None and metric.bound is not None:
+            value = None if interval is None else interval[BOUNDS.index(metric.bound)]
         if value is not None:
             out[metric.name] = value
     return out

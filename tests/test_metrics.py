@@ -185,3 +185,45 @@ def test_relative_metrics_follow_the_table(monkeypatch):
     monkeypatch.setattr(M, "METRICS", (*M.METRICS, extra))
     own, baseline = {"avg_visual_tokens": 16.0}, {"avg_visual_tokens": 64.0}
     assert M.relative_metrics(own, baseline) == {"tokens_ratio": 0.25}
+
+
+# -- intervals ----------------------------------------------------------------------------------
+def test_score_interval_comes_from_the_worker_through_the_context():
+    context = M.TrialContext(info=INFO, convention="pdrop", itemsize=4,
+                             score_interval=(41.5, 58.25))  # fmt: skip
+    metrics = M.trial_metrics(full_samples(), context)
+    assert (metrics["score_ci_low"], metrics["score_ci_high"]) == (41.5, 58.25)
+    assert M.lookup("score_ci_low").bound == "low" and M.lookup("score_ci_high").unit == "%"
+    # not computed: not reported (as by the runner's aggregate without replicates)
+    assert "score_ci_low" not in aggregate(full_samples(), INFO, "pdrop", CPU)
+
+
+def test_interval_bounds_follow_the_table_rules():
+    for metric in M.METRICS:
+        if metric.bound is not None:
+            assert metric.aggregate in ("trial", "relative")
+            assert metric.relative_to in (None, M.REPLICATED)
+    with pytest.raises(ValueError, match="bound is one of"):
+        M.Metric("x", "u", "trial", "d", bound="middle")
+    with pytest.raises(ValueError, match="trial or relative"):
+        M.Metric("x", "u", "mean", "d", value="score", bound="low")
+    with pytest.raises(ValueError, match="only score"):
+        M.Metric("x", "u", "relative", "d", relative_to="tflops", bound="low")
+
+
+def test_relative_interval_from_both_trials_replicates():
+    own, baseline = {"score": 40.0, "tflops": 1.5}, {"score": 50.0, "tflops": 6.0}
+    base_reps = [50.0] * 101
+    own_reps = [40.0 + k / 10 for k in range(101)]  # ratios 0.8 .. 1.0, evenly
+    out = M.relative_metrics(own, baseline, own_reps, base_reps)
+    assert out == {
+        "score_ratio": 0.8,
+        "score_ratio_ci_low": pytest.approx(0.8 + 0.025 * 0.2),
+        "score_ratio_ci_high": pytest.approx(1.0 - 0.025 * 0.2),
+        "flops_ratio": 0.25,
+    }
+    # without replicates, with unequal lengths, or against a zero baseline score: no interval
+    assert M.relative_metrics(own, baseline) == {"score_ratio": 0.8, "flops_ratio": 0.25}
+    assert "score_ratio_ci_low" not in M.relative_metrics(own, baseline, own_reps, base_reps[1:])
+    zero = M.relative_metrics(own, {"score": 0.0, "tflops": 6.0}, own_reps, base_reps)
+    assert zero == {"flops_ratio": 0.25}

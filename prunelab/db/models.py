@@ -134,6 +134,8 @@ class Trial(Base):
     finished: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any] | None]
+    # bootstrap replicates of the score (prunelab.intervals); NULL: none (rows before 0002)
+    replicates: Mapped[list[float] | None] = mapped_column(JSON)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     is_baseline: Mapped[bool] = mapped_column(Boolean, default=False)
 

@@ -37,6 +37,7 @@ __all__ = [
     "fail_trial",
     "finish_trial",
     "finite_metrics",
+    "finite_replicates",
     "get_sweep",
     "list_sweeps",
     "new_sweep_id",
@@ -241,7 +242,7 @@ def _require_trial(session: Session, trial_id: int) -> str:
 def reset_for_rerun(session: Session, trial_ids: Collection[int]) -> int:
     """Make trials ``pending`` again with a clean slate (``--rerun``); return how many.
 
-    Clears attempts, metrics, error, MLflow run, worker and times. A trial that is
+    Clears attempts, metrics, replicates, error, MLflow run, worker and times. A trial that is
     ``running`` (claimed by a live orchestrator) is left alone.
     """
     count = 0
@@ -252,6 +253,7 @@ def reset_for_rerun(session: Session, trial_ids: Collection[int]) -> int:
             status="pending",
             attempts=0,
             metrics=None,
+            replicates=None,
             error=None,
             mlflow_run_id=None,
             claimed_by=None,
@@ -313,10 +315,25 @@ def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def finite_replicates(replicates: Iterable[float] | None) -> list[float | None] | None:
+    """Replicates as a JSON list of floats, non-finite ones null (read back as NaN by
+    ``prunelab.intervals``); None (SQL NULL) when there are none."""
+    if replicates is None:
+        return None
+    values = [float(value) for value in replicates]
+    return [v if math.isfinite(v) else None for v in values] or None
+
+
 def finish_trial(
-    session: Session, trial_id: int, metrics: dict[str, Any], worker: str, node: str | None
+    session: Session,
+    trial_id: int,
+    metrics: dict[str, Any],
+    worker: str,
+    node: str | None,
+    replicates: Iterable[float] | None = None,
 ) -> None:
-    """Mark a trial ``finished`` with its metrics (non-finite floats stored as null).
+    """Mark a trial ``finished`` with its metrics (non-finite floats stored as null) and the
+    bootstrap replicates of its score (``trials.replicates``; none given or empty: NULL).
 
     ``error`` is kept: after a retry it says why the earlier attempt failed (worker died,
     timeout); ``attempts`` says how many there were.
@@ -326,6 +343,7 @@ def finish_trial(
         [Trial.id == trial_id],
         status="finished",
         metrics=finite_metrics(metrics),
+        replicates=finite_replicates(replicates),
         worker=worker,
         node=node,
         finished=utcnow(),

@@ -1,5 +1,9 @@
 """Plots of a sweep's report for its parent run: the Pareto plot of score ratio vs compute.
 
+Each pruned point with a 95% interval of its mean score ratio (``ReportRow.mean_interval``, the
+paired bootstrap interval of :mod:`prunelab.intervals`) gets a vertical error bar from the
+interval's low to its high bound (asymmetric where the interval is).
+
 Rendered with matplotlib's Agg backend (no display needed) through an explicit ``Figure``, so
 nothing touches pyplot's global state and plots can be made from any thread.
 """
@@ -13,7 +17,7 @@ from matplotlib.figure import Figure
 
 from prunelab.orchestrator.results import Report, ReportRow
 
-__all__ = ["pareto_png", "pareto_points"]
+__all__ = ["pareto_intervals", "pareto_png", "pareto_points"]
 
 _PANEL_INCHES = (5.0, 3.8)
 
@@ -46,9 +50,36 @@ def pareto_points(
     return baseline, {label: sorted(points) for label, points in lines.items()}
 
 
+def pareto_intervals(
+    report: Report, model: str
+) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Per method line of ``model`` (labels as :func:`pareto_points`), its points with an
+    interval: (TFLOPs, mean score ratio, low, high), all in % but TFLOPs; sorted by TFLOPs."""
+    lines: dict[str, list[tuple[float, float, float, float]]] = {}
+    for row in report.rows:
+        if row.model != model or row.is_baseline or row.mean_tflops is None:
+            continue
+        if row.mean_ratio is None or row.mean_interval is None:
+            continue
+        low, high = row.mean_interval
+        point = (row.mean_tflops, 100.0 * row.mean_ratio, 100.0 * low, 100.0 * high)
+        lines.setdefault(_line_label(row, report), []).append(point)
+    return {label: sorted(points) for label, points in lines.items()}
+
+
+def _error_bars(ax, points: list[tuple[float, float, float, float]], color: str) -> None:
+    """Vertical bars from each point's interval low to high bound."""
+    xs, ys, lows, highs = zip(*points, strict=True)
+    below = [max(y - low, 0.0) for y, low in zip(ys, lows, strict=True)]
+    above = [max(high - y, 0.0) for y, high in zip(ys, highs, strict=True)]
+    ax.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor=color, elinewidth=0.9,
+                capsize=3)  # fmt: skip
+
+
 def pareto_png(report: Report, dpi: int = 110) -> bytes:
     """PNG bytes: per model a panel of mean score ratio (%) against TFLOPs per sample, one
-    line per method and a star for the unpruned model."""
+    line per method (with the 95% intervals as vertical error bars) and a star for the
+    unpruned model."""
     models = report.models or ["(no trials)"]
     columns = min(3, len(models))
     rows = math.ceil(len(models) / columns)
@@ -57,9 +88,12 @@ def pareto_png(report: Report, dpi: int = 110) -> bytes:
     for index, model in enumerate(models):
         ax = axes[index // columns][index % columns]
         baseline, lines = pareto_points(report, model)
+        bars = pareto_intervals(report, model)
         for label, points in sorted(lines.items()):
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.4, label=label)
+            (line,) = ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.4, label=label)
+            if bars.get(label):
+                _error_bars(ax, bars[label], line.get_color())
         if baseline is not None:
             ax.plot(*baseline, marker="*", markersize=12, color="black", linestyle="none",
                     label="none (unpruned)")  # fmt: skip

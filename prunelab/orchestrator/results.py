@@ -4,15 +4,30 @@ The report (``prunelab report``, ``table.md`` / ``table.csv`` / ``table.tex`` on
 run) is shaped like the tables of the seed papers: per model, the unpruned model first ("upper
 bound"), then one row per method at each budget (largest budget first); one column per
 benchmark holding its headline score, and a last column with the mean over benchmarks of the
-score ratio (score / unpruned score, in %). At each (model, budget) the best pruned value of a
-column is bold (``**x**`` in markdown, ``\\textbf{x}`` in LaTeX, plain in CSV).
+score ratio (score / unpruned score, in %). At each (model, budget) the pruned values of a
+column not significantly worse than the best are bold (``**x**`` in markdown, ``\\textbf{x}`` in
+LaTeX, plain in CSV; see :func:`_best_cells`).
+
+Intervals: a finished trial with a 95% bootstrap interval (``score_ci_low`` /
+``score_ci_high``, see :mod:`prunelab.intervals`) prints ``75.0 ± 4.3`` (``75.0 $\\pm$ 4.3`` in
+LaTeX), where the half-width is ``max(score - low, high - score)``, rounded to one decimal: the
+percentile interval need not be symmetric, and the larger side is the honest one-number
+summary. The CSV prints the score alone and the bounds in ``<column>_ci_low`` /
+``<column>_ci_high`` columns (present when some row of that column has an interval). The mean
+score ratio's interval is the percentile interval of the replicate-wise mean over benchmarks
+of the paired ratio replicates (replicate-wise score / unpruned score, see
+:func:`prunelab.intervals.mean_interval`); it needs every benchmark's replicates, of the trial
+and of its baseline, on the same samples (:func:`same_samples`). Trials without replicates
+(rows of older versions) print as before, without ``±``.
 
 The per-trial table with every cost metric (``trials.csv`` on the parent run) is
 :func:`results_rows` + :func:`trials_markdown` / :func:`trials_csv`; its metric columns are the
 entries of :data:`prunelab.metrics.METRICS` that name a ``column``.
 
-Trials are given as (trial, status, metrics): the trial a :class:`~prunelab.trial.Trial` or its
-stored form (the ``trials.config`` mapping), read once through :meth:`Trial.from_dict`.
+Trials are given as (trial, status, metrics) or (trial, status, metrics, replicates): the trial
+a :class:`~prunelab.trial.Trial` or its stored form (the ``trials.config`` mapping), read once
+through :meth:`Trial.from_dict`; ``replicates`` the bootstrap replicates of its score
+(``trials.replicates``; None or empty: none).
 """
 
 from __future__ import annotations
@@ -25,6 +40,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from prunelab import intervals
 from prunelab import metrics as metric_table
 from prunelab.metrics import ratio, relative_metrics
 from prunelab.trial import Trial
@@ -42,6 +60,7 @@ __all__ = [
     "report_latex",
     "report_markdown",
     "results_rows",
+    "same_samples",
     "trial_params",
     "trials_columns",
     "trials_csv",
@@ -53,11 +72,18 @@ MEAN_RATIO_HEADER = "mean score ratio (%)"
 MISSING = "-"  # a cell without a value (LaTeX prints "--")
 
 TrialLike = Trial | Mapping[str, Any]  # a Trial, or its stored form (``trials.config``)
-TrialTuple = tuple[TrialLike, str, Mapping[str, Any] | None]  # (trial, status, metrics)
-_Trials = list[tuple[Trial, str, Mapping[str, Any]]]  # read: metrics {} when there are none
+Replicates = Sequence[float | None] | None  # a score's bootstrap replicates (``trials.replicates``)
+TrialTuple = (
+    tuple[TrialLike, str, Mapping[str, Any] | None]  # (trial, status, metrics)
+    | tuple[TrialLike, str, Mapping[str, Any] | None, Replicates]  # ... and replicates
+)
+_Read = tuple[Trial, str, Mapping[str, Any], np.ndarray | None]
+_Trials = list[_Read]  # read: metrics {} when there are none, replicates None when none
 
 # metric names the paper-style report reads
 SCORE, TFLOPS = "score", "tflops"
+SCORE_CI = ("score_ci_low", "score_ci_high")
+CI_SUFFIXES = ("_ci_low", "_ci_high")  # the CSV's interval columns: <column><suffix>
 
 
 def as_trial(trial: TrialLike) -> Trial:
@@ -65,9 +91,35 @@ def as_trial(trial: TrialLike) -> Trial:
     return trial if isinstance(trial, Trial) else Trial.from_dict(trial)
 
 
+def _replicates(values: Replicates) -> np.ndarray | None:
+    """Stored replicates as a float array (nulls as NaN); None when there are none."""
+    if not values:
+        return None
+    return np.asarray(values, dtype=np.float64)
+
+
 def _read(trials: Iterable[TrialTuple]) -> _Trials:
-    """(trial, status, metrics) triples with the trial as a :class:`Trial`."""
-    return [(as_trial(trial), status, metrics or {}) for trial, status, metrics in trials]
+    """(trial, status, metrics, replicates) with the trial as a :class:`Trial`."""
+    read: _Trials = []
+    for trial, status, metrics, *rest in trials:
+        replicates = _replicates(rest[0]) if rest and status == "finished" else None
+        read.append((as_trial(trial), status, metrics or {}, replicates))
+    return read
+
+
+def same_samples(trial: Trial, other: Trial) -> bool:
+    """Whether two trials were evaluated on the same samples (same benchmark, eval ``limit``
+    and ``sample_seed``): only then are their bootstrap replicates paired."""
+    return (
+        trial.benchmark == other.benchmark
+        and trial.eval.limit == other.eval.limit
+        and trial.eval.sample_seed == other.eval.sample_seed
+    )
+
+
+def _samples_key(trial: Trial) -> tuple:
+    """What :func:`same_samples` compares, as a key."""
+    return (trial.benchmark, trial.eval.limit, trial.eval.sample_seed)
 
 
 def trial_params(trial: TrialLike) -> dict[str, Any]:
@@ -111,6 +163,15 @@ class ReportRow:
     ``scores`` / ``ratios`` / ``tflops``: benchmark -> value of the finished trial (None when
     the trial is not finished or the value is undefined); ``status``: benchmark -> the trial's
     status (benchmarks without a trial for this row are absent).
+
+    Intervals (95%, :mod:`prunelab.intervals`): ``intervals``: benchmark -> the score's
+    (low, high), from the trial's ``score_ci_low`` / ``score_ci_high``; ``replicates``:
+    benchmark -> the score's bootstrap replicates; ``ratio_replicates``: benchmark -> the
+    paired replicate-wise score / unpruned score (trials on the same samples only);
+    ``samples``: benchmark -> what identifies the trial's samples (pairing needs it equal);
+    ``mean_replicates`` / ``mean_interval``: the mean ratio's replicates and interval, as
+    fractions (None unless every ratio benchmark has ratio replicates; the unpruned row's mean
+    ratio is 1 by definition and has none).
     """
 
     model: str
@@ -125,6 +186,12 @@ class ReportRow:
     status: dict[str, str] = field(default_factory=dict)
     mean_ratio: float | None = None  # mean over the report's ratio benchmarks, as a fraction
     mean_tflops: float | None = None  # mean TFLOPs per sample over the row's benchmarks
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    replicates: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    ratio_replicates: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    samples: dict[str, tuple] = field(default_factory=dict, repr=False)
+    mean_replicates: np.ndarray | None = field(default=None, repr=False)
+    mean_interval: tuple[float, float] | None = None
 
 
 @dataclass
@@ -158,7 +225,7 @@ def _budget_order(trial: Trial) -> tuple:
 def _varying_hparams(trials: _Trials) -> dict[str, list[str]]:
     """Per method, the hyperparameters that take more than one value in the sweep."""
     values: dict[str, dict[str, set[str]]] = {}
-    for trial, _, _ in trials:
+    for trial, *_ in trials:
         per_method = values.setdefault(trial.method, {})
         for name, value in trial.hparams.items():
             per_method.setdefault(name, set()).add(repr(value))
@@ -171,7 +238,7 @@ def _varying_hparams(trials: _Trials) -> dict[str, list[str]]:
 def _varies(trials: _Trials, axis: str) -> bool:
     """Whether some method runs at more than one value of ``axis`` (per model and budget)."""
     seen: dict[tuple, set] = {}
-    for trial, _, _ in trials:
+    for trial, *_ in trials:
         if trial.is_baseline:
             continue
         group = (trial.model, trial.method, budget_cell(trial))
@@ -181,28 +248,58 @@ def _varies(trials: _Trials, axis: str) -> bool:
 
 def _models(trials: _Trials) -> list[str]:
     """The sweep's models, in order of first appearance."""
-    return list(dict.fromkeys(trial.model for trial, _, _ in trials))
+    return list(dict.fromkeys(trial.model for trial, *_ in trials))
+
+
+def _interval(metrics: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The score's (low, high) of a trial's metrics; None unless both bounds are finite."""
+    low, high = (_number(metrics.get(name)) for name in SCORE_CI)
+    return None if low is None or high is None else (low, high)
+
+
+def _ratio_replicates(
+    trial: Trial, replicates: np.ndarray | None, baseline: _Read | None
+) -> np.ndarray | None:
+    """Paired replicate-wise score / unpruned score; None unless both trials have replicates
+    of equal length and were evaluated on the same samples."""
+    if replicates is None or baseline is None or not same_samples(trial, baseline[0]):
+        return None
+    return intervals.ratio_replicates(replicates, baseline[3])
+
+
+def _mean_of(vectors: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """Replicate-wise mean of equally long vectors (NaN where one is NaN); None otherwise."""
+    arrays = [v for v in vectors if v is not None]
+    if not arrays or len(arrays) != len(vectors) or len({len(a) for a in arrays}) != 1:
+        return None
+    return np.stack(arrays).mean(axis=0)
 
 
 def build_report(trials: Iterable[TrialTuple]) -> Report:
-    """The paper-style report of a sweep's trials, each given as (trial, status, metrics).
+    """The paper-style report of a sweep's trials, each given as (trial, status, metrics) or
+    (trial, status, metrics, replicates).
 
     Score ratios are recomputed here from each trial's score and its (model, benchmark)
     unpruned score, so they are right even for trials logged before their baseline finished.
-    A row's mean ratio needs every ratio benchmark finished; otherwise it is None.
+    A row's mean ratio needs every ratio benchmark finished; otherwise it is None. Its
+    interval (:func:`prunelab.intervals.mean_interval` of the per-benchmark ratio replicates)
+    needs every one of them paired with its baseline.
     """
     trials = _read(trials)
-    benchmarks = list(dict.fromkeys(trial.benchmark for trial, _, _ in trials))
+    benchmarks = list(dict.fromkeys(trial.benchmark for trial, *_ in trials))
     axis_of = {"layer": "prune_layer", "seed": "seed"}
     variant_columns = [label for label, axis in axis_of.items() if _varies(trials, axis)]
     hparams = _varying_hparams(trials)
     baseline_scores: dict[tuple[str, str], float | None] = {}
-    for trial, status, metrics in trials:
+    baselines: dict[tuple[str, str], _Read] = {}
+    for entry in trials:
+        trial, status, metrics, _ = entry
         if trial.is_baseline and status == "finished":
             baseline_scores[(trial.model, trial.benchmark)] = _number(metrics.get(SCORE))
+            baselines[(trial.model, trial.benchmark)] = entry
 
     rows: dict[tuple, ReportRow] = {}
-    for trial, status, metrics in trials:
+    for trial, status, metrics, replicates in trials:
         method = trial.method
         varying = hparams.get(method, [])
         if varying:
@@ -232,6 +329,7 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
         row.scores[benchmark] = score
         row.ratios[benchmark] = ratio(score, baseline_scores.get((trial.model, benchmark)))
         row.tflops[benchmark] = _number(metrics.get(TFLOPS)) if finished else None
+        _add_intervals(row, trial, metrics if finished else {}, replicates, baselines)
 
     ratio_benchmarks = [
         b for b in benchmarks if any(baseline_scores.get((m, b)) for m in _models(trials))
@@ -241,12 +339,37 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
         ratios = [row.ratios.get(b) for b in wanted]
         if wanted and all(r is not None for r in ratios):
             row.mean_ratio = statistics.fmean(r for r in ratios if r is not None)
+            if not row.is_baseline:
+                vectors = [row.ratio_replicates.get(b) for b in wanted]
+                row.mean_replicates = _mean_of(vectors)
+                row.mean_interval = intervals.mean_interval(vectors)
         costs = [t for t in row.tflops.values() if t is not None]
         row.mean_tflops = statistics.fmean(costs) if costs else None
 
     models = _models(trials)
     ordered = sorted(rows.values(), key=lambda r: (models.index(r.model), r.order))
     return Report(benchmarks, ordered, variant_columns, ratio_benchmarks)
+
+
+def _add_intervals(
+    row: ReportRow,
+    trial: Trial,
+    metrics: Mapping[str, Any],
+    replicates: np.ndarray | None,
+    baselines: Mapping[tuple[str, str], _Read],
+) -> None:
+    """A finished trial's interval, replicates and paired ratio replicates, into its row."""
+    benchmark = trial.benchmark
+    row.samples[benchmark] = _samples_key(trial)
+    interval = _interval(metrics) if row.scores.get(benchmark) is not None else None
+    if interval is not None:
+        row.intervals[benchmark] = interval
+    if replicates is None or row.scores.get(benchmark) is None:
+        return
+    row.replicates[benchmark] = replicates
+    ratios = _ratio_replicates(trial, replicates, baselines.get((trial.model, benchmark)))
+    if ratios is not None:
+        row.ratio_replicates[benchmark] = ratios
 
 
 def _score_text(value: float) -> str:
@@ -257,27 +380,94 @@ def _ratio_text(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def _cell_values(row: ReportRow, report: Report) -> list[tuple[str, float | None]]:
-    """(text, value) of a row's benchmark and mean-ratio cells; value None: not a number."""
-    cells: list[tuple[str, float | None]] = []
+@dataclass(frozen=True)
+class _Cell:
+    """One value cell of the report.
+
+    ``text``: the number as printed (or the trial's status, or :data:`MISSING`); ``value``:
+    the printed number (None: not a number); ``low`` / ``high``: the printed interval bounds
+    and ``half``: the printed ``±`` half-width (None: no interval); ``replicates`` /
+    ``samples``: what the bold rule's paired test compares (None: no replicates).
+    """
+
+    text: str
+    value: float | None = None
+    low: str | None = None
+    high: str | None = None
+    half: str | None = None
+    replicates: np.ndarray | None = None
+    samples: tuple | None = None
+
+
+def _number_cell(
+    value: float,
+    interval: tuple[float, float] | None,
+    text: Callable[[float], str],
+    replicates: np.ndarray | None,
+    samples: tuple | None,
+) -> _Cell:
+    """A number, with the half-width ``max(value - low, high - value)`` of its interval."""
+    shown = text(value)
+    if interval is None:
+        return _Cell(shown, float(shown), replicates=replicates, samples=samples)
+    low, high = interval
+    half = max(value - low, high - value, 0.0)
+    return _Cell(shown, float(shown), text(low), text(high), text(half), replicates, samples)
+
+
+def _cell_values(row: ReportRow, report: Report) -> list[_Cell]:
+    """A row's benchmark cells, then its mean-ratio cell."""
+    cells: list[_Cell] = []
     for benchmark in report.benchmarks:
         score = row.scores.get(benchmark)
         if score is not None:
-            cells.append((_score_text(score), score))
+            cells.append(_number_cell(score, row.intervals.get(benchmark), _score_text,
+                                      row.replicates.get(benchmark),
+                                      row.samples.get(benchmark)))  # fmt: skip
         else:
             status = row.status.get(benchmark)
-            cells.append((MISSING if status in (None, "finished") else status, None))
+            cells.append(_Cell(MISSING if status in (None, "finished") else status))
     if row.mean_ratio is not None:
-        cells.append((_ratio_text(row.mean_ratio), row.mean_ratio))
+        samples = tuple(row.samples.get(b) for b in report.ratio_benchmarks)
+        cells.append(_number_cell(row.mean_ratio, row.mean_interval, _ratio_text,
+                                  row.mean_replicates, samples))  # fmt: skip
     else:
-        cells.append((MISSING, None))
+        cells.append(_Cell(MISSING))
     return cells
+
+
+def _not_worse(best: _Cell, cell: _Cell) -> bool:
+    """Whether ``cell`` is not significantly worse than ``best`` by the paired bootstrap test;
+    False when they cannot be paired (replicates missing or of unequal length, or trials on
+    other samples)."""
+    if best.replicates is None or cell.replicates is None or best.samples != cell.samples:
+        return False
+    if len(best.replicates) != len(cell.replicates):
+        return False
+    return intervals.not_worse(best.replicates, cell.replicates)
+
+
+def _bold_column(cells: Mapping[int, _Cell]) -> set[int]:
+    """The rows of one column at one (model, budget) to print in bold: the largest printed
+    value (ties all), and every row not significantly worse than each of them by the paired
+    bootstrap test (:func:`prunelab.intervals.not_worse`). A row that cannot be paired with a
+    best one (no replicates, other samples) is bold only at the best value. When every row of
+    the group is bold, nothing stands out and none is."""
+    shown = {index: cell for index, cell in cells.items() if cell.value is not None}
+    if not shown:
+        return set()
+    top = max(cell.value for cell in shown.values() if cell.value is not None)
+    bests = [shown[index] for index, cell in shown.items() if cell.value == top]
+    bold = {index for index, cell in shown.items() if cell.value == top}
+    for index, cell in shown.items():
+        if index not in bold and all(_not_worse(best, cell) for best in bests):
+            bold.add(index)
+    return set() if len(bold) == len(cells) else bold
 
 
 def _best_cells(report: Report) -> set[tuple[int, int]]:
     """(row index, value column) pairs to print in bold: at each (model, budget) with at least
-    two pruned rows, the largest displayed value of each column among them (ties all bold,
-    unless every row has the same value)."""
+    two pruned rows, per column, the rows of :func:`_bold_column`."""
     groups: dict[tuple[str, str], list[int]] = {}
     for index, row in enumerate(report.rows):
         if not row.is_baseline:
@@ -288,18 +478,8 @@ def _best_cells(report: Report) -> set[tuple[int, int]]:
             continue
         cells = {index: _cell_values(report.rows[index], report) for index in members}
         for column in range(len(report.benchmarks) + 1):
-            shown = {
-                index: float(text)
-                for index, row_cells in cells.items()
-                for text, value in [row_cells[column]]
-                if value is not None
-            }
-            if len(set(shown.values())) < 2 and len(shown) == len(members):
-                continue  # every row has the same value: none is best
-            if not shown:
-                continue
-            top = max(shown.values())
-            best.update((index, column) for index, value in shown.items() if value == top)
+            column_cells = {index: row_cells[column] for index, row_cells in cells.items()}
+            best.update((index, column) for index in _bold_column(column_cells))
     return best
 
 
@@ -311,14 +491,33 @@ def _label_cells(row: ReportRow, report: Report) -> list[str]:
     return labels
 
 
-def _render_rows(report: Report, bold: Callable[[str], str]) -> list[tuple[str, list[str]]]:
-    """(model, cells) per row: labels then values, best values wrapped by ``bold``."""
+@dataclass(frozen=True)
+class _Style:
+    """How a format prints value cells: bold markup, the ``±`` separator, a status word."""
+
+    bold: Callable[[str], str]
+    plus_minus: str
+    status: Callable[[str], str]
+
+
+_MARKDOWN = _Style(lambda text: f"**{text}**", " ± ", lambda text: text)
+
+
+def _render_cell(cell: _Cell, style: _Style, bold: bool) -> str:
+    if cell.value is None:
+        return style.status(cell.text)
+    text = cell.text if cell.half is None else f"{cell.text}{style.plus_minus}{cell.half}"
+    return style.bold(text) if bold else text
+
+
+def _render_rows(report: Report, style: _Style) -> list[tuple[str, list[str]]]:
+    """(model, cells) per row: labels then values (with ``±``), bold ones styled."""
     best = _best_cells(report)
     out = []
     for index, row in enumerate(report.rows):
         values = [
-            bold(text) if (index, column) in best else text
-            for column, (text, _) in enumerate(_cell_values(row, report))
+            _render_cell(cell, style, (index, column) in best)
+            for column, cell in enumerate(_cell_values(row, report))
         ]
         out.append((row.model, _label_cells(row, report) + values))
     return out
@@ -340,18 +539,34 @@ def report_markdown(report: Report) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * labels + "---:|" * (len(head) - labels),
     ]
-    for model, cells in _render_rows(report, lambda text: f"**{text}**"):
+    for model, cells in _render_rows(report, _MARKDOWN):
         lines.append("| " + " | ".join(_markdown_escape(c) for c in [model, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def report_csv(report: Report) -> str:
-    """The report as CSV: the markdown table's cells, without bold."""
+    """The report as CSV: the markdown table's cells without bold and without ``±``; a value
+    column some row has an interval in is followed by ``<column>_ci_low`` and
+    ``<column>_ci_high`` (the printed bounds; empty where a row has none)."""
+    header = _header(report)
+    labels = len(header) - len(report.benchmarks) - 1
+    rows = [(row.model, _label_cells(row, report), _cell_values(row, report))
+            for row in report.rows]  # fmt: skip
+    with_ci = {column for _, _, cells in rows for column, cell in enumerate(cells)
+               if cell.half is not None}  # fmt: skip
+    head = ["model", *header[:labels]]
+    for column, name in enumerate(header[labels:]):
+        head += [name] + ([name + suffix for suffix in CI_SUFFIXES] if column in with_ci else [])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["model", *_header(report)])
-    for model, cells in _render_rows(report, lambda text: text):
-        writer.writerow([model, *cells])
+    writer.writerow(head)
+    for model, label_cells, cells in rows:
+        line = [model, *label_cells]
+        for column, cell in enumerate(cells):
+            line.append(cell.text)
+            if column in with_ci:
+                line += [cell.low or "", cell.high or ""]
+        writer.writerow(line)
     return buffer.getvalue()
 
 
@@ -374,6 +589,13 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
 
 
+_LATEX = _Style(
+    lambda text: f"\\textbf{{{text}}}",
+    " $\\pm$ ",
+    lambda text: "--" if text == MISSING else latex_escape(text),
+)
+
+
 def report_latex(report: Report) -> str:
     """The report as a booktabs ``tabular``: a header row per model, a rule between budgets.
 
@@ -388,7 +610,7 @@ def report_latex(report: Report) -> str:
         " & ".join(latex_escape(h.capitalize() if i < labels else h) for i, h in enumerate(head))
         + " \\\\",
     ]
-    rendered = _render_rows(report, lambda text: f"\\textbf{{{text}}}")
+    rendered = _render_rows(report, _LATEX)
     previous: tuple[str, str] | None = None
     for row, (model, cells) in zip(report.rows, rendered, strict=True):
         if previous is None or previous[0] != model:
@@ -399,12 +621,8 @@ def report_latex(report: Report) -> str:
         elif previous[1] != row.budget:
             lines.append("\\midrule")
         previous = (model, row.budget)
-        escaped = [latex_escape(c) for c in cells[:labels]]
-        # value cells: bold markup is ours, the numbers/status words need escaping only
-        escaped += [
-            c if c.startswith("\\textbf{") else "--" if c == MISSING else latex_escape(c)
-            for c in cells[labels:]
-        ]
+        # value cells come rendered (markup is ours, status words escaped)
+        escaped = [latex_escape(c) for c in cells[:labels]] + cells[labels:]
         lines.append(" & ".join(escaped) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -422,7 +640,7 @@ def results_rows(trials: Iterable[TrialTuple]) -> list[dict]:
     budget (largest first), layer."""
     columns = trials_columns()
     rows = []
-    for trial, status, metrics in _read(trials):
+    for trial, status, metrics, _ in _read(trials):
         row = {
             "model": trial.model,
             "benchmark": trial.benchmark,

@@ -10,7 +10,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from prunelab.db import Base, init_db, make_engine
 from prunelab.db.engine import alembic_config
@@ -94,3 +94,38 @@ def test_offline_sql(capsys: pytest.CaptureFixture[str]) -> None:
     for table in TABLES:
         assert f"CREATE TABLE {table}" in sql
     assert "CONSTRAINT uq_trials_trial_key UNIQUE (trial_key)" in sql
+
+
+def test_replicates_column_added_to_existing_rows(db_url: str) -> None:
+    """A database at revision 0001 with a finished trial: after the upgrade the trial and its
+    sweep membership are kept, with NULL replicates; a downgrade drops only the column."""
+    config = alembic_config(db_url)
+    command.upgrade(config, "0001")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO sweeps (id, name, spec, spec_yaml, created, status) "
+                "VALUES ('s1', 'old', '{}', '', CURRENT_TIMESTAMP, 'finished')"
+            ))  # fmt: skip
+            connection.execute(text(
+                "INSERT INTO trials (sweep_id, trial_key, config, status, attempts, metrics, "
+                "is_baseline) VALUES ('s1', 'k1', '{}', 'finished', 1, '{\"score\": 50.0}', "
+                "true)"
+            ))  # fmt: skip
+            connection.execute(text(
+                "INSERT INTO sweep_trials (sweep_id, trial_id, position) "
+                "SELECT 's1', id, 0 FROM trials"
+            ))  # fmt: skip
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT trial_key, replicates FROM trials")).all()
+            links = connection.execute(text("SELECT count(*) FROM sweep_trials")).scalar()
+        assert [tuple(row) for row in rows] == [("k1", None)] and links == 1
+        command.downgrade(config, "0001")
+        columns = {c["name"] for c in inspect(engine).get_columns("trials")}
+        assert "replicates" not in columns and "metrics" in columns
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM sweep_trials")).scalar() == 1
+    finally:
+        engine.dispose()

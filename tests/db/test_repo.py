@@ -427,3 +427,21 @@ def test_check_db_url_problems(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(DatabaseUnavailableError, match="cannot create the directory"):
         check_db_url(f"sqlite:///{blocker}/sub/p.db")
+
+
+def test_finish_stores_replicates(factory: Factory) -> None:
+    sweep_id = _sweep(factory)
+    with_reps, without, empty = _trials(factory, sweep_id, ["with", "without", "empty"])
+    with factory.begin() as session:
+        for trial_id in (with_reps, without, empty):
+            assert repo.claim_trial(session, trial_id, "o", "w", None)
+        repo.finish_trial(session, with_reps, {"score": 50.0}, "w", None,
+                          replicates=(48.5, math.nan, 51.25))  # fmt: skip
+        repo.finish_trial(session, without, {"score": 50.0}, "w", None)
+        repo.finish_trial(session, empty, {"score": 50.0}, "w", None, replicates=())
+    assert _get(factory, with_reps).replicates == [48.5, None, 51.25]  # NaN stored as null
+    assert _get(factory, without).replicates is None
+    assert _get(factory, empty).replicates is None
+    with factory.begin() as session:
+        assert repo.reset_for_rerun(session, [with_reps]) == 1
+    assert _get(factory, with_reps).replicates is None
