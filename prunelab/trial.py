@@ -37,9 +37,16 @@ __all__ = [
 BASELINE_METHOD = "none"
 """The unpruned method: every (model, benchmark) of a sweep has its trial."""
 
-KEY_VERSION = 1
-"""Version of the ``trial_key`` recipe. Version 1 adds nothing to the hashed identity, so keys
-of trials stored before the typed ``Trial`` are unchanged; a later version is hashed in."""
+KEY_VERSION = 2
+"""Version of the ``trial_key`` recipe, hashed into every key after version 1.
+
+1. The trial's axes, method version, model revision and config, benchmark identity, guidance
+   model, trained head, and the eval settings marked ``in_key``.
+2. Adds ``eval.scoring`` (lmms-eval's or the authors' rule) and the version itself: from this
+   version predictions are scored, prompted and generated as lmms-eval 0.7.3 does (up to the
+   benchmark's own number of new tokens), so a version-1 result is not a version-2 result
+   and is not reused for one. ``trial_key(..., version=1)`` still gives the old keys.
+"""
 
 _AXES = ("model", "benchmark", "method", "hparams", "keep_ratio", "keep_tokens")
 _AXES_TAIL = ("prune_layer", "seed")
@@ -154,10 +161,19 @@ class Trial:
         }
 
     def params(self) -> dict[str, Any]:
-        """MLflow params: the axes (unused ones None) and ``method.<hp>`` per hyperparameter."""
+        """The trial's axes (unused ones None) and ``method.<hp>`` per hyperparameter: the
+        columns that tell trials apart in tables."""
         params = {k: v for k, v in self.axes().items() if k != "hparams"}
         for name, value in sorted(self.hparams.items()):
             params[f"method.{name}"] = value
+        return params
+
+    def run_params(self) -> dict[str, Any]:
+        """MLflow params of its run: :meth:`params` and ``eval.<setting>`` for each eval setting
+        that changes results (limit, sample seed, new tokens, scoring, FLOPs convention, ...)."""
+        params = self.params()
+        for name in EvalConfig.key_fields():
+            params[f"eval.{name}"] = getattr(self.eval, name)
         return params
 
     def with_head(self, vib_head: Mapping[str, Any]) -> Trial:
@@ -171,8 +187,10 @@ def trial_key(
     method_version: str,
     model_revision: str,
     benchmark_identity: Mapping[str, Any],
+    version: int = KEY_VERSION,
 ) -> str:
-    """The trial's identity hash (hex SHA-256).
+    """The trial's identity hash (hex SHA-256), by the recipe of ``version`` (see
+    :data:`KEY_VERSION`).
 
     Besides the trial itself it hashes what a trial config does not hold: the method's
     ``version``, the model's ``revision`` (a checkpoint's commit, or a hash of a tiny model's
@@ -184,14 +202,14 @@ def trial_key(
         "method_version": str(method_version),
         "model": {"revision": model_revision, "config": jsonable(trial.model_config)},
         "benchmark": jsonable(benchmark_identity),
-        "eval": {k: getattr(trial.eval, k) for k in EvalConfig.key_fields()},
+        "eval": {k: getattr(trial.eval, k) for k in EvalConfig.key_fields(version)},
     }
     if trial.guidance_config is not None:
         identity["guidance"] = jsonable(trial.guidance_config)
     if trial.vib_head is not None:
         identity["vib_head"] = trial.vib_head["key"]
-    if KEY_VERSION != 1:
-        identity["key_version"] = KEY_VERSION
+    if version != 1:
+        identity["key_version"] = version
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
 
@@ -208,9 +226,15 @@ class TrialResult:
     metrics: Mapping[str, float]
     predictions: list[dict[str, Any]] = field(default_factory=list)
     artifacts: Mapping[str, str | bytes] = field(default_factory=dict)
+    # bootstrap replicates of ``score`` over the trial's samples (prunelab.intervals): paired
+    # with those of any trial evaluated on the same samples
+    replicates: tuple[float, ...] = ()
     run_s: float = 0.0  # the trial's wall time on its worker, model load excluded
     load_s: float = 0.0  # model (and guide) loading time this trial paid
     model_loads: int = 0  # models its worker has loaded so far
     worker: str = ""
     node: str = ""
     pid: int = 0
+    # what it ran on (a cluster's workers may differ): software versions ("prunelab", "torch",
+    # "transformers") and the loaded model's "device", "dtype", "attn_implementation"
+    environment: Mapping[str, str] = field(default_factory=dict)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import sys
@@ -31,12 +32,16 @@ from prunelab.orchestrator.results import (
     build_report,
     report_artifacts,
     report_markdown,
+    same_samples,
 )
-from prunelab.orchestrator.tracking import Tracker
+from prunelab.orchestrator.tracking import Tracker, environment_tags
 from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads, fail_untrained
 from prunelab.trial import TrialResult
 
 __all__ = ["Stores", "execute", "resume_sweep", "submit_sweep", "sweep_table"]
+
+# settings of the loaded model a trial's run logs as ``model.<name>`` params (from the worker)
+MODEL_PARAMS = ("dtype", "attn_implementation")
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,7 @@ class _Recorder:
         self.waiting: dict[int, TrialResult | None] = {}  # finished, waiting for their baseline
         # metrics of the trials this orchestrator ran to the end (their baselines' included)
         self.metrics: dict[int, dict[str, Any]] = {}
+        self.replicates: dict[int, tuple[float, ...]] = {}  # ... and their score replicates
 
     def _trial(self, trial_id: int) -> TrialRow:
         with self.sessions() as session:
@@ -165,9 +171,12 @@ class _Recorder:
         """A trial this orchestrator claimed (pending -> running) finished on a worker."""
         trial_id, metrics = dispatch.trial_id, dict(result.metrics)
         with self.sessions.begin() as session:
-            repo.finish_trial(session, trial_id, metrics, result.worker, result.node)
+            repo.finish_trial(
+                session, trial_id, metrics, result.worker, result.node, result.replicates
+            )
         # the trial's MLflow run can only be created after this write, by this process
         self.metrics[trial_id] = repo.finite_metrics(metrics)
+        self.replicates[trial_id] = tuple(result.replicates)
         self.settle(trial_id, result)
 
     def _finished_metrics(self, trial_id: int) -> dict[str, Any] | None:
@@ -177,6 +186,27 @@ class _Recorder:
             return self.metrics[trial_id]
         trial = self._trial(trial_id)
         return (trial.metrics or {}) if trial.status == "finished" else None
+
+    def _replicates(self, trial_id: int) -> tuple[float, ...]:
+        """A finished trial's score replicates (empty: none), from memory when this
+        orchestrator ran it, else from the database (nulls, non-finite ones, as NaN)."""
+        if trial_id in self.replicates:
+            return self.replicates[trial_id]
+        stored = self._trial(trial_id).replicates or ()
+        return tuple(math.nan if value is None else float(value) for value in stored)
+
+    def _paired_replicates(self, trial_id: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The score replicates of a trial and of its baseline, for the paired interval of
+        ``score_ratio``; both empty unless the two were evaluated on the same samples (same
+        benchmark, eval ``limit`` and ``sample_seed``: the replicates' resamples are then the
+        same, see ``prunelab.intervals``)."""
+        baseline_id = self.baseline_of.get(trial_id)
+        if baseline_id is None:
+            return (), ()
+        trial, baseline = self.identity[trial_id][1], self.identity[baseline_id][1]
+        if not same_samples(trial, baseline):
+            return (), ()
+        return self._replicates(trial_id), self._replicates(baseline_id)
 
     def settle(self, trial_id: int, result: TrialResult | None) -> None:
         """Log a finished trial once its baseline is known; trials waiting on it follow."""
@@ -207,7 +237,8 @@ class _Recorder:
         """
         ran_here = trial_id in self.metrics
         own = self._finished_metrics(trial_id) or {}
-        metrics = {**own, **relative_metrics(own, baseline)}
+        replicates = self._paired_replicates(trial_id) if baseline else ((), ())
+        metrics = {**own, **relative_metrics(own, baseline, *replicates)}
         trial_key, trial = self.identity[trial_id]
         artifacts: dict[str, str | bytes] = {
             "trial.yaml": yaml.safe_dump(trial.to_dict(), sort_keys=False),
@@ -221,16 +252,22 @@ class _Recorder:
         run_name = f"{trial.method}-{budget_label(trial)}" + (
             f"-L{layer}" if layer is not None else ""
         )
+        params, tags = trial.run_params(), {}
+        if result is not None:  # the model settings and software the worker ran it with
+            env = result.environment
+            params.update({f"model.{k}": env[k] for k in MODEL_PARAMS if k in env})
+            tags = environment_tags(env)
         run_id = self.tracker.log_trial(
             self.name,
             self.parent,
             self.sweep_id,
             trial_key,
             run_name,
-            trial.params(),
+            params,
             {k: float(v) for k, v in metrics.items() if v is not None},
             artifacts,
             new=ran_here,
+            tags=tags,
         )
         with self.sessions.begin() as session:
             repo.set_trial_mlflow_run(session, trial_id, run_id, metrics)
@@ -354,7 +391,7 @@ def execute(
         trials = repo.sweep_trials(session, sweep_id)
         all_done = all(t.status == "finished" for t in trials)
     # the paper-style table (md, csv, tex), the Pareto plot and the per-trial metrics
-    artifacts = report_artifacts((t.trial, t.status, t.metrics) for t in trials)
+    artifacts = report_artifacts((t.trial, t.status, t.metrics, t.replicates) for t in trials)
     table = str(artifacts["table.md"])
     tracker.log_sweep_artifacts(recorder.parent, artifacts)
     status = "finished" if all_done else "failed"
@@ -383,4 +420,5 @@ def sweep_table(engine: Engine, ref: str) -> str:
         if sweep is None:
             raise LookupError(f"no sweep with id or name {ref!r}")
         trials = repo.sweep_trials(session, sweep.id)
-        return report_markdown(build_report((t.trial, t.status, t.metrics) for t in trials))
+        rows = ((t.trial, t.status, t.metrics, t.replicates) for t in trials)
+        return report_markdown(build_report(rows))

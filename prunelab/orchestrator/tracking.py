@@ -9,8 +9,10 @@ process may drive several sweeps and stores at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
@@ -24,14 +26,17 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
+import prunelab
 from prunelab.db.engine import normalize_db_url
 
 __all__ = [
     "ARTIFACT_ROOT_ENV",
     "TRACKING_URI_ENV",
     "Tracker",
+    "code_tags",
     "default_artifact_root",
     "default_tracking_uri",
+    "environment_tags",
 ]
 
 TRACKING_URI_ENV: Final = "PRUNELAB_TRACKING_URI"
@@ -41,8 +46,6 @@ TAG_ROLE: Final = "prunelab.role"
 TAG_SWEEP_ID: Final = "prunelab.sweep_id"
 TAG_TRIAL_KEY: Final = "prunelab.trial_key"
 TAG_PARENT: Final = "mlflow.parentRunId"
-
-# MLflow's limits for one log_batch call.
 
 # MLflow's SQLAlchemy store on PostgreSQL: at most 5 + 5 connections per process
 _MLFLOW_PG_POOL: Final = {
@@ -54,6 +57,36 @@ _DB_SCHEMES: Final = frozenset({"postgresql", "postgres", "mysql", "sqlite", "ms
 _SAFE_TAG_VALUE = re.compile(r"[A-Za-z0-9_.:-]+")
 
 Artifacts = Mapping[str, str | bytes]
+
+
+@functools.lru_cache(maxsize=1)
+def code_tags() -> dict[str, str]:
+    """The orchestrator's code: ``prunelab.version`` and, when prunelab runs from a git
+    checkout, ``prunelab.git_commit`` (``-dirty`` appended when tracked files are modified)."""
+    tags = {"prunelab.version": prunelab.__version__}
+    root = Path(prunelab.__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return tags
+    git = ["git", "-C", str(root)]
+    try:
+        commit = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    tags["prunelab.git_commit"] = commit + ("-dirty" if dirty else "")
+    return tags
+
+
+def environment_tags(environment: Mapping[str, str]) -> dict[str, str]:
+    """Tags of what a trial ran on (``TrialResult.environment``): ``prunelab.env.<name>``."""
+    return {f"prunelab.env.{name}": str(value) for name, value in sorted(environment.items())}
+
+
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 
@@ -256,7 +289,7 @@ class Tracker:
             return run.info.run_id
         run = self.client.create_run(
             experiment_id,
-            tags={TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id},
+            tags={TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, **code_tags()},
             run_name=f"{name}-{sweep_id}",
         )
         self._log_batch(run.info.run_id, params, {})
@@ -273,8 +306,12 @@ class Tracker:
         metrics: Mapping[str, float],
         artifacts: Artifacts,
         new: bool = False,
+        tags: Mapping[str, str] | None = None,
     ) -> str:
         """Log a finished trial as a FINISHED child run of ``parent_run_id``; return its id.
+
+        Tags: prunelab's (role, sweep id, trial key, parent), :func:`code_tags`, and ``tags``
+        (e.g. :func:`environment_tags` of the worker that ran it).
 
         ``experiment`` is an experiment name or id. Idempotent per (sweep, trial_key): if
         the sweep already has a FINISHED run for this key, its id is returned and nothing
@@ -307,6 +344,8 @@ class Tracker:
                 TAG_ROLE: "trial",
                 TAG_TRIAL_KEY: trial_key,
                 TAG_SWEEP_ID: sweep_id,
+                **code_tags(),
+                **(tags or {}),
             },
             run_name=run_name,
         )

@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import transformers
 
+import prunelab
 from prunelab.trial import Trial, TrialResult
 from prunelab.workers.adapters import adapter_for
 from prunelab.workers.faults import inject as inject_faults
@@ -44,6 +46,22 @@ class Worker:
 
     def identity(self) -> dict[str, Any]:
         return {"worker": self.worker_id, "node": socket.gethostname(), "pid": os.getpid()}
+
+    def environment(self) -> dict[str, str]:
+        """What the trial ran on: software versions and the loaded model's settings."""
+        env = {
+            "prunelab": prunelab.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+        if self.loaded is not None:
+            spec = self.loaded.spec
+            env.update(
+                device=str(self.loaded.device),
+                dtype=str(spec.dtype),
+                attn_implementation=str(spec.attn_implementation),
+            )
+        return env
 
     def holds(self) -> str | None:
         return self.model_key
@@ -97,5 +115,6 @@ class Worker:
             run_s=time.perf_counter() - start,
             load_s=load_s,
             model_loads=self.model_loads,
+            environment=self.environment(),
             **self.identity(),
         )

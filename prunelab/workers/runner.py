@@ -7,7 +7,7 @@ import re
 import statistics
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from prunelab.workers.adapters import Adapter, Generation, Prepared
 from prunelab.workers.attention import AttentionProbe, probe_attention
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample
+from prunelab.workers.benchmarks.resampling import score_replicates
 from prunelab.workers.cost import trial_flops
 from prunelab.workers.guidance import Guidance, run_guidance
 from prunelab.workers.heatmaps import render_token_fate, token_fate
@@ -229,6 +230,15 @@ def _plan(
     return method.plan(ctx)
 
 
+def cut_at_stops(text: str, until: Sequence[str]) -> str:
+    """The generated text up to the first occurrence of each stop string (lmms-eval's rule:
+    ``text.split(term)[0]`` for each term of the task's ``generation_kwargs.until``)."""
+    for term in until:
+        if term:
+            text = text.split(term)[0]
+    return text
+
+
 def run_trial(
     loaded: LoadedModel,
     adapter: Adapter,
@@ -244,12 +254,12 @@ def run_trial(
     """
     method, budget = build_method(trial)
     settings = trial.eval
-    benchmark = build_benchmark(trial.benchmark_config)
+    benchmark = build_benchmark({**trial.benchmark_config, "scoring": settings.scoring})
     bench_id = str(sorted(benchmark.describe().items()))
     samples: list[Sample] = benchmark.samples(settings.limit, settings.sample_seed)
     info = loaded.info
     timer = Timer(loaded.device)
-    max_new = settings.max_new_tokens
+    max_new = settings.max_new_tokens or benchmark.max_new_tokens
     convention = settings.flops_convention
     references = references if references is not None else ReferenceCache()
     unpruned = methods.get("none")()
@@ -278,7 +288,7 @@ def run_trial(
             if want_curves and run.diagnostics:
                 curves.append({"sample": sample.id, **run.diagnostics})
             generation = run.generation
-            prediction = adapter.decode(generation.token_ids)
+            prediction = cut_at_stops(adapter.decode(generation.token_ids), benchmark.until)
             result = SampleResult(
                 id=sample.id,
                 category=sample.category,
@@ -326,12 +336,12 @@ def run_trial(
             if progress is not None:
                 progress(index + 1, len(samples))
 
+    scored = [(s, r.prediction, r.score) for s, r in zip(samples, results, strict=True)]
     official = None
     if callable(getattr(benchmark, "aggregate", None)):  # benchmarks with non-mean metrics
-        official = benchmark.aggregate(  # type: ignore[attr-defined]
-            [(s, r.prediction, r.score) for s, r in zip(samples, results, strict=True)]
-        )
-    metrics = aggregate(results, info, convention, loaded, official)
+        official = benchmark.aggregate(scored)  # type: ignore[attr-defined]
+    replicates = score_replicates(benchmark, scored) if scored else None
+    metrics = aggregate(results, info, convention, loaded, official, replicates)
     predictions = [
         {
             k: getattr(r, k)
@@ -351,11 +361,16 @@ def run_trial(
     ]
     artifacts = _importance_heatmaps(
         adapter, method, budget, trial, samples[: max(0, settings.heatmaps)], info.n_layers,
-        timer, guide,
+        timer, guide, max_new,
     )  # fmt: skip
     if curves:  # e.g. infoprune's MFI / MGI per selection step
         artifacts[f"{method.name}/curves.json"] = json.dumps(curves)
-    return TrialResult(metrics=metrics, predictions=predictions, artifacts=artifacts)
+    return TrialResult(
+        metrics=metrics,
+        predictions=predictions,
+        artifacts=artifacts,
+        replicates=() if replicates is None else tuple(float(r) for r in replicates),
+    )
 
 
 def _importance_heatmaps(
@@ -367,6 +382,7 @@ def _importance_heatmaps(
     n_layers: int,
     timer: Timer,
     guide: tuple[LoadedModel, Adapter] | None,
+    max_new: int,
 ) -> dict[str, str | bytes]:
     """``importance/<sample id>.png`` per sample: its tokens kept / merged / dropped over the
     image. Each sample runs once more, untimed, with the trial's plan and seeded generator (so
@@ -382,7 +398,7 @@ def _importance_heatmaps(
             guided = (guide[1], sample) if guide is not None else None
             run = run_sample(
                 adapter, prepared, method, plan, _sample_generator(trial.seed, sample.id),
-                trial.eval.max_new_tokens, timer, guided,
+                max_new, timer, guided,
             )  # fmt: skip
             fate = token_fate(
                 prepared.coords, run.vision, run.pruner.visual_positions, run.pruner.kept_at
@@ -406,6 +422,7 @@ def aggregate(
     convention: str,
     loaded: LoadedModel,
     benchmark_metrics: dict[str, float] | None = None,
+    replicates: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """Trial metrics: every entry of the table :data:`prunelab.metrics.METRICS` (names, units
     and how each is aggregated over samples are defined there, nowhere else).
@@ -414,8 +431,10 @@ def aggregate(
     :class:`SampleResult` does not hold, also one field there, filled in :func:`run_trial`'s
     sample loop. ``benchmark_metrics``: what the benchmark's own ``aggregate`` computed (its
     headline ``score``, ``score.<category>`` and extras); they replace the mean score and
-    categories.
+    categories. ``replicates``: the bootstrap replicates of ``score``, whose percentile
+    interval is ``score_ci_low`` / ``score_ci_high``.
     """
+    from prunelab.intervals import percentile_interval
     from prunelab.metrics import TrialContext, trial_metrics
 
     peak = None
@@ -426,5 +445,6 @@ def aggregate(
         convention=convention,
         itemsize=next(loaded.model.parameters()).element_size(),
         peak_mem_bytes=peak,
+        score_interval=percentile_interval(replicates) if replicates is not None else None,
     )
     return trial_metrics(results, context, benchmark_metrics)

@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from sqlalchemy import create_engine, text
 
 import prunelab.methods as M
+from prunelab import __version__ as PRUNELAB_VERSION
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +31,12 @@ TRIAL_PARAMS = {
     "fastv": {"model", "benchmark", "method", "keep_ratio", "prune_layer", "method.queries"},
     "random": {"model", "benchmark", "method", "keep_ratio", "prune_layer", "seed"},
 }
+# the eval settings that change results, logged with every trial
+EVAL_PARAMS = {
+    "eval.limit", "eval.sample_seed", "eval.max_new_tokens", "eval.fidelity",
+    "eval.flops_convention", "eval.scoring",
+}  # fmt: skip
+MODEL_PARAMS = {"model.dtype", "model.attn_implementation"}
 # 1 none + 2 random + 2 fastv; tiny budgets so the sweep takes seconds
 ARGS = ["quickstart", "keep_ratio=0.111,0.333", "eval.limit=4", "eval.warmup=0"]
 
@@ -65,7 +74,13 @@ def check_mlflow(tracking_uri: str, trials: int) -> None:
         assert tags["prunelab.sweep_id"] == first_parent.data.tags["prunelab.sweep_id"]
         keys.add(tags["prunelab.trial_key"])
         method = child.data.params["method"]
-        assert set(child.data.params) == TRIAL_PARAMS[method]
+        assert set(child.data.params) == TRIAL_PARAMS[method] | EVAL_PARAMS | MODEL_PARAMS
+        assert child.data.params["eval.scoring"] == "lmms_eval"
+        assert child.data.params["eval.max_new_tokens"] == "4"  # unset: the benchmark's (shapes)
+        assert child.data.params["model.dtype"] == "float32"
+        assert tags["prunelab.version"] == PRUNELAB_VERSION
+        assert tags["prunelab.env.torch"] == torch.__version__
+        assert tags["prunelab.env.transformers"] == transformers.__version__
         assert expected <= set(child.data.metrics), (method, set(child.data.metrics))
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"predictions.jsonl", "trial.yaml"} <= artifacts

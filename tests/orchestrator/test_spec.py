@@ -156,7 +156,8 @@ def test_spec_file_outside_the_package(write_spec: SpecWriter) -> None:
     )
     plan = load_sweep(str(path), ["workers.count=1"])
     assert plan.name == "mine"
-    assert plan.eval.limit == 5 and plan.eval.max_new_tokens == 4  # from the schema's base
+    assert plan.eval.limit == 5 and plan.eval.max_new_tokens is None  # from the schema's base
+    assert {t.eval.max_new_tokens for t in plan.trials} == {4}  # unset: the benchmark's
     assert plan.workers.count == 1
     assert [t.method for t in plan.trials] == ["none", "fastv"]
 
@@ -273,6 +274,15 @@ def test_vision_only_method_drops_the_layer_axis(monkeypatch: pytest.MonkeyPatch
         "prune_layer": None,
         "seed": None,
         "method.strength": 2.0,
+    }
+    assert vision.run_params() == {
+        **vision.params(),
+        "eval.limit": 32,
+        "eval.sample_seed": 0,
+        "eval.max_new_tokens": 4,  # unset: the benchmark's (shapes: 4)
+        "eval.fidelity": True,
+        "eval.flops_convention": "pdrop",
+        "eval.scoring": "lmms_eval",
     }
     same = load_sweep(
         "quickstart", ["method=test-vision-only", "keep_ratio=0.25", "method.strength=2.0"]

@@ -1,9 +1,11 @@
 """Trial keys are stable across versions: the trials a version of prunelab recorded (before the
-typed ``Trial``, see ``tests/data/legacy/make_db.py``) get the same keys, and their stored
-configs read back as the same trials, when planned by this version."""
+typed ``Trial``, see ``tests/data/legacy/make_db.py``) get the same keys by the version-1 recipe
+when planned by this version, their stored configs read back as the same trials, and the
+version bump (``KEY_VERSION``) really changes the keys it must."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import prunelab.methods as M
 from prunelab.db import init_db, repo, session_factory
 from prunelab.orchestrator.spec import load_sweep
-from prunelab.trial import Trial, trial_key
+from prunelab.trial import KEY_VERSION, Trial, trial_key
 from prunelab.workers.benchmarks import build_benchmark
 
 LEGACY = Path(__file__).parents[1] / "data" / "legacy"
@@ -30,6 +32,21 @@ def legacy_sessions(tmp_path_factory: pytest.TempPathFactory):
     engine.dispose()
 
 
+# methods whose version (and hyperparameters) changed since the legacy database was written:
+# a version bump is meant to change the keys of the method's trials
+BUMPED = {"sparsevlm"}  # 2 -> 3: raters chosen once, `raters` / `schedule` hyperparameters
+
+
+def _key(trial: Trial, plan, version: int) -> str:
+    return trial_key(
+        trial,
+        method_version=M.get(trial.method).version,
+        model_revision=plan.model_infos[trial.model].revision,
+        benchmark_identity=build_benchmark(dict(trial.benchmark_config)).describe(),
+        version=version,
+    )
+
+
 @pytest.mark.parametrize(("name", "spec", "overrides"), CASES, ids=[c[0] for c in CASES])
 def test_keys_of_stored_trials_unchanged(legacy_sessions, name, spec, overrides) -> None:
     plan = load_sweep(spec, [*overrides, f"name={name}"])
@@ -37,19 +54,26 @@ def test_keys_of_stored_trials_unchanged(legacy_sessions, name, spec, overrides)
         sweep = repo.get_sweep(session, name)
         assert sweep is not None
         stored = {t.trial_key: t.config for t in repo.sweep_trials(session, sweep.id)}
-    planned = {t.key: t for t in plan.trials}
-    assert list(planned) == list(stored)  # same keys, same order (baselines first)
-    for key, trial in planned.items():
-        assert trial.to_dict() == stored[key]  # the stored form is unchanged
-        again = Trial.from_dict(stored[key])  # and an old row reads back as the same trial
-        assert again == trial and again.key == key
-        assert again.to_dict() == stored[key]
-        assert (
-            trial_key(
-                again,
-                method_version=M.get(again.method).version,
-                model_revision=plan.model_infos[again.model].revision,
-                benchmark_identity=build_benchmark(dict(again.benchmark_config)).describe(),
-            )
-            == key
-        )
+    assert len(plan.trials) == len(stored)
+    # the current recipe hashes its version and the scoring rule: no old key is reused
+    assert KEY_VERSION == 2
+    assert not {t.key for t in plan.trials} & set(stored)
+    assert all(t.key == _key(t, plan, KEY_VERSION) for t in plan.trials)
+    for trial, (key, config) in zip(plan.trials, stored.items(), strict=True):
+        assert trial.method == config["method"]  # same order (baselines first)
+        if trial.method in BUMPED:
+            assert _key(trial, plan, 1) != key
+            continue
+        assert _key(trial, plan, 1) == key  # the same key by the version-1 recipe
+        again = Trial.from_dict(config)  # an old row reads back as the same trial
+        assert again == dataclasses.replace(trial, key=key)
+        assert again.eval == trial.eval  # settings it lacks (scoring) take the defaults
+        # the stored form is unchanged but for the settings added since (eval.scoring)
+        new = again.to_dict()
+        assert new["eval"].pop("scoring") == "lmms_eval"
+        assert new == config
+        assert trial.to_dict() == {
+            **new,
+            "key": trial.key,
+            "eval": {**new["eval"], "scoring": "lmms_eval"},
+        }
