@@ -66,6 +66,7 @@ __all__ = [
     "REPLICATED",
     "Metric",
     "TrialContext",
+    "depends_on_scoring",
     "format_value",
     "lookup",
     "ratio",
@@ -371,16 +372,31 @@ def _aggregate(metric: Metric, samples: Sequence[Any], context: TrialContext) ->
     return raw * metric.scale / metric.divisor
 
 
+def depends_on_scoring(name: str) -> bool:
+    """Whether metric ``name`` changes with the scoring rule: the entries a benchmark's own
+    aggregate gives (``score``, ``score.<category>``), the score's interval, the baseline-
+    relative ratios of the score, and a benchmark's extras (names the table does not define)."""
+    entry = lookup(name)
+    if entry is None:
+        return True
+    if entry.aggregate == "relative":
+        return entry.relative_to == REPLICATED
+    return entry.from_benchmark or entry.bound is not None
+
+
 def trial_metrics(
     samples: Sequence[Any],
     context: TrialContext,
     benchmark_metrics: Mapping[str, float] | None = None,
+    scoring_only: bool = False,
 ) -> dict[str, float]:
     """A trial's own metrics from its per-sample results: every non-``relative`` entry of
     :data:`METRICS`, by the module's rules.
 
     ``benchmark_metrics``: what the benchmark's own ``aggregate`` computed (its headline
     ``score``, ``score.<category>`` and extras); they replace the ``from_benchmark`` entries.
+    ``scoring_only``: only the metrics that :func:`depends_on_scoring` (a rescore of saved
+    predictions: the samples need only ``score`` and ``category``).
     """
     if not samples:
         raise ValueError("a trial's metrics need at least one sample")
@@ -388,6 +404,8 @@ def trial_metrics(
     replaced: set[str] = set()  # computed members of families a benchmark computes itself
     for metric in METRICS:
         if metric.aggregate == "relative":
+            continue
+        if scoring_only and not (metric.from_benchmark or metric.bound is not None):
             continue
         if metric.group_by is None:
             value = _aggregate(metric, samples, context)

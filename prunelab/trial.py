@@ -238,3 +238,5 @@ class TrialResult:
     # what it ran on (a cluster's workers may differ): software versions ("prunelab", "torch",
     # "transformers") and the loaded model's "device", "dtype", "attn_implementation"
     environment: Mapping[str, str] = field(default_factory=dict)
+    # a rescore of saved predictions (``prunelab rescore``): the MLflow run that generated them
+    rescored_from: str = ""

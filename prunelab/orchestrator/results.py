@@ -93,7 +93,7 @@ def as_trial(trial: TrialLike) -> Trial:
 
 def _replicates(values: Replicates) -> np.ndarray | None:
     """Stored replicates as a float array (nulls as NaN); None when there are none."""
-    if not values:
+    if values is None or len(values) == 0:
         return None
     return np.asarray(values, dtype=np.float64)
 

@@ -34,11 +34,19 @@ from prunelab.orchestrator.results import (
     report_markdown,
     same_samples,
 )
-from prunelab.orchestrator.tracking import Tracker, environment_tags
+from prunelab.orchestrator.tracking import TAG_RESCORED_FROM, Tracker, environment_tags
 from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads, fail_untrained
 from prunelab.trial import TrialResult
 
-__all__ = ["Stores", "execute", "resume_sweep", "submit_sweep", "sweep_table"]
+__all__ = [
+    "Recorder",
+    "Stores",
+    "close_sweep",
+    "execute",
+    "resume_sweep",
+    "submit_sweep",
+    "sweep_table",
+]
 
 # settings of the loaded model a trial's run logs as ``model.<name>`` params (from the worker)
 MODEL_PARAMS = ("dtype", "attn_implementation")
@@ -52,7 +60,7 @@ class Stores:
     ray_address: str | None
 
 
-def _orchestrator_id() -> str:
+def orchestrator_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
@@ -61,7 +69,7 @@ def submit_sweep(plan: Any, stores: Stores, rerun: bool = False) -> int:
     engine = init_db(stores.db_url)
     tracker = Tracker(stores.tracking_uri, stores.artifact_root)
     sessions = session_factory(engine)
-    orchestrator = _orchestrator_id()
+    orchestrator = orchestrator_id()
     with sessions.begin() as session:
         sweep = repo.create_sweep(session, plan.name, plan.spec, plan.spec_yaml, orchestrator)
         sweep_id = sweep.id
@@ -94,7 +102,7 @@ def resume_sweep(ref: str, stores: Stores) -> int:
     engine = init_db(stores.db_url)
     tracker = Tracker(stores.tracking_uri, stores.artifact_root)
     sessions = session_factory(engine)
-    orchestrator = _orchestrator_id()
+    orchestrator = orchestrator_id()
     with sessions.begin() as session:
         sweep = repo.get_sweep(session, ref)
         if sweep is None:
@@ -116,7 +124,7 @@ def _workers_config(spec: dict[str, Any]) -> WorkersConfig:
     return WorkersConfig(**{k: v for k, v in (spec.get("workers") or {}).items() if k in known})
 
 
-class _Recorder:
+class Recorder:
     """The callbacks of one sweep's run: database updates and MLflow logging."""
 
     def __init__(self, engine: Engine, tracker: Tracker, sweep_id: str, orchestrator: str):
@@ -257,6 +265,8 @@ class _Recorder:
             env = result.environment
             params.update({f"model.{k}": env[k] for k in MODEL_PARAMS if k in env})
             tags = environment_tags(env)
+            if result.rescored_from:
+                tags[TAG_RESCORED_FROM] = result.rescored_from
         run_id = self.tracker.log_trial(
             self.name,
             self.parent,
@@ -286,7 +296,7 @@ def execute(
     """Run the sweep's unfinished trials on Ray workers; log everything; print the table."""
     from prunelab.orchestrator.scheduler import Dispatch, WorkerPool, start_ray
 
-    recorder = _Recorder(engine, tracker, sweep_id, orchestrator)
+    recorder = Recorder(engine, tracker, sweep_id, orchestrator)
     recorder.max_attempts = workers.max_attempts
     sessions = recorder.sessions
 
@@ -387,17 +397,23 @@ def execute(
                 },
             )
 
-    with sessions() as session:
-        trials = repo.sweep_trials(session, sweep_id)
+    return close_sweep(recorder)
+
+
+def close_sweep(recorder: Recorder) -> int:
+    """Log a sweep's table and plot on its parent run, mark it finished (or failed when a
+    trial failed) in both stores, print the table; the exit status (0 / 1)."""
+    with recorder.sessions() as session:
+        trials = repo.sweep_trials(session, recorder.sweep_id)
         all_done = all(t.status == "finished" for t in trials)
     # the paper-style table (md, csv, tex), the Pareto plot and the per-trial metrics
     artifacts = report_artifacts((t.trial, t.status, t.metrics, t.replicates) for t in trials)
     table = str(artifacts["table.md"])
-    tracker.log_sweep_artifacts(recorder.parent, artifacts)
+    recorder.tracker.log_sweep_artifacts(recorder.parent, artifacts)
     status = "finished" if all_done else "failed"
-    with sessions.begin() as session:
-        repo.set_sweep_status(session, sweep_id, status)
-    tracker.finish_sweep(recorder.parent, "FINISHED" if all_done else "FAILED")
+    with recorder.sessions.begin() as session:
+        repo.set_sweep_status(session, recorder.sweep_id, status)
+    recorder.tracker.finish_sweep(recorder.parent, "FINISHED" if all_done else "FAILED")
     sys.stdout.write("\n" + table)
     return 0 if all_done else 1
 

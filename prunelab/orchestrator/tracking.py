@@ -46,6 +46,7 @@ TAG_ROLE: Final = "prunelab.role"
 TAG_SWEEP_ID: Final = "prunelab.sweep_id"
 TAG_TRIAL_KEY: Final = "prunelab.trial_key"
 TAG_PARENT: Final = "mlflow.parentRunId"
+TAG_RESCORED_FROM: Final = "prunelab.rescored_from"  # the run whose predictions were rescored
 
 # MLflow's SQLAlchemy store on PostgreSQL: at most 5 + 5 connections per process
 _MLFLOW_PG_POOL: Final = {
@@ -359,6 +360,16 @@ class Tracker:
             raise
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
+
+    def read_artifact(self, run_id: str, name: str) -> str | None:
+        """The text of run ``run_id``'s artifact ``name``; None when the run or file is gone."""
+        _artifact_parts(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.client.download_artifacts(run_id, name, tmp)
+            except (MlflowException, OSError):
+                return None
+            return Path(path).read_text()
 
     def log_sweep_artifacts(self, parent_run_id: str, artifacts: Artifacts) -> None:
         """Attach artifacts (relative path -> text or bytes) to a sweep's parent run."""

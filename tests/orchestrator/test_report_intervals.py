@@ -24,7 +24,7 @@ from prunelab.orchestrator.results import (
     report_latex,
     report_markdown,
 )
-from prunelab.orchestrator.sweep import _Recorder
+from prunelab.orchestrator.sweep import Recorder
 from prunelab.trial import Trial, TrialResult
 
 Z = np.linspace(-1.0, 1.0, 101)
@@ -192,7 +192,7 @@ def _finish(recorder, trial_id, score, replicates):
 def test_sweep_stores_replicates_and_logs_the_ratio_interval(engine):
     sweep_id, (base_id, pruned_id) = _sweep(engine)
     tracker = _Tracker()
-    recorder = _Recorder(engine, tracker, sweep_id, "me")
+    recorder = Recorder(engine, tracker, sweep_id, "me")
     _finish(recorder, pruned_id, 60.0, A)  # waits for its baseline
     assert tracker.logged == {}
     _finish(recorder, base_id, 80.0, BASE)
@@ -210,10 +210,10 @@ def test_sweep_stores_replicates_and_logs_the_ratio_interval(engine):
 def test_sweep_reads_the_baselines_replicates_from_the_database(engine):
     """The baseline finished by an earlier orchestrator: its replicates come from its row."""
     sweep_id, (base_id, pruned_id) = _sweep(engine)
-    first = _Recorder(engine, _Tracker(), sweep_id, "me")
+    first = Recorder(engine, _Tracker(), sweep_id, "me")
     _finish(first, base_id, 80.0, BASE)
     tracker = _Tracker()
-    later = _Recorder(engine, tracker, sweep_id, "me")
+    later = Recorder(engine, tracker, sweep_id, "me")
     _finish(later, pruned_id, 60.0, A)
     assert tracker.logged["pruned"]["score_ratio_ci_high"] == pytest.approx(65.7 / 80)
 
@@ -221,7 +221,7 @@ def test_sweep_reads_the_baselines_replicates_from_the_database(engine):
 def test_sweep_pairs_only_trials_on_the_same_samples(engine):
     sweep_id, (base_id, pruned_id) = _sweep(engine, limits=(64, 32))
     tracker = _Tracker()
-    recorder = _Recorder(engine, tracker, sweep_id, "me")
+    recorder = Recorder(engine, tracker, sweep_id, "me")
     _finish(recorder, base_id, 80.0, BASE)
     _finish(recorder, pruned_id, 60.0, A)
     assert tracker.logged["pruned"]["score_ratio"] == 0.75

@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import numpy as np
 
 from prunelab import intervals
 from prunelab.workers.benchmarks.base import Sample
 
-__all__ = ["Scored", "score_replicates"]
+__all__ = ["Scored", "score_replicates", "score_summary"]
 
 Scored = tuple[Sample, str, float]  # (sample, prediction, per-sample score)
 
@@ -56,3 +57,21 @@ def score_replicates(benchmark: object, scored: Sequence[Scored]) -> np.ndarray:
         return float(aggregate(_copies(scored, indices))["score"])
 
     return intervals.score_replicates(units, statistic, ids=ids)
+
+
+def score_summary(
+    benchmark: object, scored: Sequence[Scored]
+) -> tuple[dict[str, float], np.ndarray]:
+    """The metrics of ``scored`` that depend on scoring (``score``, ``score.<category>``, the
+    benchmark's extras, ``score_ci_low`` / ``score_ci_high``), named and scaled as a trial
+    logs them, and the score's replicates: what a rescore of saved predictions reports."""
+    from prunelab.metrics import TrialContext, trial_metrics
+
+    if not scored:
+        raise ValueError("no scored samples")
+    aggregate = getattr(benchmark, "aggregate", None)
+    official = aggregate(list(scored)) if callable(aggregate) else None
+    replicates = score_replicates(benchmark, scored)
+    per_sample = [SimpleNamespace(score=score, category=s.category) for s, _, score in scored]
+    context = TrialContext(score_interval=intervals.percentile_interval(replicates))
+    return trial_metrics(per_sample, context, official, scoring_only=True), replicates
