@@ -189,6 +189,9 @@ class VisionSelection:
     # named curves (e.g. infoprune's MFI / MGI per selection step) when want_diagnostics asked
     # for them; the runner logs those of the first samples as a trial artifact
     diagnostics: dict[str, list[float]] | None = None
+    # (N,) the score each input token was ranked by (e.g. visionzip's CLS attention), higher:
+    # more important; drawn by the importance heatmaps. None: the method ranks by no score
+    scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -293,6 +296,12 @@ class PruningMethod:
         """Return the sorted (step.keep,) indices into ``signals.visual`` to keep, or a
         :class:`LayerSelection` that also replaces the kept tokens' hidden states."""
         raise NotImplementedError(f"{self.name} has no layer stage")
+
+    def score_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor | None:
+        """The (V,) scores ``select_layer`` ranks ``signals.visual`` by at ``step`` (higher:
+        more important), or None (default) for a method that ranks by none (e.g. random).
+        Pure; the pruner records them for the importance heatmaps (``LayerPruner.scores_at``)."""
+        return None
 
     def score_guidance(self, rows: list[torch.Tensor], visual: torch.Tensor) -> torch.Tensor:
         """Guidance methods: (N,) scores of the visual tokens from the guidance model's

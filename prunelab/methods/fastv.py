@@ -67,6 +67,9 @@ class FastV(PruningMethod):
         keep = ctx.budget.tokens(ctx.n_visual)
         return Plan(layers=(LayerStep(layer=layer, keep=keep, queries=self.queries),))
 
-    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+    def score_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
         assert signals.attention is not None
-        return top_k_sorted(fastv_scores(signals.attention, signals.visual), step.keep)
+        return fastv_scores(signals.attention, signals.visual)
+
+    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+        return top_k_sorted(self.score_layer(step, signals), step.keep)

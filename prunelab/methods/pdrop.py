@@ -362,6 +362,9 @@ class PyramidDrop(PruningMethod):
 
         return Plan(layers=layer_steps(n, layers, keeps, make))
 
-    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+    def score_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
         assert signals.attention is not None
-        return top_k_sorted(pdrop_scores(signals.attention, signals.visual), step.keep)
+        return pdrop_scores(signals.attention, signals.visual)
+
+    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+        return top_k_sorted(self.score_layer(step, signals), step.keep)

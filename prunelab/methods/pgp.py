@@ -293,9 +293,12 @@ class PGP(PruningMethod):
         if signals.guidance is None:
             raise RuntimeError("pgp selects by guidance scores, but none were computed")
         kept = top_k_sorted(signals.guidance.to(signals.tokens.device), keep)
-        return VisionSelection(tokens=signals.tokens[kept], kept=kept)
+        return VisionSelection(tokens=signals.tokens[kept], kept=kept, scores=signals.guidance)
 
-    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+    def score_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
         if signals.guidance is None:
             raise RuntimeError("pgp selects by guidance scores, but none were computed")
-        return top_k_sorted(signals.guidance, step.keep)
+        return signals.guidance
+
+    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+        return top_k_sorted(self.score_layer(step, signals), step.keep)

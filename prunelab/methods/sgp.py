@@ -87,7 +87,10 @@ class SGP(PruningMethod):
     def score_guidance(self, rows: list[torch.Tensor], visual: torch.Tensor) -> torch.Tensor:
         return sgp_scores(rows, visual, self.aggregate)
 
-    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+    def score_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
         if signals.guidance is None:
             raise RuntimeError("sgp selects by guidance scores, but none were computed")
-        return top_k_sorted(signals.guidance, step.keep)
+        return signals.guidance
+
+    def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+        return top_k_sorted(self.score_layer(step, signals), step.keep)

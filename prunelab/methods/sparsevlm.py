@@ -374,14 +374,22 @@ class SparseVLM(PruningMethod):
             )
         return carry.to(signals.text.device)
 
+    def _scores(self, signals: LayerSignals, raters: torch.Tensor) -> torch.Tensor:
+        """Eq. (3): (V,) scores of ``signals.visual`` by the ``raters`` (T,) over the text."""
+        assert signals.attention is not None and signals.query_positions is not None
+        text = signals.text[raters]
+        return rater_scores(signals.attention, signals.query_positions, text, signals.visual)
+
+    def score_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
+        return self._scores(signals, self.stage_raters(step, signals))
+
     def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor | LayerSelection:
         assert signals.attention is not None and signals.query_positions is not None
         assert signals.hidden is not None
         visual, hidden = signals.visual, signals.hidden  # (V,), (S, D)
         mask = self.stage_raters(step, signals)  # (T,)
         carry = mask if self.raters == "once" else None
-        raters = signals.text[mask]
-        scores = rater_scores(signals.attention, signals.query_positions, raters, visual)  # (V,)
+        scores = self._scores(signals, mask)  # (V,)
         order = torch.sort(scores, descending=True, stable=True).indices  # (V,)
         n_visual = visual.numel()
         if self.recycle:

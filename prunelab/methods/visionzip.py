@@ -173,7 +173,7 @@ class VisionZip(PruningMethod):
         n = signals.tokens.shape[0]
         if dominant + contextual > n:
             dominant = n - min(contextual, n)
-        return visionzip_select(
+        selection = visionzip_select(
             signals.tokens,
             signals.cls_attention,
             signals.key_metric,
@@ -181,3 +181,5 @@ class VisionZip(PruningMethod):
             contextual,
             self.contextual_merge,
         )
+        selection.scores = signals.cls_attention  # the dominant tokens' ranking, eq. (2)
+        return selection

@@ -14,10 +14,12 @@ keyword overrides of the processor's settings (e.g. Qwen2-VL ``min_pixels`` / ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +209,34 @@ def _content_hash(path: str) -> str:
     return _content_hash_cached(path, tuple(_local_fingerprint(path)))
 
 
+@contextlib.contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """transformers' own tqdm bars (``Loading weights``) off inside the block, restored after.
+
+    The hub's download bars keep their state (a download still shows), and nothing of
+    transformers' logging changes: its warnings and errors are printed as before.
+    """
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hub_was_disabled = are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # switches the hub's bars off too ...
+    if not hub_was_disabled:
+        enable_progress_bars()  # ... so switch those back
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+            if hub_was_disabled:
+                disable_progress_bars()
+
+
 def load_model(cfg: dict[str, Any] | ModelSpec) -> LoadedModel:
     """Build (tiny) or ``from_pretrained`` (pretrained) the model, its processor and info."""
     spec = cfg if isinstance(cfg, ModelSpec) else ModelSpec.from_config(cfg)
@@ -218,6 +248,7 @@ def load_model(cfg: dict[str, Any] | ModelSpec) -> LoadedModel:
         model, processor = family.build_tiny(spec, _config(spec))
         model = model.to(device=device, dtype=dtype)
     else:
-        model, processor = family.from_pretrained(spec, dtype=dtype, device=device)
+        with _no_loading_bars():  # one "Loading weights" bar per load and worker otherwise
+            model, processor = family.from_pretrained(spec, dtype=dtype, device=device)
     model.eval()
     return LoadedModel(spec=spec, info=info, model=model, processor=processor, device=device)

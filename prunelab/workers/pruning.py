@@ -11,7 +11,8 @@ One :class:`LayerPruner` serves one generation (prefill + greedy decode) of one 
   (rotary embeddings, position ids, attention mask). Keys and values of dropped tokens are never
   computed for later layers, so the KV cache holds only kept tokens there and decoding is exact
   for the pruned model;
-- records, per step, which visual tokens it kept (``kept_at``: what an importance heatmap draws);
+- records, per step, which visual tokens it kept (``kept_at``) and the scores the method ranked
+  them by (``scores_at``, from ``PruningMethod.score_layer``): what an importance heatmap draws;
 - hands each step the ``carry`` its previous step returned (``LayerSelection.carry``: state a
   method keeps across the stages of one sample, e.g. SparseVLM's first-stage raters).
 
@@ -92,6 +93,9 @@ class LayerPruner:
         self.kept_visual: torch.Tensor = visual_positions  # original positions still present
         # per layer step (its decoder layer): the original positions of the visual tokens it kept
         self.kept_at: dict[int, torch.Tensor] = {}
+        # per layer step whose method scores tokens (``PruningMethod.score_layer``): (V0,) float32
+        # aligned with visual_positions, the step's score of each token present, NaN if gone
+        self.scores_at: dict[int, torch.Tensor] = {}
         # per layer: the prefill tokens it processed (its KV cache entries), when pruned
         self.layer_tokens: dict[int, torch.Tensor] = {}
         self.renumbered_layers: set[int] = set()  # layers that saw renumbered positions
@@ -211,6 +215,7 @@ class LayerPruner:
             guidance=self._guidance(visual),
             carry=self.carry,
         )
+        self._record_scores(index, visual, self.method.score_layer(step, signals))
         selection = self.method.select_layer(step, signals)
         if isinstance(selection, LayerSelection):
             keep, merged, self.carry = selection.keep, selection.hidden, selection.carry
@@ -262,6 +267,21 @@ class LayerPruner:
         causal = torch.arange(length, device=x.device)[None, :] <= queries[:, None]  # (Q, S)
         rows = torch.arange(queries.numel(), device=x.device)
         return attention_rows(q, k, rows, attn.scaling, causal[None, None])
+
+    def _record_scores(self, index: int, visual: torch.Tensor, scores: torch.Tensor | None) -> None:
+        """``scores_at[index]``: the (V,) ``scores`` of the visual tokens now at ``visual``
+        placed on the (V0,) prefill visual tokens (NaN for those an earlier step dropped)."""
+        if scores is None:
+            return
+        if scores.shape != visual.shape:
+            raise RuntimeError(
+                f"{self.method.name} scored {tuple(scores.shape)} visual tokens at "
+                f"layer {index}, the sequence has {visual.numel()}"
+            )
+        slots = torch.searchsorted(self.visual_positions, self.current[visual])
+        placed = torch.full(self.visual_positions.shape, float("nan"), device=slots.device)
+        placed[slots] = scores.detach().float().to(slots.device)
+        self.scores_at[index] = placed
 
     def _embeddings(self) -> torch.Tensor:
         """(S, D) input embeddings of the tokens currently in the sequence."""

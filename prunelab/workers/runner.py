@@ -23,7 +23,7 @@ from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.resampling import score_replicates
 from prunelab.workers.cost import trial_flops
 from prunelab.workers.guidance import Guidance, run_guidance
-from prunelab.workers.heatmaps import render_token_fate, token_fate
+from prunelab.workers.heatmaps import Caption, render_token_fate, token_fate
 from prunelab.workers.models import LoadedModel
 from prunelab.workers.preinference import PreInference, pre_inference_flops, run_pre_inference
 from prunelab.workers.pruning import LayerPruner
@@ -361,7 +361,7 @@ def run_trial(
     ]
     artifacts = _importance_heatmaps(
         adapter, method, budget, trial, samples[: max(0, settings.heatmaps)], info.n_layers,
-        timer, guide, max_new,
+        timer, guide, max_new, results[: max(0, settings.heatmaps)],
     )  # fmt: skip
     if curves:  # e.g. infoprune's MFI / MGI per selection step
         artifacts[f"{method.name}/curves.json"] = json.dumps(curves)
@@ -383,14 +383,16 @@ def _importance_heatmaps(
     timer: Timer,
     guide: tuple[LoadedModel, Adapter] | None,
     max_new: int,
+    results: Sequence[SampleResult] = (),
 ) -> dict[str, str | bytes]:
-    """``importance/<sample id>.png`` per sample: its tokens kept / merged / dropped over the
-    image. Each sample runs once more, untimed, with the trial's plan and seeded generator (so
-    the same selection), and its run tells what was chosen; nothing for a method that prunes
-    nothing."""
+    """``importance/<sample id>.png`` per sample: the method's token scores and each token's
+    fate (kept / merged / dropped) over the image, captioned with the question, answers and the
+    trial's prediction (``results``). Each sample runs once more, untimed, with the trial's plan
+    and seeded generator (so the same selection), and its run tells what was chosen; nothing
+    for a method that prunes nothing."""
     artifacts: dict[str, str | bytes] = {}
     with torch.inference_mode():
-        for sample in samples:
+        for index, sample in enumerate(samples):
             prepared = adapter.prepare(sample)
             plan = _plan(method, budget, trial, adapter, prepared, n_layers)
             if not plan.prunes:
@@ -400,12 +402,23 @@ def _importance_heatmaps(
                 adapter, prepared, method, plan, _sample_generator(trial.seed, sample.id),
                 max_new, timer, guided,
             )  # fmt: skip
+            pruner = run.pruner
             fate = token_fate(
-                prepared.coords, run.vision, run.pruner.visual_positions, run.pruner.kept_at
-            )
+                prepared.coords, run.vision, pruner.visual_positions, pruner.kept_at,
+                pruner.scores_at,
+            )  # fmt: skip
+            final = run.pre_inference.plan if run.pre_inference is not None else plan
+            result = results[index] if index < len(results) else None
+            caption = Caption(
+                method=trial.method, budget=budget,
+                layers=tuple(step.layer for step in final.layers), title=sample.id,
+                question=sample.question, answers=sample.answers,
+                prediction=None if result is None else result.prediction,
+                score=None if result is None else result.score,
+            )  # fmt: skip
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", sample.id)
             artifacts[f"importance/{name}.png"] = render_token_fate(
-                sample.image, fate, title=f"{trial.method} {sample.id}"
+                sample.image, fate, caption=caption
             )
     return artifacts
 

@@ -5,13 +5,16 @@
 - decoding through a layer-pruned KV cache equals re-running the pruned prefill;
 - a vision stage may change the number of visual tokens;
 - vision signals have the documented shapes;
-- the real loading path (``save_pretrained`` / ``from_pretrained``) reproduces the model;
+- the real loading path (``save_pretrained`` / ``from_pretrained``) reproduces the model,
+  without a ``Loading weights`` progress bar;
+- a pruned generation uses no argument transformers deprecates (no FutureWarning);
 - the ``exact`` FLOPs convention agrees with ``FlopCounterMode`` within 1%.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 
 import pytest
 import torch
@@ -222,6 +225,34 @@ def test_from_pretrained_roundtrip(tiny, tmp_path):
     ga, gb = _generate(tiny_adapter, pa), _generate(adapter, pb)
     assert torch.allclose(ga.first_logprobs, gb.first_logprobs, atol=1e-6)
     assert ga.token_ids == gb.token_ids
+
+
+def test_from_pretrained_prints_no_loading_bar(tiny_llava, tmp_path, capfd):
+    """``load_model`` switches transformers' ``Loading weights`` bar off for the load only."""
+    from transformers.utils import logging as hf_logging
+
+    loaded, _ = tiny_llava
+    loaded.model.save_pretrained(tmp_path)
+    loaded.processor.save_pretrained(tmp_path)
+    capfd.readouterr()
+    config = {"name": "local", "family": "llava", "source": "pretrained", "path": str(tmp_path)}
+    load_model(config)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # restored after the load
+
+
+@torch.inference_mode()
+def test_generation_uses_no_deprecated_argument(tiny):
+    """transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name warns until
+    5.40): a layer-pruned prefill and its decode steps through the cache warn nothing."""
+    _, adapter = tiny
+    prepared = _prepared(adapter, 2)
+    fastv = M.get("fastv")()
+    plan = fastv.plan(_ctx(prepared, adapter, 0.25, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        generation = _generate(adapter, prepared, fastv, plan, max_new_tokens=3)
+    assert generation.token_ids
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,7 @@ def test_decoding_positions_match_transformers_generate(qwen):
     embeds, positions = llm_input.inputs_embeds, llm_input.position_ids
     for t in range(steps):
         logits = adapter.model(inputs_embeds=embeds, position_ids=positions,
-                               past_key_values=cache, use_cache=True).logits[0, -1]  # fmt: skip
+                               cache=cache, use_cache=True).logits[0, -1]  # fmt: skip
         assert torch.allclose(logits, output.logits[t][0], atol=1e-4), t
         embeds = adapter.model.get_input_embeddings()(generated[t].view(1, 1))
         positions = llm_input.next_position_ids(t + 1)

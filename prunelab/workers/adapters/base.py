@@ -198,7 +198,7 @@ def greedy_generate(
 ) -> tuple[list[int], torch.Tensor, float]:
     """Prefill ``llm_input`` under ``pruner``, then decode greedily through the KV cache.
 
-    ``forward(inputs_embeds=..., past_key_values=cache[, position_ids=...])`` returns
+    ``forward(inputs_embeds=..., cache=cache[, position_ids=...])`` returns
     last-position logits (1, V). Returns the generated ids, the first token's log-probabilities
     (V,), and the ``clock()`` mark (a time, or a CUDA event) taken when the first token's logits
     were ready.
@@ -208,7 +208,7 @@ def greedy_generate(
         kwargs: dict[str, Any] = {}
         if llm_input.position_ids is not None:
             kwargs["position_ids"] = llm_input.position_ids
-        logits = forward(inputs_embeds=llm_input.inputs_embeds, past_key_values=cache, **kwargs)
+        logits = forward(inputs_embeds=llm_input.inputs_embeds, cache=cache, **kwargs)
         pruner.end_prefill()
         first_logprobs = torch.log_softmax(logits[0].float(), dim=-1)
         first_ready = clock()
@@ -218,7 +218,7 @@ def greedy_generate(
             step = embed(torch.tensor([[token]], device=device))
             if llm_input.next_position_ids is not None:
                 kwargs["position_ids"] = llm_input.next_position_ids(len(tokens))
-            logits = forward(inputs_embeds=step, past_key_values=cache, **kwargs)
+            logits = forward(inputs_embeds=step, cache=cache, **kwargs)
             token = int(logits[0].argmax())
             tokens.append(token)
     return tokens, first_logprobs.cpu(), first_ready
