@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	else \
 		echo "no CUDA: installing CPU torch 2.13.0"; $(BIN)/pip install -q torch==2.13.0; \
 	fi
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,conformance]"
+	$(BIN)/pip install -q --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -19,7 +19,7 @@ from prunelab.trial import Trial, TrialResult
 from prunelab.workers.adapters import Adapter, Generation, Prepared
 from prunelab.workers.attention import AttentionProbe, probe_attention
 from prunelab.workers.benchmarks import build_benchmark
-from prunelab.workers.benchmarks.base import Sample
+from prunelab.workers.benchmarks.base import Sample, cut_at_stops
 from prunelab.workers.benchmarks.resampling import score_replicates
 from prunelab.workers.cost import trial_flops
 from prunelab.workers.guidance import Guidance, run_guidance
@@ -228,15 +228,6 @@ def _plan(
         family=adapter.family,
     )
     return method.plan(ctx)
-
-
-def cut_at_stops(text: str, until: Sequence[str]) -> str:
-    """The generated text up to the first occurrence of each stop string (lmms-eval's rule:
-    ``text.split(term)[0]`` for each term of the task's ``generation_kwargs.until``)."""
-    for term in until:
-        if term:
-            text = text.split(term)[0]
-    return text
 
 
 def run_trial(

@@ -11,9 +11,16 @@ import pkgutil
 from typing import Any, TypeVar
 
 from prunelab.registry import Registry, did_you_mean
-from prunelab.workers.benchmarks.base import Benchmark, Sample
+from prunelab.workers.benchmarks.base import SCORING_RULES, Benchmark, Sample, check_scoring
 
-__all__ = ["BENCHMARKS", "Benchmark", "Sample", "build_benchmark", "register_benchmark"]
+__all__ = [
+    "BENCHMARKS",
+    "SCORING_RULES",
+    "Benchmark",
+    "Sample",
+    "build_benchmark",
+    "register_benchmark",
+]
 
 BENCHMARKS: Registry[type] = Registry("benchmark kind")
 """Benchmark classes by config ``kind``: the synthetic ``shapes`` and the lmms-eval parquet ones."""
@@ -27,13 +34,22 @@ def register_benchmark(cls: B) -> B:
 
 
 def build_benchmark(cfg: dict[str, Any]) -> Benchmark:
-    """Build from a config ``{name, kind, ...kind options}``; raises ValueError on bad input."""
+    """Build from a config ``{name, kind, ...kind options}``; raises ValueError on bad input.
+
+    ``scoring`` (one of :data:`SCORING_RULES`, default ``lmms_eval``) is a key every benchmark
+    takes: the runner adds the trial's ``eval.scoring`` to the benchmark's config.
+    """
     cfg = dict(cfg)
     kind = cfg.pop("kind", None)
     if kind not in BENCHMARKS:
         known = BENCHMARKS.names()
         hint = did_you_mean(kind, known) if isinstance(kind, str) else ""
         raise ValueError(f"benchmark kind={kind!r}: expected one of {', '.join(known)}{hint}")
+    if "scoring" in cfg:
+        try:
+            check_scoring(cfg["scoring"])
+        except ValueError as exc:
+            raise ValueError(f"benchmark {cfg.get('name')!r}: {exc}") from None
     try:
         return BENCHMARKS.get(kind)(**cfg)
     except TypeError as exc:

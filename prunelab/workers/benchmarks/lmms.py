@@ -3,12 +3,23 @@
 A benchmark config names a ``path``: a parquet file, or a directory laid out as the Hugging Face
 dataset is (``<path>/<split>-*.parquet``, ``<path>/<split>.parquet``, ``<path>/data/<split>-*``
 or ``<path>/<split>/*.parquet``). Columns are those of the lmms-eval dataset (image as a
-``{"bytes": ...}`` struct or raw bytes, question, answers or options, category); the prompt
-appended to each question is lmms-eval's default for the task. ``samples(limit, seed)`` takes
-a seeded subset (pairs of questions on one MME image, and circular variants of one MMBench
-question, stay together). Scoring rules are in :mod:`prunelab.workers.benchmarks.scoring`;
-``aggregate`` turns per-sample results into the official metrics (``score`` plus extras such as
-``mme_perception`` or ``pope_f1``, and ``score.<category>``).
+``{"bytes": ...}`` struct or raw bytes, question, answers or options, category).
+
+Each class reproduces its lmms-eval 0.7.3 task (named in its docstring): the prompt is the
+task's ``doc_to_text`` with the default ``lmms_eval_specific_kwargs`` (``prompt`` is that
+post-prompt), ``max_new_tokens`` and ``until`` are its ``generation_kwargs``, and with
+``scoring: lmms_eval`` (the default) ``score`` / ``aggregate`` are its ``process_results`` and
+aggregation on the response as lmms-eval's evaluator hands it over
+(:func:`scoring.lmms_response`). With ``scoring: official``, the benchmarks whose authors score
+differently (``authors_rule``: VQAv2, MME, POPE, MMStar, OCRBench) use the authors' rule on
+the stripped prediction; the others keep lmms-eval's. Prompts do not depend on ``scoring``.
+
+``samples(limit, seed)`` takes a seeded subset (pairs of questions on one MME image, and
+circular variants of one MMBench question, stay together: ``Sample.unit``);
+:meth:`ParquetBenchmark.sample_from_row` turns one row (a dict of its columns) into a sample,
+for the parquet files and for offline scoring (:mod:`prunelab.workers.benchmarks.offline`)
+alike. Metrics keep prunelab's names and units: ``score`` (a percentage unless the docstring
+says otherwise), ``score.<category>`` and extras such as ``mme_perception`` or ``pope_f1``.
 
 A missing or malformed file is reported by :meth:`ParquetBenchmark.check` (sweep validation);
 ``describe`` names each file with its size and a hash of its parquet footer (schema, row groups,
@@ -22,8 +33,8 @@ import io
 import math
 import re
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,16 +44,24 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from prunelab.workers.benchmarks import register_benchmark, scoring
-from prunelab.workers.benchmarks.base import Sample
+from prunelab.workers.benchmarks.base import Sample, check_scoring
 
 __all__ = [
     "AI2D",
+    "CHARTQA_PROMPT",
+    "FEWSHOT_DELIMITER",
     "GQA",
+    "LLAVA_MAX_NEW_TOKENS",
     "MC_PROMPT",
+    "MMBENCH_CN_PROMPT",
     "MME",
+    "MMSTAR_PROMPT",
     "POPE",
+    "SEED_PROMPT",
+    "VIZWIZ_PROMPT",
     "VQA_PROMPT",
     "ChartQA",
+    "ColumnError",
     "DatasetError",
     "MMBench",
     "MMStar",
@@ -59,20 +78,50 @@ __all__ = [
     "resolve_files",
 ]
 
+# lmms-eval's default post-prompts (task yaml, `lmms_eval_specific_kwargs.default.post_prompt`)
 VQA_PROMPT = "\nAnswer the question using a single word or phrase."
 MC_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+MMSTAR_PROMPT = "\nAnswer with the option's letter from the given choices directly"  # no period
+SEED_PROMPT = "Answer with the option's letter from the given choices directly."  # after a \n
+MMBENCH_CN_PROMPT = "\n请直接使用所提供的选项字母作为答案回答。"
 VIZWIZ_PROMPT = (
     "\nWhen the provided information is insufficient, respond with 'Unanswerable'."
     "\nAnswer the question using a single word or phrase."
 )
 CHARTQA_PROMPT = "\nAnswer the question with a single word."
-MME_BUILTIN_PROMPT = " Please answer yes or no."
+MME_BUILTIN_PROMPT = " Please answer yes or no."  # removed when a post-prompt is added
+REALWORLDQA_INSTRUCTION = (  # removed when a post-prompt is added (the default adds none)
+    "Please answer directly with only the letter of the correct option and nothing else."
+)
+MMBENCH_OPTIONS = "There are several options:"  # mmbench.yaml metadata.sys_prompt
+
+# generation defaults of a task whose generation_kwargs do not say
+LLAVA_MAX_NEW_TOKENS = 1024
+"""max_new_tokens of lmms-eval's default model ``llava`` (models/simple/llava.py)."""
+FEWSHOT_DELIMITER = "\n\n"
+"""``until`` of a task without one (lmms-eval ``TaskConfig``: ``[fewshot_delimiter]``)."""
+
 IMAGE = "image"
 Result = tuple[Sample, str, float]  # (sample, prediction, per-sample score)
 
 
 class DatasetError(ValueError):
     """A benchmark's data file is missing or malformed; the message names the path."""
+
+
+class ColumnError(DatasetError):
+    """One row lacks a column or holds a value the benchmark cannot read; ``column`` names it.
+
+    The message is ``missing column 'answer'`` or ``column 'answer': <problem>``; the caller
+    says where the row is (a parquet file and row, a line of an offline file).
+    """
+
+    def __init__(self, column: str, problem: str | None = None) -> None:
+        self.column = column
+        self.problem = problem
+        super().__init__(
+            f"column {column!r}: {problem}" if problem else f"missing column {column!r}"
+        )
 
 
 def resolve_files(path: str | Path, split: str) -> list[Path]:
@@ -161,17 +210,54 @@ def _mean_metrics(results: Sequence[Result], scale: float = 100.0) -> dict[str, 
 
 
 def _text(value: Any) -> str:
-    """A cell as text; None and NaN (pandas-written missing values) as ''."""
+    """A category cell as text; None and NaN (pandas-written missing values) as ''."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     text = str(value)
     return "" if text.strip().lower() == "nan" else text
 
 
+def _missing(value: Any) -> bool:
+    """Whether a cell is missing as pandas' ``isna`` sees a scalar: None or NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _string(row: Mapping[str, Any], column: str) -> str:
+    """A text cell; anything else is a :class:`ColumnError`."""
+    value = row[column]
+    if not isinstance(value, str):
+        raise ColumnError(column, f"expected text, got {_kind(value)}")
+    return value
+
+
+def _strings(row: Mapping[str, Any], column: str) -> list[str]:
+    """A cell holding a list of texts."""
+    value = row[column]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ColumnError(column, f"expected a list of texts, got {_kind(value)}")
+    return list(value)
+
+
+def _letters(count: int) -> list[str]:
+    return [chr(ord("A") + i) for i in range(count)]
+
+
+def _option_lines(letters: Sequence[str], texts: Sequence[Any]) -> str:
+    return "\n".join(f"{letter}. {text}" for letter, text in zip(letters, texts, strict=False))
+
+
+def _placeholder() -> np.ndarray:
+    return np.zeros((1, 1, 3), np.uint8)
+
+
 def _row_sample(question: str, answers: list[str], extra: dict[str, Any] | None = None) -> Sample:
-    """A sample of a parquet row before ``ParquetBenchmark.samples`` fills in its id, image and
-    category (the image is a 1x1 placeholder until then)."""
-    return Sample("", np.zeros((1, 1, 3), np.uint8), question, answers, extra=extra or {})
+    """A sample of a row before :meth:`ParquetBenchmark.sample_from_row` fills in its id, image
+    and category."""
+    return Sample("", _placeholder(), question, answers, extra=extra or {})
 
 
 @dataclass
@@ -179,8 +265,11 @@ class ParquetBenchmark:
     """A benchmark read from lmms-eval-layout parquet files (subclasses: one per dataset).
 
     ``path``: file or dataset directory; ``split``: which split's files a directory offers;
-    ``prompt``: appended to each question (lmms-eval's default post-prompt);
-    ``category_column``: per-category metrics from this column when the files have it.
+    ``prompt``: lmms-eval's default post-prompt of the task, as its ``doc_to_text`` places it;
+    ``category_column``: per-category metrics from this column when the files have it;
+    ``scoring``: ``lmms_eval`` or ``official`` (see the module docstring).
+    ``max_new_tokens`` / ``until``: the task's generation settings (not configurable here: a
+    trial's ``eval.max_new_tokens`` overrides the first).
     """
 
     name: str = ""
@@ -189,15 +278,20 @@ class ParquetBenchmark:
     prompt: str = ""
     category_column: str | None = None
     metric: str = "accuracy"
+    scoring: str = "lmms_eval"
+    max_new_tokens: int = field(default=LLAVA_MAX_NEW_TOKENS, init=False)
+    until: tuple[str, ...] = field(default=(FEWSHOT_DELIMITER,), init=False)
 
     kind: ClassVar[str] = ""
     required: ClassVar[tuple[str, ...]] = ()  # besides the image column
     optional: ClassVar[tuple[str, ...]] = ()
     has_image: ClassVar[bool] = True  # False: images come from elsewhere (GQA)
-    version: ClassVar[int] = 1
+    authors_rule: ClassVar[bool] = False  # True: `official` scores by the authors' rule
+    version: ClassVar[int] = 2  # 2: lmms-eval 0.7.3 prompts, scoring and generation settings
 
     def __post_init__(self) -> None:
         self.name = self.name or self.kind
+        check_scoring(self.scoring)
         if not str(self.path).strip():
             raise ValueError(f"benchmark {self.name!r}: `path` (its parquet file or directory)")
 
@@ -237,13 +331,17 @@ class ParquetBenchmark:
         ]
 
     def describe(self) -> dict[str, Any]:
-        """Kind, split, prompt, category column, and each file's name, size and footer hash."""
+        """Kind, split, prompt, category column, generation settings, and each file's name,
+        size and footer hash. Not the scoring rule: a trial's key hashes it as
+        ``eval.scoring``, and the planner describes a benchmark once for every rule."""
         return {
             "name": self.name,
             "kind": self.kind,
             "split": self.split,
             "prompt": self.prompt,
             "category_column": self.category_column,
+            "max_new_tokens": self.max_new_tokens,
+            "until": list(self.until),
             "files": self._describe_files(self.files),
             "version": self.version,
         }
@@ -288,36 +386,84 @@ class ParquetBenchmark:
         return _read_rows(self.files(), IMAGE, indices)
 
     def samples(self, limit: int | None, seed: int = 0) -> list[Sample]:
-        """``limit`` samples (all when None) chosen by ``seed``, in file order."""
+        """``limit`` samples (all when None) chosen by ``seed``, in file order; a row the
+        benchmark cannot read is a :class:`DatasetError` naming the path and row."""
         rows = self._table().to_pylist()
         indices = self._choose(rows, limit, seed)
         images = self._images(indices, [rows[i] for i in indices])
         samples = []
         for i, image in zip(indices, images, strict=True):
-            row = rows[i]
-            sample = self._sample(row)
-            sample.id = str(i)
-            sample.image = decode_image(image)
-            if self.category_column:
-                sample.category = _text(row.get(self.category_column))
-            samples.append(sample)
+            try:
+                samples.append(self.sample_from_row(rows[i], str(i), decode_image(image)))
+            except ColumnError as exc:
+                raise DatasetError(f"{self.path}: row {i}: {exc}") from None
         return samples
 
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        """A sample from a row (id, image and category are filled in by ``samples``)."""
+    def sample_from_row(
+        self, row: Mapping[str, Any], sample_id: str, image: np.ndarray | None = None
+    ) -> Sample:
+        """The sample of one row (its columns by name, the image decoded or None for a 1x1
+        placeholder): prompt, answers, category and what the scorer needs. Raises
+        :class:`ColumnError` for a missing required column or an unreadable value."""
+        for column in self.required:
+            if column not in row:
+                raise ColumnError(column)
+        sample = self._sample(row)
+        sample.id = sample_id
+        sample.image = image if image is not None else _placeholder()
+        if self.category_column:
+            sample.category = _text(row.get(self.category_column))
+        return sample
+
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        """A sample from a row (id, image and category are filled in by ``sample_from_row``)."""
         raise NotImplementedError
 
     # -- scoring -----------------------------------------------------------------------------
+    def response(self, prediction: str) -> str:
+        """The text the scoring rule reads: the stripped prediction for an authors' rule
+        (``official`` on a benchmark with ``authors_rule``), else lmms-eval's response
+        (:func:`scoring.lmms_response`: reasoning blocks and surrounding whitespace removed)."""
+        if self.scoring == "official" and self.authors_rule:
+            return prediction.strip()
+        return scoring.lmms_response(prediction)
+
     def score(self, prediction: str, sample: Sample) -> float:
+        """The per-sample score (0 to 1) of a prediction already cut at ``until``."""
+        return self._score(self.response(prediction), sample)
+
+    def _score(self, text: str, sample: Sample) -> float:
         raise NotImplementedError
 
     def aggregate(self, results: Sequence[Result]) -> dict[str, float]:
         """Official metrics from (sample, prediction, score) of every sample: by default
-        ``score`` = 100 x mean and ``score.<category>`` likewise."""
+        ``score`` = 100 x mean and ``score.<category>`` likewise (lmms-eval's ``mean``)."""
         return _mean_metrics(results)
 
 
 # -- open-ended VQA ----------------------------------------------------------------------------
+def _vqa_answers(row: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
+    """The human answers of a row and, per answer, the rest of its record: answers are texts
+    (the rest is their position) or ``{answer, answer_id, ...}`` records."""
+    cells = row["answers"]
+    if cells is None:
+        return [], []
+    if not isinstance(cells, (list, tuple)):
+        raise ColumnError("answers", f"expected a list, got {_kind(cells)}")
+    answers, records = [], []
+    for position, cell in enumerate(cells):
+        if isinstance(cell, dict):
+            answer = cell.get("answer")
+            rest = tuple(sorted(((k, v) for k, v in cell.items() if k != "answer"), key=str))
+        else:
+            answer, rest = cell, position
+        if not isinstance(answer, str):
+            raise ColumnError("answers", f"answer {position} is {_kind(answer)}, not text")
+        answers.append(answer)
+        records.append(rest)
+    return answers, records
+
+
 @dataclass
 class _VQA(ParquetBenchmark):
     """VQA accuracy against ten human answers (see :func:`scoring.vqa_accuracy`)."""
@@ -326,29 +472,34 @@ class _VQA(ParquetBenchmark):
     prompt: str = VQA_PROMPT
     metric: str = "vqa_accuracy"
     required: ClassVar[tuple[str, ...]] = ("question", "answers")
-    normalize_answers: ClassVar[str] = "always"
     capitalize: ClassVar[bool] = False  # lmms-eval capitalises TextVQA / VizWiz questions
+    rules: ClassVar[dict[str, str]] = {"lmms_eval": "always", "official": "always"}
+    by_record: ClassVar[bool] = False  # humans told apart by whole answer records (VQAv2)
 
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        question = _text(row["question"])
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        question = _string(row, "question")
         question = question.capitalize() if self.capitalize else question
-        answers = [
-            _text(a.get("answer")) if isinstance(a, dict) else _text(a)
-            for a in (row["answers"] or [])
-        ]
-        return _row_sample(question + self.prompt, answers)
+        answers, records = _vqa_answers(row)
+        return _row_sample(question + self.prompt, answers, extra={"answer_records": records})
 
-    def score(self, prediction: str, sample: Sample) -> float:
+    def _score(self, text: str, sample: Sample) -> float:
         return scoring.vqa_accuracy(
-            prediction, sample.answers, normalize_answers=self.normalize_answers
+            text,
+            sample.answers,
+            normalize_answers=self.rules[self.scoring],
+            answer_records=sample.extra["answer_records"] if self.by_record else None,
         )
 
 
 @register_benchmark
 @dataclass
 class TextVQA(_VQA):
-    """TextVQA (lmms-lab/textvqa, split validation); answers normalised like the prediction."""
+    """TextVQA (lmms-lab/textvqa, split validation; lmms-eval task ``textvqa_val``): the
+    question capitalised (``str.capitalize``); prediction and answers through the EvalAI
+    processor (``textvqa_process_results``, the TextVQA authors' evaluator too)."""
 
+    max_new_tokens: int = field(default=LLAVA_MAX_NEW_TOKENS, init=False)
+    until: tuple[str, ...] = field(default=("ASSISTANT:",), init=False)
     kind: ClassVar[str] = "textvqa"
     capitalize: ClassVar[bool] = True
 
@@ -356,11 +507,14 @@ class TextVQA(_VQA):
 @register_benchmark
 @dataclass
 class VizWiz(_VQA):
-    """VizWiz-VQA (lmms-lab/VizWiz-VQA, split val); categories: answer type."""
+    """VizWiz-VQA (lmms-lab/VizWiz-VQA, split val; task ``vizwiz_vqa_val``): as TextVQA, with
+    VizWiz's unanswerable instruction; categories: answer type."""
 
     split: str = "val"
     prompt: str = VIZWIZ_PROMPT
     category_column: str | None = "category"
+    max_new_tokens: int = field(default=LLAVA_MAX_NEW_TOKENS, init=False)
+    until: tuple[str, ...] = field(default=("ASSISTANT:",), init=False)
     kind: ClassVar[str] = "vizwiz"
     capitalize: ClassVar[bool] = True
 
@@ -368,26 +522,34 @@ class VizWiz(_VQA):
 @register_benchmark
 @dataclass
 class VQAv2(_VQA):
-    """VQAv2 (lmms-lab/VQAv2, split validation): answers are ``{answer, ...}`` records,
-    normalised only when they disagree (the official script); categories: answer type."""
+    """VQAv2 (lmms-lab/VQAv2, split validation; task ``vqav2_val``): answers are ``{answer,
+    answer_id, ...}`` records; categories: answer type. ``lmms_eval``: punctuation and
+    digit/article rules on the prediction and on every answer (``vqav2_process_results``);
+    ``official``: the VQA evaluation's ``vqaEval.py`` (answers raw unless they disagree, then
+    punctuation only)."""
 
     category_column: str | None = "answer_type"
+    max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "vqav2"
-    normalize_answers: ClassVar[str] = "if_disagree"
+    rules: ClassVar[dict[str, str]] = {"lmms_eval": "punctuation_digits", "official": "if_disagree"}
+    by_record: ClassVar[bool] = True
+    authors_rule: ClassVar[bool] = True
 
 
 # -- GQA ---------------------------------------------------------------------------------------
 @register_benchmark
 @dataclass
 class GQA(ParquetBenchmark):
-    """GQA (lmms-lab/GQA): questions in ``testdev_balanced_instructions`` (``imageId``,
-    ``question``, ``answer``), images in ``testdev_balanced_images`` (``id``, ``image``) at
-    ``images_path`` (default: the sibling directory of ``path``). Exact match."""
+    """GQA (lmms-lab/GQA; task ``gqa``): questions in ``testdev_balanced_instructions``
+    (``imageId``, ``question``, ``answer``), images in ``testdev_balanced_images`` (``id``,
+    ``image``) at ``images_path`` (default: the sibling directory of ``path``). Exact match
+    ignoring case and ASCII punctuation (:func:`scoring.exact_match`)."""
 
     split: str = "testdev"
     prompt: str = VQA_PROMPT
     images_path: str = ""
     metric: str = "exact_match"
+    max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "gqa"
     required: ClassVar[tuple[str, ...]] = ("imageId", "question", "answer")
     has_image: ClassVar[bool] = False
@@ -419,51 +581,66 @@ class GQA(ParquetBenchmark):
             raise DatasetError(f"{self.images_path}: no image with id {', '.join(missing[:5])}")
         return _read_rows(files, IMAGE, [where[str(r["imageId"])] for r in rows])
 
-    def _sample(self, row: dict[str, Any]) -> Sample:
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
         return _row_sample(
-            _text(row["question"]) + self.prompt,
-            [_text(row["answer"])],
-            extra={"image_id": _text(row["imageId"])},
+            _string(row, "question") + self.prompt,
+            [_string(row, "answer")],
+            extra={"image_id": str(row["imageId"])},
         )
 
-    def score(self, prediction: str, sample: Sample) -> float:
-        return scoring.exact_match(prediction, sample.answers[0])
+    def _score(self, text: str, sample: Sample) -> float:
+        return scoring.exact_match(text, sample.answers[0])
 
 
 # -- yes / no ----------------------------------------------------------------------------------
+def _with_post_prompt(question: str, prompt: str, builtin: str) -> str:
+    """lmms-eval's ``mme_doc_to_text`` / ``mmstar_doc_to_text``: the stripped question; a
+    non-empty post-prompt replaces the question's own ``builtin`` instruction."""
+    question = question.strip()
+    return question.replace(builtin, "") + prompt if prompt else question
+
+
 @register_benchmark
 @dataclass
 class MME(ParquetBenchmark):
-    """MME (lmms-lab/MME, split test): two yes/no questions per image (``question_id`` is
-    the image). ``score`` = perception total (sum of the 10 perception subtasks' acc + acc+,
-    max 2000); also ``mme_cognition`` (4 subtasks, max 800), ``mme_acc``, ``mme_acc_plus``
-    and ``score.<subtask>``. Sampling keeps an image's questions together."""
+    """MME (lmms-lab/MME, split test; task ``mme``): two yes/no questions per image
+    (``question_id`` is the image, the sample's ``unit``). ``score`` = perception total (sum of
+    the 10 perception subtasks' acc + acc+, max 2000); also ``mme_cognition`` (max 800),
+    ``mme_acc``, ``mme_acc_plus`` and ``score.<subtask>``. ``lmms_eval``: ``parse_pred_ans``
+    (:func:`scoring.mme_parse`), every non-perception subtask counted as cognition;
+    ``official``: MME's ``calculation.py`` (:func:`scoring.mme_parse_official`, the 4
+    cognition subtasks). lmms-eval asserts two questions per image; a lone question here is an
+    image of one. Sampling keeps an image's questions together."""
 
     prompt: str = VQA_PROMPT
     category_column: str | None = "category"
     metric: str = "mme_perception"
+    max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "mme"
     required: ClassVar[tuple[str, ...]] = ("question_id", "question", "answer", "category")
+    authors_rule: ClassVar[bool] = True
 
     def _groups(self, rows: list[dict[str, Any]]) -> list[Any]:
-        return [_text(r["question_id"]) for r in rows]
+        return [str(r["question_id"]) for r in rows]
 
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        question = _text(row["question"]).strip()
-        if self.prompt:  # lmms-eval swaps MME's own instruction for the post-prompt
-            question = question.replace(MME_BUILTIN_PROMPT, "") + self.prompt
-        return _row_sample(
-            question,
-            [_text(row["answer"]).lower().strip().replace(".", "")],
-            extra={"image_id": _text(row["question_id"])},
-        )
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        question = _with_post_prompt(_string(row, "question"), self.prompt, MME_BUILTIN_PROMPT)
+        answer = _string(row, "answer").lower().strip().replace(".", "")
+        if answer not in ("yes", "no"):
+            raise ColumnError("answer", f"{row['answer']!r} is neither yes nor no")
+        image = str(row["question_id"])
+        sample = _row_sample(question, [answer], extra={"image_id": image})
+        sample.unit = image
+        return sample
 
-    def score(self, prediction: str, sample: Sample) -> float:
-        return float(scoring.mme_parse(prediction) == sample.answers[0])
+    def _score(self, text: str, sample: Sample) -> float:
+        parse = scoring.mme_parse if self.scoring == "lmms_eval" else scoring.mme_parse_official
+        return float(parse(text) == sample.answers[0])
 
     def aggregate(self, results: Sequence[Result]) -> dict[str, float]:
         totals = scoring.mme_scores(
-            (s.category, s.extra["image_id"], score > 0.5) for s, _, score in results
+            ((s.category, s.extra["image_id"], score > 0.5) for s, _, score in results),
+            cognition=None if self.scoring == "lmms_eval" else scoring.MME_COGNITION,
         )
         metrics = {
             "score": totals.pop("perception"),
@@ -479,131 +656,272 @@ class MME(ParquetBenchmark):
 @register_benchmark
 @dataclass
 class POPE(ParquetBenchmark):
-    """POPE (lmms-lab/POPE, split test): yes/no object probing; categories adversarial,
-    popular, random. ``score`` = F1 (yes positive) over all samples; also ``pope_accuracy``,
-    ``pope_precision``, ``pope_recall``, ``pope_f1``, ``pope_yes_ratio`` and the F1 of each
-    category as ``score.<category>``."""
+    """POPE (lmms-lab/POPE, split test; task ``pope``): yes/no object probing; categories
+    adversarial, popular, random. ``score`` = F1 (yes positive) over all samples; also
+    ``pope_accuracy``, ``pope_precision``, ``pope_recall``, ``pope_f1``, ``pope_yes_ratio`` (in
+    %) and the F1 of each category as ``score.<category>``. ``lmms_eval``: only an exact
+    ``yes`` / ``no`` counts and the yes-ratio is that of the answers
+    (:func:`scoring.pope_metrics_lmms`); ``official``: POPE's ``evaluate.py``
+    (:func:`scoring.pope_label`, :func:`scoring.pope_metrics`)."""
 
     prompt: str = VQA_PROMPT
     category_column: str | None = "category"
     metric: str = "pope_f1"
+    max_new_tokens: int = field(default=128, init=False)
     kind: ClassVar[str] = "pope"
     required: ClassVar[tuple[str, ...]] = ("question", "answer")
+    authors_rule: ClassVar[bool] = True
 
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        return _row_sample(
-            _text(row["question"]).strip() + self.prompt,
-            [_text(row["answer"]).lower().strip()],
-        )
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        answer = _string(row, "answer").lower().strip()
+        if answer not in ("yes", "no"):
+            raise ColumnError("answer", f"{row['answer']!r} is neither yes nor no")
+        return _row_sample(_string(row, "question").strip() + self.prompt, [answer])
 
-    def score(self, prediction: str, sample: Sample) -> float:
-        return float(scoring.pope_label(prediction) == sample.answers[0])
+    def _label(self, text: str) -> str:
+        return text.lower().strip() if self.scoring == "lmms_eval" else scoring.pope_label(text)
+
+    def _score(self, text: str, sample: Sample) -> float:
+        return float(self._label(text) == sample.answers[0])
 
     def aggregate(self, results: Sequence[Result]) -> dict[str, float]:
-        def pairs(subset: Sequence[Result]) -> list[tuple[str, str]]:
-            return [(scoring.pope_label(p), s.answers[0]) for s, p, _ in subset]
+        rule = scoring.pope_metrics_lmms if self.scoring == "lmms_eval" else scoring.pope_metrics
 
-        overall = scoring.pope_metrics(pairs(results))
+        def metrics_of(subset: Sequence[Result]) -> dict[str, float]:
+            return rule([(self._label(self.response(p)), s.answers[0]) for s, p, _ in subset])
+
+        overall = metrics_of(results)
         metrics = {"score": overall["f1"], **{f"pope_{k}": v for k, v in overall.items()}}
         for category in sorted({s.category for s, _, _ in results if s.category}):
             subset = [r for r in results if r[0].category == category]
-            metrics[metric_key(category)] = scoring.pope_metrics(pairs(subset))["f1"]
+            metrics[metric_key(category)] = metrics_of(subset)["f1"]
         return metrics
 
 
 # -- multiple choice ---------------------------------------------------------------------------
-def _options_text(options: dict[str, str]) -> str:
-    return "\n".join(f"{k}. {v}" for k, v in options.items())
-
-
+@register_benchmark
 @dataclass
-class _MultipleChoice(ParquetBenchmark):
-    """Options shown as ``A. text`` lines after the question; the letter is extracted from
-    the answer (:func:`scoring.extract_choice`) and compared with the right one."""
+class ScienceQAImg(ParquetBenchmark):
+    """ScienceQA-IMG (lmms-lab/ScienceQA, config ScienceQA-IMG, split test; task
+    ``scienceqa_img``): ``choices`` list, ``answer`` its index, a true ``hint`` shown as
+    ``Context: ...`` (``sqa_doc_to_text``); :func:`scoring.scienceqa_match`; categories:
+    subject."""
 
     prompt: str = MC_PROMPT
-    metric: str = "accuracy"
+    category_column: str | None = "subject"
+    max_new_tokens: int = field(default=16, init=False)
+    kind: ClassVar[str] = "scienceqa_img"
+    required: ClassVar[tuple[str, ...]] = ("question", "choices", "answer")
+    optional: ClassVar[tuple[str, ...]] = ("hint",)
 
-    def _options(self, row: dict[str, Any]) -> dict[str, str]:
-        raise NotImplementedError
-
-    def _answer(self, row: dict[str, Any], options: dict[str, str]) -> str:
-        return _text(row["answer"]).strip().upper()
-
-    def _question(self, row: dict[str, Any], options: dict[str, str]) -> str:
-        return f"{_text(row['question'])}\n{_options_text(options)}{self.prompt}"
-
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        options = self._options(row)
-        answer = self._answer(row, options)
-        if answer not in options:
-            raise DatasetError(
-                f"{self.path}: answer {answer!r} is not one of the options {sorted(options)}"
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        question, choices = _string(row, "question"), row["choices"]
+        if not isinstance(choices, (list, tuple)):
+            raise ColumnError("choices", f"expected a list, got {_kind(choices)}")
+        letters = _letters(len(choices))
+        answer = row["answer"]
+        if not isinstance(answer, int) or not -len(letters) <= answer < len(letters):
+            raise ColumnError(
+                "answer", f"{answer!r} is not an index into the {len(letters)} choices"
             )
-        return _row_sample(
-            self._question(row, options),
-            [answer],
-            extra={"options": options},
-        )
+        context = row.get("hint", "")
+        context = f"Context: {context}\n" if context else context  # a false hint as f"{hint}"
+        text = f"{context}{question}\n{_option_lines(letters, choices)}{self.prompt}"
+        options = dict(zip(letters, choices, strict=True))
+        return _row_sample(text, [letters[answer]], extra={"options": options})
 
-    def score(self, prediction: str, sample: Sample) -> float:
-        return float(
-            scoring.extract_choice(prediction, sample.extra["options"]) == sample.answers[0]
-        )
-
-
-def _letter_columns(row: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Options from columns ``A``, ``B``... (``choice_A``...) that hold text, in order."""
-    options = {}
-    for letter in "ABCDEFGH":
-        value = _text(row.get(prefix + letter))
-        if value.strip():
-            options[letter] = value
-    return options
+    def _score(self, text: str, sample: Sample) -> float:
+        return scoring.scienceqa_match(text, sample.answers[0])
 
 
 @register_benchmark
 @dataclass
-class MMBench(_MultipleChoice):
-    """MMBench (lmms-lab/MMBench, config en, split dev): options in columns A-E, optional
-    ``hint`` before the question. With ``circular`` (default) a question counts as right only
-    when every circular variant present (same ``index`` mod 1e6) is right (CircularEval), and
-    sampling keeps variants together; ``mmbench_vanilla`` is the plain accuracy."""
+class AI2D(ParquetBenchmark):
+    """AI2D (lmms-lab/ai2d, split test; task ``ai2d``): ``options`` list, ``answer`` its index
+    as text. The ``flexible-extract`` filter (:func:`scoring.leading_option_letter`) on the
+    raw response, then exact match ignoring case and ASCII punctuation (so ``(A)`` and ``a``
+    count, ``The answer is A`` does not)."""
+
+    prompt: str = MC_PROMPT
+    max_new_tokens: int = field(default=16, init=False)
+    kind: ClassVar[str] = "ai2d"
+    required: ClassVar[tuple[str, ...]] = ("question", "options", "answer")
+
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        question, options = _string(row, "question"), row["options"]
+        if not isinstance(options, (list, tuple)):
+            raise ColumnError("options", f"expected a list, got {_kind(options)}")
+        letters = _letters(len(options))
+        try:
+            answer = letters[int(row["answer"])]
+        except (TypeError, ValueError, IndexError):
+            problem = f"{row['answer']!r} is not an index into the {len(letters)} options"
+            raise ColumnError("answer", problem) from None
+        text = f"{question}\n{_option_lines(letters, options)}{self.prompt}"
+        return _row_sample(
+            text, [answer], extra={"options": dict(zip(letters, options, strict=True))}
+        )
+
+    def response(self, prediction: str) -> str:
+        """The filter runs on the raw response, before lmms-eval's evaluator strips it."""
+        return super().response(scoring.leading_option_letter(prediction))
+
+    def _score(self, text: str, sample: Sample) -> float:
+        return scoring.hf_exact_match(
+            text, sample.answers[0], ignore_case=True, ignore_punctuation=True
+        )
+
+
+@register_benchmark
+@dataclass
+class SeedBench2Plus(ParquetBenchmark):
+    """SEED-Bench-2-Plus (doolayer/SEED-Bench-2-Plus, split test; task ``seedbench_2_plus``):
+    ``choice_A``-``choice_D`` (a choice naming a .jpg / .png file shown as ``<image>``),
+    ``answer`` a letter; :func:`scoring.seedbench_match`; categories: ``question_image_type``
+    (chart, map, web)."""
+
+    prompt: str = SEED_PROMPT
+    category_column: str | None = "question_image_type"
+    max_new_tokens: int = field(default=16, init=False)
+    until: tuple[str, ...] = field(default=("ASSISTANT:",), init=False)
+    kind: ClassVar[str] = "seedbench2_plus"
+    required: ClassVar[tuple[str, ...]] = (
+        "question", "choice_A", "choice_B", "choice_C", "choice_D", "answer",
+    )  # fmt: skip
+
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        letters = ("A", "B", "C", "D")
+        choices = {k: _string(row, f"choice_{k}") for k in letters}
+        shown = {k: "<image>" if "jpg" in v or "png" in v else v for k, v in choices.items()}
+        lines = "\n".join(f"{k}. {v}" for k, v in shown.items())
+        text = f"{_string(row, 'question')}\n{lines}\n{self.prompt}"
+        answer = _string(row, "answer")
+        if answer.strip().upper() not in choices:  # compared case-blind, stripped
+            raise ColumnError("answer", f"{answer!r} is not one of the options A, B, C, D")
+        return _row_sample(text, [answer], extra={"options": choices})
+
+    def _score(self, text: str, sample: Sample) -> float:
+        return scoring.seedbench_match(text, sample.answers[0])
+
+
+@register_benchmark
+@dataclass
+class RealWorldQA(ParquetBenchmark):
+    """RealWorldQA (lmms-lab/RealWorldQA, split test; task ``realworldqa``): the stripped
+    question carries its options and instruction (the default post-prompt is empty); a letter
+    answer by :func:`scoring.extract_mcq_answer`, any other by exact match
+    (:func:`scoring.realworldqa_match`)."""
+
+    max_new_tokens: int = field(default=16, init=False)
+    kind: ClassVar[str] = "realworldqa"
+    required: ClassVar[tuple[str, ...]] = ("question", "answer")
+
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        question = _with_post_prompt(_string(row, "question"), self.prompt, REALWORLDQA_INSTRUCTION)
+        return _row_sample(question, [_string(row, "answer")])
+
+    def _score(self, text: str, sample: Sample) -> float:
+        return scoring.realworldqa_match(text, sample.answers[0])
+
+
+_MMBENCH_LANGUAGES: dict[str, tuple[str, int, tuple[str, ...]]] = {
+    "en": (MC_PROMPT, 1024, ("ASSISTANT:",)),  # mmbench_en_dev
+    "cn": (MMBENCH_CN_PROMPT, 256, (FEWSHOT_DELIMITER,)),  # mmbench_cn_dev
+}
+"""Per MMBench language: default post-prompt, max_new_tokens, until."""
+
+
+@register_benchmark
+@dataclass
+class MMBench(ParquetBenchmark):
+    """MMBench (lmms-lab/MMBench, configs en / cn, split dev; tasks ``mmbench_en_dev`` /
+    ``mmbench_cn_dev``): options in columns A-E, optional ``hint``. The prompt is
+    ``"{hint} {question} There are several options:\\nA. ...\\n{post_prompt}"``
+    (``mmbench_doc_to_text``; a ``"nan"`` hint is dropped in English only). ``language`` (en,
+    cn) sets the default post-prompt and the generation settings.
+
+    Scoring is lmms-eval's static evaluation (:func:`scoring.mmbench_choice`, task
+    ``mmbench_en_dev_static``; the GPT fallback of the ``_dev`` tasks cannot run offline) under
+    both rules. With ``circular`` (default) a question is right only when every circular
+    variant present (same ``index`` mod 1e6, the sample's ``unit``) is right, and is counted
+    through its main row (``index`` < 1e6, whose category it takes) as CircularEval does;
+    sampling keeps variants together; ``mmbench_vanilla`` is the per-row accuracy.
+    """
 
     split: str = "dev"
+    prompt: str | None = None  # None: the language's default
     category_column: str | None = "category"
     circular: bool = True
+    language: str = "en"
+    max_new_tokens: int = field(default=1024, init=False)
+    until: tuple[str, ...] = field(default=("ASSISTANT:",), init=False)
     kind: ClassVar[str] = "mmbench"
     required: ClassVar[tuple[str, ...]] = ("index", "question", "answer", "A", "B")
     optional: ClassVar[tuple[str, ...]] = ("C", "D", "E", "hint")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.language not in _MMBENCH_LANGUAGES:
+            raise ValueError(f"language={self.language!r}: expected one of en, cn")
+        prompt, self.max_new_tokens, self.until = _MMBENCH_LANGUAGES[self.language]
+        self.prompt = prompt if self.prompt is None else self.prompt
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "language": self.language, "circular": self.circular}
+
     def _groups(self, rows: list[dict[str, Any]]) -> list[Any] | None:
         return [int(r["index"]) % 1_000_000 for r in rows] if self.circular else None
 
-    def _options(self, row: dict[str, Any]) -> dict[str, str]:
-        return _letter_columns(row)
+    def _hint(self, row: Mapping[str, Any]) -> Any | None:
+        """The hint the prompt shows, or None (missing; ``"nan"`` too in English)."""
+        hint = row.get("hint")
+        if _missing(hint) or (self.language == "en" and hint == "nan"):
+            return None
+        return hint
 
-    def _question(self, row: dict[str, Any], options: dict[str, str]) -> str:
-        hint = _text(row.get("hint")).strip()
-        body = super()._question(row, options)
-        return f"{hint}\n{body}" if hint else body
+    def _prompt(self, row: Mapping[str, Any]) -> str:
+        # create_options_prompt: the A-E cells that are true, in letter order, shown unless
+        # missing or "nan"; the trailing newlines stripped
+        shown = sorted((c, row[c]) for c in "ABCDE" if row.get(c))
+        lines = "".join(f"{k}. {v}\n" for k, v in shown if not _missing(v) and v != "nan")
+        options = f"{MMBENCH_OPTIONS}\n{lines}".rstrip("\n")
+        question, hint = _string(row, "question"), self._hint(row)
+        query = f"{hint} {question} {options}" if hint is not None else f"{question} {options}"
+        return f"{query}\n{self.prompt}"
 
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        sample = super()._sample(row)
-        sample.extra["group"] = int(row["index"]) % 1_000_000
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        try:
+            index = int(row["index"])
+        except (TypeError, ValueError):
+            raise ColumnError("index", f"{row['index']!r} is not an integer") from None
+        # the options the scorer reads (build_choices): A-D, a column the row lacks as "nan"
+        choices = {c: row.get(c, "nan") for c in "ABCD"}
+        choices = {c: v for c, v in choices.items() if not _missing(v)}
+        answer = _string(row, "answer")
+        if answer not in choices:
+            raise ColumnError(
+                "answer", f"{answer!r} is not one of the options {', '.join(choices)}"
+            )
+        group = index % 1_000_000
+        extra = {"choices": choices, "group": group, "main": index < 1_000_000}
+        sample = _row_sample(self._prompt(row), [answer], extra=extra)
+        sample.unit = str(group)
         return sample
 
+    def _score(self, text: str, sample: Sample) -> float:
+        return float(scoring.mmbench_choice(text, sample.extra["choices"]) == sample.answers[0])
+
     def aggregate(self, results: Sequence[Result]) -> dict[str, float]:
-        if not self.circular:
+        if not self.circular or not results:
             return _mean_metrics(results)
         groups: dict[int, list[Result]] = {}
         for r in results:
             groups.setdefault(r[0].extra["group"], []).append(r)
-        # one result per question: right only when all its variants are right
-        merged = [
-            (members[0][0], members[0][1], float(all(m[2] > 0.5 for m in members)))
-            for members in groups.values()
-        ]
+        merged = []  # one result per question with a main row: right when all variants are
+        for members in groups.values():
+            main = [m for m in members if m[0].extra["main"]]
+            if main:
+                merged.append((main[0][0], main[0][1], float(all(m[2] > 0.5 for m in members))))
         metrics = _mean_metrics(merged)
         metrics["mmbench_vanilla"] = _mean_metrics(results)["score"]
         return metrics
@@ -611,29 +929,39 @@ class MMBench(_MultipleChoice):
 
 @register_benchmark
 @dataclass
-class MMStar(_MultipleChoice):
-    """MMStar (Lin-Chen/MMStar, split val): options inside the question text; ``score`` is
-    the mean over the 18 fine categories (``l2_category``) of their accuracies, as MMStar
-    reports, ``score.<category>`` the same over each of the 6 core categories."""
+class MMStar(ParquetBenchmark):
+    """MMStar (Lin-Chen/MMStar, split val; task ``mmstar``): options inside the question text,
+    the post-prompt without its final period (``mmstar_doc_to_text``). ``lmms_eval``:
+    :func:`scoring.extract_mcq_answer` over A-D; ``score`` the mean over the fine categories
+    (``l2_category``) of their accuracies and ``score.<category>`` the same within each core
+    category (``mmstar_aggregate_results``). ``official``: MMStar's ``MMStar_eval``
+    (:func:`scoring.mmstar_official_match`), accuracies over questions (correct / 1500 and /
+    250 per category on the full set)."""
 
+    prompt: str = MMSTAR_PROMPT
     split: str = "val"
     category_column: str | None = "category"
     kind: ClassVar[str] = "mmstar"
     required: ClassVar[tuple[str, ...]] = ("question", "answer", "l2_category")
+    authors_rule: ClassVar[bool] = True
 
-    def _options(self, row: dict[str, Any]) -> dict[str, str]:
-        options = scoring.parse_inline_options(_text(row["question"]))
-        return options or {k: "" for k in "ABCD"}
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        question = _with_post_prompt(_string(row, "question"), self.prompt, MME_BUILTIN_PROMPT)
+        extra = {"l2_category": str(row["l2_category"])}
+        return _row_sample(question, [_string(row, "answer")], extra=extra)
 
-    def _question(self, row: dict[str, Any], options: dict[str, str]) -> str:
-        return _text(row["question"]).strip() + self.prompt
-
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        sample = super()._sample(row)
-        sample.extra["l2_category"] = _text(row["l2_category"])
-        return sample
+    def _score(self, text: str, sample: Sample) -> float:
+        answer = sample.answers[0]
+        if self.scoring == "official":
+            return scoring.mmstar_official_match(text, answer)
+        return float(
+            scoring.extract_mcq_answer(text, ["A", "B", "C", "D"]) == answer.strip().upper()
+        )
 
     def aggregate(self, results: Sequence[Result]) -> dict[str, float]:
+        if self.scoring == "official":
+            return _mean_metrics(results)
+
         def macro(subset: Sequence[Result]) -> float:
             by_l2: dict[str, list[float]] = {}
             for s, _, score in subset:
@@ -646,133 +974,61 @@ class MMStar(_MultipleChoice):
         return metrics
 
 
-@register_benchmark
-@dataclass
-class ScienceQAImg(_MultipleChoice):
-    """ScienceQA-IMG (lmms-lab/ScienceQA, config ScienceQA-IMG, split test): ``choices`` list,
-    ``answer`` its index, ``hint`` shown as ``Context: ...``; categories: subject."""
-
-    category_column: str | None = "subject"
-    kind: ClassVar[str] = "scienceqa_img"
-    required: ClassVar[tuple[str, ...]] = ("question", "choices", "answer")
-    optional: ClassVar[tuple[str, ...]] = ("hint",)
-
-    def _options(self, row: dict[str, Any]) -> dict[str, str]:
-        return {chr(ord("A") + i): _text(c) for i, c in enumerate(row["choices"] or [])}
-
-    def _answer(self, row: dict[str, Any], options: dict[str, str]) -> str:
-        return chr(ord("A") + int(row["answer"]))
-
-    def _question(self, row: dict[str, Any], options: dict[str, str]) -> str:
-        hint = _text(row.get("hint")).strip()
-        context = f"Context: {hint}\n" if hint else ""
-        return f"{context}{super()._question(row, options)}"
-
-
-@register_benchmark
-@dataclass
-class AI2D(_MultipleChoice):
-    """AI2D (lmms-lab/ai2d, split test): ``options`` list, ``answer`` its index as text."""
-
-    kind: ClassVar[str] = "ai2d"
-    required: ClassVar[tuple[str, ...]] = ("question", "options", "answer")
-
-    def _options(self, row: dict[str, Any]) -> dict[str, str]:
-        return {chr(ord("A") + i): _text(c) for i, c in enumerate(row["options"] or [])}
-
-    def _answer(self, row: dict[str, Any], options: dict[str, str]) -> str:
-        return chr(ord("A") + int(_text(row["answer"]).strip()))
-
-
-@register_benchmark
-@dataclass
-class SeedBench2Plus(_MultipleChoice):
-    """SEED-Bench-2-Plus (doolayer/SEED-Bench-2-Plus, split test): ``choice_A``-``choice_D``,
-    ``answer`` a letter; categories: ``question_image_type`` (chart, map, web)."""
-
-    category_column: str | None = "question_image_type"
-    kind: ClassVar[str] = "seedbench2_plus"
-    required: ClassVar[tuple[str, ...]] = ("question", "choice_A", "choice_B", "answer")
-    optional: ClassVar[tuple[str, ...]] = ("choice_C", "choice_D")
-
-    def _options(self, row: dict[str, Any]) -> dict[str, str]:
-        return _letter_columns(row, "choice_")
-
-
-@register_benchmark
-@dataclass
-class RealWorldQA(ParquetBenchmark):
-    """RealWorldQA (lmms-lab/RealWorldQA, split test): the question carries its options and
-    instruction (no prompt added). A letter answer is scored by option extraction over the
-    options written in the question; any other answer by exact match after lower-casing,
-    deleting punctuation and writing number words as digits."""
-
-    kind: ClassVar[str] = "realworldqa"
-    required: ClassVar[tuple[str, ...]] = ("question", "answer")
-
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        question = _text(row["question"])
-        return _row_sample(
-            question + self.prompt,
-            [_text(row["answer"]).strip()],
-            extra={"options": scoring.parse_inline_options(question)},
-        )
-
-    def score(self, prediction: str, sample: Sample) -> float:
-        answer, options = sample.answers[0], sample.extra["options"]
-        if len(answer) == 1 and answer.upper() in options:
-            return float(scoring.extract_choice(prediction, options) == answer.upper())
-        return float(scoring.normalize_words(prediction) == scoring.normalize_words(answer))
-
-
 # -- ChartQA, OCRBench -------------------------------------------------------------------------
 @register_benchmark
 @dataclass
 class ChartQA(ParquetBenchmark):
-    """ChartQA (lmms-lab/ChartQA, split test): relaxed accuracy; categories: ``type``
+    """ChartQA (lmms-lab/ChartQA, split test; task ``chartqa``): relaxed accuracy
+    (:func:`scoring.relaxed_correctness`, the authors' rule too); categories: ``type``
     (human_test, augmented_test)."""
 
     prompt: str = CHARTQA_PROMPT
     category_column: str | None = "type"
     metric: str = "relaxed_accuracy"
+    max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "chartqa"
     required: ClassVar[tuple[str, ...]] = ("question", "answer")
 
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        return _row_sample(
-            _text(row["question"]) + self.prompt,
-            [_text(row["answer"])],
-        )
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        return _row_sample(_string(row, "question") + self.prompt, [_string(row, "answer")])
 
-    def score(self, prediction: str, sample: Sample) -> float:
-        return float(scoring.relaxed_correctness(prediction, sample.answers[0]))
+    def _score(self, text: str, sample: Sample) -> float:
+        return float(scoring.relaxed_correctness(text, sample.answers[0]))
 
 
 @register_benchmark
 @dataclass
 class OCRBench(ParquetBenchmark):
-    """OCRBench (echo840/OCRBench, split test): ``answer`` a list of accepted strings,
-    ``dataset`` the source (HME100k scored without spaces), ``question_type`` the category.
-    ``score`` is the official final score scaled to the 1000 questions (the count right when
-    all are run); ``ocrbench_correct`` the count right, ``ocrbench_text_recognition`` the
-    count right in the six recognition categories; ``score.<question type>`` in %."""
+    """OCRBench (echo840/OCRBench, split test; task ``ocrbench``): ``answer`` a list of
+    accepted strings (or one), ``dataset`` the source (HME100k scored without spaces),
+    ``question_type`` the category. ``lmms_eval`` folds full-width characters first
+    (``ocrbench_process_results``); ``official`` (OCRBench's script) does not. ``score`` is the
+    final score scaled to the 1000 questions (the count right when all are run; lmms-eval
+    reports count / 1000); ``ocrbench_correct`` the count right, ``ocrbench_text_recognition``
+    the count right in the six recognition categories; ``score.<question type>`` in %."""
 
     category_column: str | None = "question_type"
     metric: str = "ocrbench_final_score"
+    max_new_tokens: int = field(default=128, init=False)
     kind: ClassVar[str] = "ocrbench"
     required: ClassVar[tuple[str, ...]] = ("question", "answer", "dataset")
+    authors_rule: ClassVar[bool] = True
 
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        answer = row["answer"]
-        answers = [_text(a) for a in answer] if isinstance(answer, list) else [_text(answer)]
+    def _sample(self, row: Mapping[str, Any]) -> Sample:
+        answers = [_string(row, "answer")] if isinstance(row["answer"], str) else None
         return _row_sample(
-            _text(row["question"]).strip() + self.prompt,
-            answers,
-            extra={"dataset": _text(row["dataset"])},
+            _string(row, "question").strip() + self.prompt,
+            answers if answers is not None else _strings(row, "answer"),
+            extra={"dataset": _string(row, "dataset")},
         )
 
-    def score(self, prediction: str, sample: Sample) -> float:
-        return scoring.ocrbench_match(prediction, sample.answers, sample.extra["dataset"])
+    def _score(self, text: str, sample: Sample) -> float:
+        return scoring.ocrbench_match(
+            text,
+            sample.answers,
+            sample.extra["dataset"],
+            fold_fullwidth_ascii=self.scoring == "lmms_eval",
+        )
 
     def aggregate(self, results: Sequence[Result]) -> dict[str, float]:
         metrics = _mean_metrics(results)

@@ -1,55 +1,99 @@
-"""Official scoring rules of the public VLM benchmarks, as pure functions on strings.
+"""Scoring rules of the public VLM benchmarks, as pure functions on strings.
 
-Each rule follows the benchmark's official evaluation as lmms-eval runs it (the reference the
-pruning papers report with); where lmms-eval keeps a quirk of the original script, so do we,
-and the docstring says so.
+Two families of rules live here, and each function's docstring says which one it is:
 
-- VQA accuracy (VQAv2, TextVQA, VizWiz): the answer normalisation of the official VQA
-  evaluation / EvalAI (lower-case, punctuation rules, number words to digits, articles dropped,
-  contractions restored) and ``min(#humans that gave the answer / 3, 1)`` averaged over the
-  ten leave-one-annotator-out subsets of the ten human answers.
-- Exact match (GQA): case and punctuation ignored.
-- MME: yes/no parsing of the first characters; per subtask ``acc + acc+`` (acc+ : both
-  questions of an image right), perception and cognition totals.
-- POPE: the first sentence is ``no`` when it contains the word no/No/not, else ``yes``;
-  accuracy, precision, recall, F1 and yes-ratio with ``yes`` as the positive class.
-- Multiple choice (MMBench, MMStar, ScienceQA-IMG, AI2D, SEED-Bench-2-Plus, RealWorldQA):
-  option extraction from free text (bare letter, ``(B)``, ``The answer is C``, ``Option D``,
-  the text of exactly one option, exactly one standalone option letter).
-- Relaxed accuracy (ChartQA): within 5% of a numeric target (``x%`` read as ``x/100``), exact
-  match (case ignored) otherwise.
-- OCRBench: a ground-truth answer contained in the prediction, after lower-casing; for the
-  handwritten mathematical expressions (HME100k) case kept and all spaces removed (OCRBench's
-  own script; lmms-eval lower-cases only the prediction there).
+- **lmms-eval 0.7.3** (prunelab's default, ``scoring: lmms_eval``): the task's
+  ``process_results`` / filter / metric in ``lmms_eval/tasks/<task>/``, quirks included (each
+  quirk is named where it is reproduced), applied to the model's text after lmms-eval's own
+  response pipeline (:func:`lmms_response`).
+- **The benchmark authors' script** (``scoring: official``), only where lmms-eval departs from
+  it: the official VQA evaluation (``vqaEval.py``), MME's ``calculation.py``, POPE's
+  ``evaluate.py``, MMStar's ``MMStar_eval``, OCRBench's evaluation.
+
+The benchmark classes of :mod:`prunelab.workers.benchmarks.lmms` pick the rule.
 """
 
 from __future__ import annotations
 
 import re
+import statistics
 import string
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "MME_COGNITION",
     "MME_PERCEPTION",
     "OCRBENCH_RECOGNITION",
+    "REASONING_TAGS",
+    "VQA_RULES",
     "exact_match",
-    "extract_choice",
+    "extract_mcq_answer",
+    "fold_fullwidth",
+    "hf_exact_match",
+    "leading_option_letter",
+    "lmms_response",
+    "mmbench_choice",
+    "mmbench_infer_option",
+    "mmbench_infer_text",
     "mme_parse",
+    "mme_parse_official",
     "mme_scores",
-    "normalize_words",
+    "mmstar_official_match",
     "ocrbench_match",
-    "parse_inline_options",
     "pope_label",
     "pope_metrics",
+    "pope_metrics_lmms",
+    "realworldqa_match",
     "relaxed_correctness",
+    "scienceqa_match",
+    "seedbench_match",
+    "strip_reasoning_blocks",
     "vqa_accuracy",
     "vqa_digit_article",
     "vqa_normalize",
     "vqa_punctuation",
 ]
 
-# -- VQA accuracy ------------------------------------------------------------------------------
+# -- lmms-eval's response pipeline --------------------------------------------------------------
+REASONING_TAGS: tuple[tuple[str, str], ...] = (
+    ("<think>", "</think>"),
+    ("<analysis>", "</analysis>"),
+)
+"""The default of lmms-eval's ``--reasoning_tags`` (``lmms_eval/__main__.py``): the blocks its
+evaluator strips from every response before scoring."""
+
+
+def strip_reasoning_blocks(text: str, tags: Iterable[tuple[str, str]] = REASONING_TAGS) -> str:
+    """``text`` without its reasoning blocks, stripped (``lmms_eval.api.reasoning.
+    strip_reasoning_tags``).
+
+    Per tag pair: every ``start ... end`` block is cut out (an ``end`` found after a ``start``);
+    then, when an ``end`` is left without any ``start`` (a chat template that pre-fills the
+    opening tag), only what follows its last occurrence is kept. Tags are case-sensitive.
+    """
+    result = text
+    for start_tag, end_tag in tags:
+        while start_tag in result and end_tag in result:
+            start = result.find(start_tag)
+            end = result.find(end_tag, start)
+            if end == -1:
+                break
+            result = result[:start] + result[end + len(end_tag) :]
+        if end_tag in result and start_tag not in result:
+            result = result.rsplit(end_tag, 1)[-1]
+    return result.strip()
+
+
+def lmms_response(text: str) -> str:
+    """The response text an lmms-eval 0.7.3 ``process_results`` receives for a generated
+    ``text`` (already cut at the task's ``until`` strings): reasoning blocks stripped by the
+    evaluator (:func:`strip_reasoning_blocks`, CLI default tags), then surrounding whitespace
+    (``ConfigurableTask.process_results`` strips every ``generate_until`` result)."""
+    return strip_reasoning_blocks(text).strip()
+
+
+# -- VQA accuracy -------------------------------------------------------------------------------
 # Contractions written without the apostrophe, as the official VQA evaluation restores them.
 _CONTRACTIONS: dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
@@ -96,16 +140,20 @@ _VQA_PUNCT += ("@", "`", ",", "?", "!")
 # A period not followed by a digit (the official pattern's look-behind is malformed, so "5."
 # loses its period but "3.5" keeps it).
 _PERIOD = re.compile(r"\.(?!\d)")
+# The official script passes re.UNICODE (32) as ``sub``'s third positional argument, which is
+# ``count``: at most 32 periods are deleted ("yes" + 40 periods keeps 8 of them).
+_PERIOD_LIMIT = 32
 _DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
 
 
 def vqa_punctuation(text: str) -> str:
-    """The official punctuation rule of the VQA evaluation.
+    """The punctuation rule of the VQA evaluation (``processPunctuation``; lmms-eval's
+    ``EvalAIAnswerProcessor.process_punctuation`` is the same).
 
     Each mark in the VQA list is deleted when it touches a space somewhere in the text (or the
-    text has a thousands comma like ``1,000``), else replaced by a space; then every period not
-    followed by a digit is deleted. ``"a-b"`` -> ``"a b"``, ``"yes !"`` -> ``"yes "``,
-    ``"1,000"`` -> ``"1000"``, ``"3.5."`` -> ``"3.5"``.
+    text has a thousands comma like ``1,000``), else replaced by a space; then the first 32
+    periods not followed by a digit are deleted. ``"a-b"`` -> ``"a b"``, ``"yes !"`` ->
+    ``"yes "``, ``"1,000"`` -> ``"1000"``, ``"3.5."`` -> ``"3.5"``.
     """
     out = text
     thousands = _DIGIT_COMMA.search(text) is not None
@@ -114,74 +162,122 @@ def vqa_punctuation(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=_PERIOD_LIMIT)
 
 
 def vqa_digit_article(text: str) -> str:
     """Lower-case, number words zero..ten (and none) to digits, drop articles, restore
-    contractions; words re-joined by single spaces."""
+    contractions; words re-joined by single spaces (``processDigitArticle``)."""
     words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     words = [w for w in words if w not in _ARTICLES]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
 def vqa_normalize(text: str) -> str:
-    """The EvalAI answer processor: lower-case, drop ``,`` and ``?``, split ``'s`` off the
-    word, whitespace to spaces, then the punctuation and digit/article rules."""
+    """The EvalAI answer processor (``EvalAIAnswerProcessor.__call__``): lower-case, drop ``,``
+    and ``?``, split ``'s`` off the word (``it's`` -> ``it 's``), whitespace to spaces, then
+    the punctuation and digit/article rules."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return vqa_digit_article(vqa_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], *, normalize_answers: str) -> float:
-    """VQA accuracy of ``prediction`` against the human ``answers`` (10 for the VQA datasets).
+def _vqa_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
-    ``min(1, #other humans who gave the answer / 3)`` averaged over leaving each human out.
-    The prediction is always normalised with :func:`vqa_normalize`. ``normalize_answers``:
-    ``"always"`` normalises the human answers the same way (lmms-eval's TextVQA and VizWiz);
-    ``"if_disagree"`` follows the official VQAv2 script, which strips the answers and, only
-    when they are not all equal, applies the punctuation and digit/article rules to them and
-    to the prediction once more. An empty ``answers`` scores 0.
+
+VQA_RULES = ("always", "punctuation_digits", "if_disagree")
+"""The answer normalisations :func:`vqa_accuracy` knows (see there)."""
+
+
+def _vqa_sides(prediction: str, answers: Sequence[str], rule: str) -> tuple[str, list[str]]:
+    """The prediction and the human answers as ``rule`` normalises them."""
+    if rule == "always":
+        return vqa_normalize(prediction), [vqa_normalize(a) for a in answers]
+    predicted = vqa_digit_article(vqa_punctuation(_vqa_whitespace(prediction)))
+    if rule == "punctuation_digits":
+        return predicted, [vqa_digit_article(vqa_punctuation(_vqa_whitespace(a))) for a in answers]
+    humans = list(answers)  # if_disagree: raw answers, punctuation only when they disagree
+    if len(set(humans)) > 1:
+        humans = [vqa_punctuation(a) for a in humans]
+    return predicted, humans
+
+
+def vqa_accuracy(
+    prediction: str,
+    answers: Sequence[str],
+    *,
+    normalize_answers: str,
+    answer_records: Sequence[Any] | None = None,
+) -> float:
+    """VQA accuracy of ``prediction`` against the human ``answers`` (10 for the VQA datasets):
+    the mean over the humans of ``min(1, #other humans who gave the prediction / 3)``.
+
+    ``normalize_answers``:
+
+    - ``"always"``: the EvalAI processor (:func:`vqa_normalize`) on the prediction and on every
+      answer (lmms-eval ``textvqa_process_results``, ``vizwiz_vqa_process_results``; also the
+      TextVQA authors' evaluator).
+    - ``"punctuation_digits"``: newlines and tabs to spaces, stripped, then the punctuation and
+      digit/article rules on both sides (lmms-eval ``vqav2_process_results``).
+    - ``"if_disagree"``: the official VQA evaluation (``vqaEval.py``): the prediction as in
+      ``punctuation_digits``; the answers raw, and only when they are not all equal, through
+      the punctuation rule (not the digit/article one).
+
+    ``answer_records``: per answer, the rest of its record (``answer_id``, ...). "Other humans"
+    are the answers whose (normalised answer, record) differs from the left-out one, as both
+    VQAv2 scripts compare whole answer dicts; None: by position. Unknown ``normalize_answers``
+    raises ValueError; no answers score 0 (lmms-eval's VizWiz guard).
     """
-    if normalize_answers not in ("always", "if_disagree"):
-        raise ValueError(f"normalize_answers={normalize_answers!r}: 'always' or 'if_disagree'")
+    if normalize_answers not in VQA_RULES:
+        raise ValueError(f"normalize_answers={normalize_answers!r}: one of {', '.join(VQA_RULES)}")
     if not answers:
         return 0.0
-    predicted = vqa_normalize(prediction)
-    if normalize_answers == "always":
-        humans = [vqa_normalize(a) for a in answers]
-    else:
-        humans = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-        if len(set(humans)) > 1:
-            humans = [vqa_digit_article(vqa_punctuation(a)) for a in humans]
-            predicted = vqa_digit_article(vqa_punctuation(predicted))
-    total = 0.0
-    for left_out in range(len(humans)):
-        matches = sum(1 for j, h in enumerate(humans) if j != left_out and h == predicted)
-        total += min(1.0, matches / 3)
-    return total / len(humans)
+    predicted, humans = _vqa_sides(prediction, answers, normalize_answers)
+    records = list(answer_records) if answer_records is not None else list(range(len(humans)))
+    keys = list(zip(humans, records, strict=True))
+    accuracies = []
+    for left_out in keys:
+        matches = sum(1 for key in keys if key != left_out and key[0] == predicted)
+        accuracies.append(min(1, matches / 3))
+    return float(statistics.mean(accuracies))  # exact mean, as lmms-eval's statistics.mean
 
 
-# -- exact match -------------------------------------------------------------------------------
-_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+# -- exact match (GQA, AI2D) -------------------------------------------------------------------
+_ASCII_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def _numpy_str(text: str) -> str:
+    """``text`` as a numpy unicode array element holds it: trailing NULs dropped."""
+    return text.rstrip("\x00")
+
+
+def hf_exact_match(
+    prediction: str, reference: str, *, ignore_case: bool, ignore_punctuation: bool
+) -> float:
+    """1.0 when equal after the options, as lmms-eval's ``exact_match_hf_evaluate`` (the
+    Hugging Face ``evaluate`` metric) computes it on numpy strings: ``ignore_case`` lower-cases
+    (numpy keeps a string's length, so a character that lower-cases to two is cut),
+    ``ignore_punctuation`` deletes ASCII ``string.punctuation``; no whitespace is touched."""
+    sides = []
+    for text in (prediction, reference):
+        text = _numpy_str(text)
+        if ignore_case:
+            text = _numpy_str(text.lower()[: len(text)])
+        if ignore_punctuation:
+            text = _numpy_str(text.translate(_ASCII_PUNCT))
+        sides.append(text)
+    return float(sides[0] == sides[1])
 
 
 def exact_match(prediction: str, answer: str) -> float:
-    """1.0 when equal after lower-casing, deleting ASCII punctuation and trimming (GQA)."""
-    clean = lambda s: " ".join(s.lower().translate(_PUNCT_TABLE).split())  # noqa: E731
-    return float(clean(prediction) == clean(answer))
+    """GQA's rule in lmms-eval (task ``gqa``: metric ``exact_match`` with ``ignore_case`` and
+    ``ignore_punctuation``): the stripped prediction equals the answer once both are
+    lower-cased and ASCII punctuation is deleted; spaces count (``"yes ."`` is not ``"yes"``)."""
+    return hf_exact_match(prediction.strip(), answer, ignore_case=True, ignore_punctuation=True)
 
 
-_WORD_NUMBERS = {w: d for w, d in _NUMBER_WORDS.items() if w != "none"}
-
-
-def normalize_words(text: str) -> str:
-    """Lower-case, number words zero..ten to digits, punctuation deleted, single spaces."""
-    words = text.lower().translate(_PUNCT_TABLE).split()
-    return " ".join(_WORD_NUMBERS.get(w, w) for w in words)
-
-
-# -- MME ---------------------------------------------------------------------------------------
+# -- MME ----------------------------------------------------------------------------------------
 MME_PERCEPTION = (
     "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
     "artwork", "OCR",
@@ -192,8 +288,9 @@ MME_COGNITION = (
 
 
 def mme_parse(prediction: str) -> str:
-    """``yes``, ``no`` or ``other``: the whole answer, a lone y/n, else yes/no in its first 4
-    characters (periods removed, case ignored); ``yes`` wins when both appear there."""
+    """``yes``, ``no`` or ``other`` (lmms-eval ``mme`` ``parse_pred_ans``, "brought from Otter
+    Eval"): lower-cased, stripped, periods removed; the whole answer, a lone y/n, else yes/no
+    in its first 4 characters (``yes`` wins when both appear there)."""
     text = prediction.lower().strip().replace(".", "")
     if text in ("yes", "no"):
         return text
@@ -207,14 +304,30 @@ def mme_parse(prediction: str) -> str:
     return "other"
 
 
-def mme_scores(records: Iterable[tuple[str, str, bool]]) -> dict[str, float]:
+def mme_parse_official(prediction: str) -> str:
+    """``yes``, ``no`` or ``other`` by MME's own ``calculation.py`` (``parse_pred_ans`` after
+    lower-casing): ``yes`` when its first 4 characters hold "yes", else ``no`` when they hold
+    "no"; no period removal and no lone ``y`` / ``n``."""
+    head = prediction.lower()[:4]
+    if "yes" in head:
+        return "yes"
+    if "no" in head:
+        return "no"
+    return "other"
+
+
+def mme_scores(
+    records: Iterable[tuple[str, str, bool]], *, cognition: Sequence[str] | None = MME_COGNITION
+) -> dict[str, float]:
     """MME totals from ``(category, image id, correct)`` per question.
 
     Per category: ``acc`` = % of questions right, ``acc+`` = % of images with every question
     right; the category score is the mean over its images of (acc + acc+) of the image, which
     with the official two questions per image equals acc + acc+ of the category (max 200).
-    Returns ``{category: score}`` plus ``perception`` and ``cognition`` (sums over the
-    categories present of each kind; max 2000 and 800), ``acc`` and ``acc_plus`` (over all).
+    Returns ``{category: score}`` plus ``perception`` (the sum over the 10 perception
+    categories present, max 2000), ``cognition`` (the sum over ``cognition``: the 4 official
+    ones as MME's ``calculation.py``, or None for every non-perception category as lmms-eval's
+    ``mme_process_results`` routes them; max 800), ``acc`` and ``acc_plus`` (over all).
     """
     per_image: dict[tuple[str, str], list[bool]] = {}
     for category, image, correct in records:
@@ -224,9 +337,13 @@ def mme_scores(records: Iterable[tuple[str, str, bool]]) -> dict[str, float]:
         acc = 100.0 * sum(answers) / len(answers)
         plus = 100.0 * all(answers)
         per_category.setdefault(category, []).append(acc + plus)
-    out = {c: sum(v) / len(v) for c, v in per_category.items()}
-    out["perception"] = sum(s for c, s in out.items() if c in MME_PERCEPTION)
-    out["cognition"] = sum(s for c, s in out.items() if c in MME_COGNITION)
+    scores = {c: sum(v) / len(v) for c, v in per_category.items()}
+    cognitive = [
+        c for c in scores if (c not in MME_PERCEPTION if cognition is None else c in cognition)
+    ]
+    out = dict(scores)
+    out["perception"] = sum(s for c, s in scores.items() if c in MME_PERCEPTION)
+    out["cognition"] = sum(scores[c] for c in cognitive)
     questions = [a for answers in per_image.values() for a in answers]
     out["acc"] = 100.0 * sum(questions) / len(questions) if questions else 0.0
     images = list(per_image.values())
@@ -234,154 +351,298 @@ def mme_scores(records: Iterable[tuple[str, str, bool]]) -> dict[str, float]:
     return out
 
 
-# -- POPE --------------------------------------------------------------------------------------
+# -- POPE ---------------------------------------------------------------------------------------
 def pope_label(prediction: str) -> str:
     """``no`` if the first sentence has the word ``No``, ``no`` or ``not``, else ``yes``
-    (the POPE / LLaVA evaluation: first sentence up to a period, commas deleted)."""
+    (POPE's ``evaluate.py``: first sentence up to a period, commas deleted, split on spaces)."""
     first = prediction.split(".")[0].replace(",", "")
     words = first.split(" ")
     return "no" if any(w in ("No", "no", "not") for w in words) else "yes"
 
 
-def pope_metrics(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (``yes`` positive) and yes-ratio, in %, from
-    ``(predicted label, true label)`` pairs. Precision/recall/F1 are 0 when undefined."""
-    tp = fp = tn = fn = 0
-    for predicted, truth in pairs:
-        if predicted == "yes":
-            tp, fp = (tp + 1, fp) if truth == "yes" else (tp, fp + 1)
-        else:
-            tn, fn = (tn + 1, fn) if truth == "no" else (tn, fn + 1)
-    total = tp + fp + tn + fn
+def _binary_metrics(tp: int, fp: int, fn: int, correct: int, total: int) -> dict[str, float]:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {
-        "accuracy": 100.0 * (tp + tn) / total if total else 0.0,
+        "accuracy": 100.0 * correct / total if total else 0.0,
         "precision": 100.0 * precision,
         "recall": 100.0 * recall,
         "f1": 100.0 * f1,
-        "yes_ratio": 100.0 * (tp + fp) / total if total else 0.0,
     }
 
 
-# -- multiple choice ---------------------------------------------------------------------------
-_ANSWER_IS = re.compile(
-    r"(?:answer\s*(?:is|:)|option)\s*:?\s*[\(\[]?([A-Za-z])(?![A-Za-z0-9])", re.IGNORECASE
-)
-_LEADING = re.compile(r"^[\(\[]?([A-Z])(?:[\)\]\.:,]|$)")
-_PARENTHESISED = re.compile(r"\(([A-Z])\)")
-_STANDALONE = re.compile(r"(?<![A-Za-z0-9'])([A-Z])(?![A-Za-z0-9'])")
+def pope_metrics(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
+    """POPE's ``evaluate.py`` metrics, in %, from ``(predicted label, true label)`` pairs of
+    :func:`pope_label` labels: accuracy, precision, recall, F1 (``yes`` positive; 0 when
+    undefined) and yes-ratio, the share of *predicted* yes."""
+    pairs = list(pairs)
+    tp = sum(1 for p, t in pairs if p == "yes" and t == "yes")
+    fp = sum(1 for p, t in pairs if p == "yes" and t != "yes")
+    fn = sum(1 for p, t in pairs if p != "yes" and t == "yes")
+    correct = sum(1 for p, t in pairs if p == t)
+    out = _binary_metrics(tp, fp, fn, correct, len(pairs))
+    out["yes_ratio"] = 100.0 * (tp + fp) / len(pairs) if pairs else 0.0
+    return out
 
 
-def extract_choice(prediction: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a free-text answer picks, or None.
+def pope_metrics_lmms(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
+    """lmms-eval ``pope`` aggregates (``pope_aggregate_*``), in % (lmms-eval reports
+    fractions), from ``(prediction, true label)`` with the prediction lower-cased and stripped:
+    right only when it is exactly the label; a prediction that is neither ``yes`` nor ``no``
+    is in no cell of precision / recall; yes-ratio is the share of *true* yes."""
+    pairs = list(pairs)
+    tp = sum(1 for p, t in pairs if p == "yes" and t == "yes")
+    fp = sum(1 for p, t in pairs if p == "yes" and t == "no")
+    fn = sum(1 for p, t in pairs if p == "no" and t == "yes")
+    correct = sum(1 for p, t in pairs if p == t)
+    out = _binary_metrics(tp, fp, fn, correct, len(pairs))
+    labelled = [t for _, t in pairs if t in ("yes", "no")]
+    out["yes_ratio"] = 100.0 * labelled.count("yes") / len(labelled) if labelled else 0.0
+    return out
 
-    ``options`` maps letters (``"A"``...) to option texts (texts may be empty). Tried in order:
-    the whole answer is one letter (any case, brackets and trailing punctuation ignored);
-    ``The answer is C`` / ``Answer: (C)`` / ``Option C``; a leading ``B.``, ``(B)``, ``B)``,
-    ``B:``; exactly one distinct ``(X)`` in the text; the answer equals one option's text, or
-    contains exactly one option's text as whole words; exactly one distinct standalone capital
-    option letter. Letters not among ``options`` never count.
+
+# -- multiple choice ----------------------------------------------------------------------------
+_MCQ_LETTERS = tuple("ABCDEFGH")
+_MCQ_EDGE = (",", ".", "!", "?", ";", ":", "'", '"')  # stripped from both ends, in this order
+_MCQ_PHRASES = (
+    "the answer is", "answer is", "the correct answer is", "correct answer is",
+    "the best answer is", "best answer is", "the correct option is", "correct option is",
+    "the best option is", "best option is", "the choice is", "choice is",
+    "the correct choice is", "correct choice is", "i choose", "i select", "i pick",
+    "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选",
+    "答えは",
+)  # fmt: skip
+# (prefix, suffix, priority) of a letter written as "(A)", "A.", "A:", "A)", "A "
+_MCQ_MARKS = (("(", ")", 6), ("", ".", 5), ("", ":", 4), ("", ")", 3), ("", " ", 2))
+_MCQ_START, _MCQ_END, _MCQ_PHRASE = 10, 9, 7
+
+
+def _mcq_candidates(text: str, letters: Sequence[str]) -> list[tuple[int, int, str]]:
+    """(priority, position, letter) of every way ``text`` (padded with spaces) names a letter."""
+    found = []
+    for prefix, suffix, priority in _MCQ_MARKS:
+        for letter in letters:
+            mark = prefix + letter + suffix
+            if mark in text:
+                found.append((priority, text.rfind(mark), letter))
+    lowered = text.lower()
+    for phrase in _MCQ_PHRASES:
+        at = lowered.find(phrase)
+        if at != -1:
+            for letter in letters:
+                position = text.find(letter, at + len(phrase))
+                if position != -1:
+                    found.append((_MCQ_PHRASE, position, letter))
+    core = text.strip()
+    for letter in letters:
+        if core.startswith(letter) and (len(core) == 1 or not core[1].isalpha()):
+            found.append((_MCQ_START, 0, letter))
+    for letter in letters:
+        if core.endswith(letter) and (len(core) == 1 or not core[-2].isalpha()):
+            found.append((_MCQ_END, len(text) - 1, letter))
+    return found
+
+
+def extract_mcq_answer(response: str, choices: Sequence[str] | None = None) -> str:
+    """The choice letter an answer names, or ``""`` (lmms-eval
+    ``tasks/_task_utils/mcq_extract.extract_mcq_answer``; used by RealWorldQA, MMStar and the
+    static MMBench fallback).
+
+    The response is stripped, then stripped of ``, . ! ? ; : ' "`` (each in turn) and padded
+    with spaces. Candidates, by priority: the stripped text starts with a letter not followed
+    by a letter (10); ends with one not preceded by a letter (9); an answer phrase ("the
+    answer is", "i choose", "答案是", "选", ...) followed anywhere later by the letter (7);
+    ``(A)`` (6), ``A.`` (5), ``A:`` (4), ``A)`` (3), ``A `` (2), each at its last occurrence;
+    only when there is none, any occurrence of the letter (0). The highest priority wins,
+    then the later position. ``choices`` default to A-H; letters are case-sensitive.
     """
-    text = prediction.strip()
-    letters = {k.upper() for k in options}
-    if not text or not letters:
+    if not response or not response.strip():
+        return ""
+    letters = list(choices) if choices else list(_MCQ_LETTERS)
+    text = response.strip()
+    for char in _MCQ_EDGE:
+        text = text.strip(char)
+    text = f" {text} "
+    found = _mcq_candidates(text, letters)
+    if not found:
+        found = [(0, text.rfind(letter), letter) for letter in letters if letter in text]
+    if not found:
+        return ""
+    return max(found, key=lambda c: (c[0], c[1]))[2]
+
+
+_MMBENCH_LETTERS = "ABCDE"
+_MMBENCH_MARKS = (
+    ("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""),
+    (":", ","), (":", "."), (":", ")"), (":", ")."),
+)  # fmt: skip
+
+
+def mmbench_infer_option(answer: str) -> str | None:
+    """The letter A-E an answer writes as a token, or None (MMBench's ``can_infer_option``,
+    lmms-eval ``mmbench_evals.MMBench_Evaluator``).
+
+    Tokens are the whitespace-split words. Exactly one distinct bare letter among the tokens
+    picks it, unless ``A`` is a token of an answer of more than 3 tokens ("a quantifier");
+    otherwise the first of ``A.``, ``A,``, ``A:``, ``A)``, ``A).``, ``(A)``, ``(A).``, ``:A``,
+    ``:A,``, ``:A.``, ``:A)``, ``:A).`` forms that exactly one letter takes.
+    """
+    if "Failed to obtain answer via API" in answer:
         return None
-    bare = text.strip(" \t\n()[].:,;!")
-    if len(bare) == 1 and bare.upper() in letters:
-        return bare.upper()
-    match = _ANSWER_IS.search(text)
-    if match and match.group(1).upper() in letters:
-        return match.group(1).upper()
-    match = _LEADING.match(text)
-    if match and match.group(1) in letters:
-        return match.group(1)
-    found = {m for m in _PARENTHESISED.findall(text) if m in letters}
-    if len(found) == 1:
-        return found.pop()
-    said = normalize_words(text)
-    texts = {k.upper(): normalize_words(v) for k, v in options.items() if str(v).strip()}
-    equal = [k for k, v in texts.items() if v and v == said]
-    if len(equal) == 1:
-        return equal[0]
-    contained = [
-        k for k, v in texts.items() if v and re.search(rf"(?<!\S){re.escape(v)}(?!\S)", said)
-    ]
-    if len(contained) == 1:
-        return contained[0]
-    found = {m for m in _STANDALONE.findall(text) if m in letters}
-    if len(found) == 1:
-        return found.pop()
+    tokens = [t.strip() for t in answer.split()]
+
+    def written(prefix: str, suffix: str) -> list[str]:
+        return [c for c in _MMBENCH_LETTERS if prefix + c + suffix in tokens]
+
+    bare = written("", "")
+    if len(bare) == 1 and not ("A" in tokens and len(tokens) > 3):
+        return bare[0]
+    for prefix, suffix in _MMBENCH_MARKS:
+        letters = written(prefix, suffix)
+        if len(letters) == 1:
+            return letters[0]
     return None
 
 
-_INLINE_OPTION = re.compile(r"(?:^|[\s,(])([A-H])\s*[\.:\)]\s+")
+def mmbench_infer_text(answer: str, choices: Mapping[str, Any]) -> str | None:
+    """The letter of the only option whose text (lower-cased) the lower-cased answer contains,
+    or None (MMBench's ``can_infer_text``)."""
+    said = answer.lower()
+    found = [k for k, v in choices.items() if str(v).lower() in said]
+    return found[0] if len(found) == 1 else None
 
 
-def parse_inline_options(question: str) -> dict[str, str]:
-    """Options written inside a question (MMStar ``Options: A: x, B: y``, RealWorldQA
-    ``A. x\\nB. y``) as ``{letter: text}``; the letters must run A, B, C... from A, else {}."""
-    marks = list(_INLINE_OPTION.finditer(question))
-    # keep the last run A, B, C... (an earlier stray "A." in the question is not an option)
-    start = max((i for i, m in enumerate(marks) if m.group(1) == "A"), default=None)
-    if start is None:
-        return {}
-    run = [marks[start]]
-    for mark in marks[start + 1 :]:
-        if ord(mark.group(1)) == ord(run[-1].group(1)) + 1:
-            run.append(mark)
-    options: dict[str, str] = {}
-    for i, mark in enumerate(run):
-        end = run[i + 1].start() if i + 1 < len(run) else len(question)
-        body = question[mark.end() : end].split("\n")[0]
-        options[mark.group(1)] = body.strip().rstrip(",;").strip()
-    return options
+def mmbench_choice(prediction: str, choices: Mapping[str, Any]) -> str:
+    """The letter lmms-eval's static MMBench evaluation reads from a prediction, or ``""``
+    (``MMBench_Evaluator.eval_sub_data`` with ``static_only``, the rule of task
+    ``mmbench_en_dev_static``; the ``mmbench_*_dev`` tasks ask GPT where this falls back).
+
+    ``choices``: the options A-D that are not missing (``build_choices``). The prefetch
+    (:func:`mmbench_infer_option`, then :func:`mmbench_infer_text`), else
+    :func:`extract_mcq_answer` over the sorted choice letters.
+    """
+    inferred = mmbench_infer_option(prediction) or mmbench_infer_text(prediction, choices)
+    if inferred:
+        return inferred
+    return extract_mcq_answer(prediction, sorted(choices))
 
 
-# -- ChartQA -----------------------------------------------------------------------------------
+def scienceqa_match(prediction: str, letter: str) -> float:
+    """lmms-eval ``sqa_process_results`` ("how llava parse it"): 1.0 when the stripped
+    prediction is the letter (any case), or starts with an upper-case character and a period
+    (``B. whale``) and that character is the letter; ``(B)`` and ``The answer is B`` fail."""
+    target = letter.strip().lower()
+    text = prediction.strip()
+    if text.lower() == target:
+        return 1.0
+    if len(text) >= 2 and text[0].isupper() and text[1] == ".":
+        return float(text[0].lower() == target)
+    return 0.0
+
+
+_LEADING_LETTER = re.compile(r"^\s*([A-Z])\.")
+
+
+def leading_option_letter(response: str) -> str:
+    """AI2D's ``flexible-extract`` filter (lmms-eval ``ai2d`` ``MultiChoiceRegexFilter``): the
+    letter of a response that starts with ``A.`` (leading whitespace allowed), else the
+    response unchanged."""
+    match = _LEADING_LETTER.match(response)
+    return match.group(1) if match else response
+
+
+def seedbench_match(prediction: str, answer: str) -> float:
+    """lmms-eval ``seed_process_result`` + ``seed_aggregation_result``: the first character of
+    the stripped prediction equals the answer letter, case ignored (``A) teddy bear`` counts,
+    ``(A)`` does not)."""
+    text = prediction.strip()
+    if len(text) > 1:
+        text = text[0]
+    return float(text.lower().strip() == answer.lower().strip())
+
+
+def realworldqa_match(prediction: str, answer: str) -> float:
+    """lmms-eval ``realworldqa_process_results``: a letter answer (A-D, any case) by
+    :func:`extract_mcq_answer` over A-D; any other answer when the prediction, lower-cased,
+    stripped and without trailing periods, equals it lower-cased (``three`` is not ``3``)."""
+    truth = answer.strip()
+    if truth.upper() in ("A", "B", "C", "D"):
+        return float(extract_mcq_answer(prediction, ["A", "B", "C", "D"]) == truth.upper())
+    return float(prediction.lower().strip().rstrip(".") == truth.lower())
+
+
+def mmstar_official_match(prediction: str, answer: str) -> float:
+    """MMStar's own rule (``MMStar_eval`` in the MMStar repository; lmms-eval dropped it for
+    :func:`extract_mcq_answer`): both lower-cased, stripped, newlines as spaces; right when
+    the answer is the prediction's first character, or the character after a leading ``(``,
+    ``option `` or ``the answer is ``."""
+    truth = answer.lower().strip().replace("\n", " ")
+    text = prediction.lower().strip().replace("\n", " ")
+    for prefix in ("", "(", "option ", "the answer is "):
+        if text.startswith(prefix):
+            if len(text) <= len(prefix):
+                return 0.0  # the script's IndexError, caught as a miss
+            if text[len(prefix)] == truth:
+                return 1.0
+    return 0.0
+
+
+# -- ChartQA ------------------------------------------------------------------------------------
 def _to_float(text: str) -> float | None:
     try:
-        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
 
 def relaxed_correctness(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
-    """ChartQA relaxed accuracy: numeric answers within ``max_relative_change`` of a non-zero
-    numeric target (``"12%"`` reads 0.12), otherwise case-insensitive exact match. Surrounding
-    whitespace and a trailing period of the prediction are ignored."""
-    prediction = prediction.strip()
-    if prediction.endswith(".") and not prediction.endswith(".."):
-        prediction = prediction[:-1].rstrip()
-    target = target.strip()
+    """ChartQA relaxed accuracy (lmms-eval ``chartqa`` ``relaxed_correctness``, from Qwen-VL /
+    pix2struct, the authors' rule): when both read as numbers (Python ``float``; ``x%`` as
+    ``x / 100`` after stripping every trailing ``%``) and the target is not zero, within
+    ``max_relative_change`` of it; otherwise equal after lower-casing. Nothing is stripped."""
     predicted, expected = _to_float(prediction), _to_float(target)
-    if predicted is not None and expected:  # a zero target falls back to string equality
+    if predicted is not None and expected:
         return abs(predicted - expected) / abs(expected) <= max_relative_change
     return prediction.lower() == target.lower()
 
 
-# -- OCRBench ----------------------------------------------------------------------------------
+# -- OCRBench -----------------------------------------------------------------------------------
 OCRBENCH_RECOGNITION = (
     "Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
     "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition",
 )  # fmt: skip
 
 
-def ocrbench_match(prediction: str, answers: Sequence[str], dataset: str) -> float:
+def fold_fullwidth(text: str) -> str:
+    """Full-width ASCII (U+FF01-U+FF5E) to ASCII and the ideographic space to a space
+    (lmms-eval ``ocrbench`` ``_fold_fullwidth_ascii``)."""
+    return "".join(
+        chr(ord(c) - 0xFEE0) if 0xFF01 <= ord(c) <= 0xFF5E else " " if c == "\u3000" else c
+        for c in text
+    )
+
+
+def ocrbench_match(
+    prediction: str, answers: Sequence[str], dataset: str, *, fold_fullwidth_ascii: bool = False
+) -> float:
     """1.0 when some answer is a substring of the prediction (OCRBench's evaluation).
 
-    Both trimmed with newlines as spaces and lower-cased; for ``dataset == "HME100k"``
-    (LaTeX of handwritten expressions, where case matters) case is kept and every space is
-    removed instead.
+    Both stripped, newlines as spaces and lower-cased; for ``dataset == "HME100k"`` (LaTeX of
+    handwritten expressions) case is kept and every space removed instead.
+    ``fold_fullwidth_ascii``: fold full-width characters first (:func:`fold_fullwidth`, not
+    for HME100k) as lmms-eval 0.7.3 ``ocrbench_process_results`` does; OCRBench's own script
+    does not.
     """
     for answer in answers:
         if dataset == "HME100k":
-            gt = answer.strip().replace("\n", " ").replace(" ", "")
-            if gt in prediction.strip().replace("\n", " ").replace(" ", ""):
-                return 1.0
-        elif answer.lower().strip().replace("\n", " ") in prediction.lower().strip().replace(
-            "\n", " "
-        ):
+            truth = answer.strip().replace("\n", " ").replace(" ", "")
+            said = prediction.strip().replace("\n", " ").replace(" ", "")
+        else:
+            if fold_fullwidth_ascii:
+                answer, prediction = fold_fullwidth(answer), fold_fullwidth(prediction)
+            truth = answer.lower().strip().replace("\n", " ")
+            said = prediction.lower().strip().replace("\n", " ")
+        if truth in said:
             return 1.0
     return 0.0

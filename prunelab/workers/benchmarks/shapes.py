@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from prunelab.workers.benchmarks import register_benchmark
-from prunelab.workers.benchmarks.base import Sample
+from prunelab.workers.benchmarks.base import Sample, check_scoring
 
 __all__ = ["COLORS", "SHAPES", "ShapesBenchmark", "exact_match", "render", "shapes_vocabulary"]
 
@@ -90,9 +90,16 @@ def exact_match(prediction: str, answers: list[str]) -> float:
 @register_benchmark
 @dataclass
 class ShapesBenchmark:
-    """Synthetic shapes VQA. ``split`` picks a disjoint seed stream (train / test)."""
+    """Synthetic shapes VQA. ``split`` picks a disjoint seed stream (train / test).
+
+    One scoring rule (first word, exact match): ``scoring`` is accepted (``lmms_eval`` or
+    ``official``, as for every benchmark) and changes nothing, so ``describe`` leaves it out.
+    Answers are one word: 4 new tokens, no stop strings.
+    """
 
     kind: ClassVar[str] = "shapes"
+    max_new_tokens: ClassVar[int] = 4
+    until: ClassVar[tuple[str, ...]] = ()
     name: str = "shapes"
     split: str = "test"
     grid: int = 3
@@ -100,6 +107,10 @@ class ShapesBenchmark:
     empty_prob: float = 0.35
     size: int = 1000  # samples in the split; `limit` takes a seeded subset
     metric: str = "exact_match"
+    scoring: str = "lmms_eval"
+
+    def __post_init__(self) -> None:
+        check_scoring(self.scoring)
 
     def describe(self) -> dict[str, Any]:
         return {
