@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+import prunelab
 from prunelab.orchestrator.tracking import (
     Tracker,
+    code_tags,
     default_artifact_root,
     default_tracking_uri,
 )
@@ -168,7 +170,9 @@ def test_log_trial_run_contents(tracker: Tracker, name: str, parent: str, tmp_pa
         "prunelab.role": "trial",
         "prunelab.trial_key": KEY,
         "prunelab.sweep_id": SWEEP_ID,
+        **code_tags(),  # prunelab.version, and prunelab.git_commit in a checkout
     }
+    assert tags["prunelab.version"] == prunelab.__version__
     assert run.data.params == {
         "model": "toy-llava",
         "method": "fastv",
