@@ -106,14 +106,7 @@ class Trial:
         """The stored form (plain JSON containers, a fresh copy): ``trials.config``."""
         data: dict[str, Any] = {
             "key": self.key,
-            "model": self.model,
-            "benchmark": self.benchmark,
-            "method": self.method,
-            "hparams": jsonable(self.hparams),
-            "keep_ratio": self.keep_ratio,
-            "keep_tokens": self.keep_tokens,
-            "prune_layer": self.prune_layer,
-            "seed": self.seed,
+            **self.axes(),
             "model_config": jsonable(self.model_config),
             "benchmark_config": jsonable(self.benchmark_config),
             "eval": dataclasses.asdict(self.eval),
