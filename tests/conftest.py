@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import URL, create_engine, make_url, text
@@ -13,6 +14,47 @@ from sqlalchemy.pool import NullPool
 
 # tests never download: a hub id must fail at once instead of retrying the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# --------------------------------------------------------------------------- hermetic stores
+
+STORE_ENV = (
+    "PRUNELAB_TRACKING_URI",
+    "PRUNELAB_DB_URL",
+    "PRUNELAB_ARTIFACT_ROOT",
+    "RAY_ADDRESS",
+    "PRUNELAB_TEST_FAULTS",
+)
+"""The stores (and Ray, and the workers' fault rules) a user's shell may point prunelab at."""
+
+SHELL_STORES = {name: os.environ.pop(name) for name in STORE_ENV if name in os.environ}
+"""What the shell that started pytest had set, recorded and removed before any test runs:
+no test reads or writes those stores, connects to that Ray or inherits those faults."""
+
+# a bare ray.init() in a test starts a Ray of its own: never the shell's cluster, nor one
+# found through /tmp/ray/ray_current_cluster (`ray start` on this machine)
+os.environ["RAY_ADDRESS"] = "local"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cwd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session works in a temporary directory: the default stores (``./prunelab-runs``)
+    of anything that runs outside a test (module fixtures, Ray's processes) land there."""
+    directory = tmp_path_factory.mktemp("cwd")
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        yield directory
+    finally:
+        os.chdir(previous)
+
+
+@pytest.fixture(autouse=True)
+def _test_cwd(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test starts in a directory of its own, so its default stores are temporary."""
+    directory = tmp_path_factory.mktemp("cwd-test")
+    monkeypatch.chdir(directory)
+    return directory
+
 
 # --------------------------------------------------------------------------- databases
 

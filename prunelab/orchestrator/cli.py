@@ -1,22 +1,35 @@
 """``prunelab``: submit, resume, inspect and report sweeps.
 
-Exit status: 0 when every trial finished, 1 when some failed, 2 on bad input (one line per
-problem on stderr, before any worker starts and before anything is written).
+Exit status: 0 when every trial finished, 1 when some failed (or workers kept dying while
+starting), 2 on bad input (one line per problem on stderr, before any worker starts and before
+anything is written), 75 when no worker could be placed within ``workers.placement_timeout_s``
+(the sweep is left resumable), 130 when interrupted by Ctrl-C or SIGTERM (the sweep is left
+resumable: one line says how far it got and how to resume it), 141 when stdout was closed
+(``prunelab status | head -1``; nothing more is printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
 
 BAD_INPUT = 2
+WORKERS_FAILED = 1  # as a sweep with failed trials: workers kept dying while starting
+NOT_PLACED = 75  # EX_TEMPFAIL: no worker could be placed; resume once the cluster can
+INTERRUPTED = 130  # 128 + SIGINT, for SIGTERM too: both stop a sweep the same way
+BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool killed by the closed pipe would return
+SCORING = ("lmms_eval", "official")  # prunelab.orchestrator.config.SCORING_RULES (not imported)
 
 
 class UsageError(Exception):
@@ -96,7 +109,52 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return _dry_run(plan, stores)
     from prunelab.orchestrator.sweep import submit_sweep
 
+    if args.rerun or _unfinished(plan, stores):
+        _check_local_placement(plan.workers, plan.origins, stores)
+    args.running = _Running(stores, plan.name, _sweep_ids(stores, plan.name))
     return submit_sweep(plan, stores, rerun=args.rerun)
+
+
+def _unfinished(plan: Any, stores) -> bool:
+    """Whether any trial of ``plan`` is not finished in the database (read only)."""
+    from prunelab.db import repo, session_factory
+
+    engine = _engine_if_exists(stores.db_url)
+    if engine is None:
+        return True
+    with session_factory(engine)() as session:
+        found = repo.trials_by_keys(session, [t.key for t in plan.trials])
+    return any(t.key not in found or found[t.key].status != "finished" for t in plan.trials)
+
+
+def _check_local_placement(workers: Any, origins: dict[str, str], stores) -> None:
+    """A local Ray started by prunelab has this machine's CPUs and GPUs and no more, so a
+    worker that fits on no node is bad input, found before anything is written (the Ray
+    started here is the sweep's). A cluster may still grow (an autoscaler adds nodes), so a
+    sweep there waits instead, at most ``workers.placement_timeout_s``."""
+    from prunelab.orchestrator.scheduler import (
+        cluster_capacity,
+        held_ray_logs,
+        is_local,
+        placement_problems,
+        replay_logs,
+        start_ray,
+    )
+
+    if not is_local(stores.ray_address):
+        return
+    with held_ray_logs() as notices:  # Ray's start-up notices: after the check, if it passes
+        start_ray(stores.ray_address)
+    problems = placement_problems(
+        workers.cpus_per_worker,
+        workers.gpus_per_worker,
+        cluster_capacity(),
+        origins,
+        "the local Ray started by prunelab (set --ray-address to use a cluster)",
+    )
+    if problems:
+        raise UsageError(problems)
+    replay_logs(notices)
 
 
 def _dry_run(plan: Any, stores) -> int:
@@ -172,10 +230,37 @@ def cmd_resume(args: argparse.Namespace) -> int:
     _check_stores(stores)
     if _engine_if_exists(stores.db_url) is None:
         raise UsageError([f"no prunelab database at {stores.db_url}"])
+    recorded = _recorded_workers(stores, args.sweep)
+    if recorded is not None:
+        origins = {f"workers.{k}": f"(recorded with sweep {args.sweep})" for k in recorded}
+        _check_local_placement(_workers_config(recorded), origins, stores)
+    args.running = _Running(stores, args.sweep, known=None)
     try:
         return resume_sweep(args.sweep, stores)
     except LookupError as exc:
         raise UsageError([str(exc.args[0])]) from None
+
+
+def _recorded_workers(stores, ref: str) -> dict[str, Any] | None:
+    """The ``workers`` section a sweep was recorded with (None: no such sweep)."""
+    from prunelab.db import repo, session_factory
+
+    engine = _engine_if_exists(stores.db_url)
+    if engine is None:
+        return None
+    with session_factory(engine)() as session:
+        sweep = repo.get_sweep(session, ref)
+        return None if sweep is None else dict((sweep.spec or {}).get("workers") or {})
+
+
+def _workers_config(recorded: dict[str, Any]) -> Any:
+    """A recorded ``workers`` section as the schema's type (settings it lacks: defaults)."""
+    import dataclasses
+
+    from prunelab.orchestrator.config import WorkersConfig
+
+    known = {f.name for f in dataclasses.fields(WorkersConfig)}
+    return WorkersConfig(**{k: v for k, v in recorded.items() if k in known})
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -279,19 +364,28 @@ def cmd_report(args: argparse.Namespace) -> int:
         if sweep is None:
             raise UsageError([f"no sweep with id or name {args.sweep!r}"])
         report = build_report(
-            (t.trial, t.status, t.metrics) for t in repo.sweep_trials(session, sweep.id)
+            (t.trial, t.status, t.metrics, t.replicates)
+            for t in repo.sweep_trials(session, sweep.id)
         )
     render = {"md": report_markdown, "csv": report_csv, "latex": report_latex}[args.format]
     text = render(report)
     if args.out:
-        Path(args.out).write_text(text)
+        _write_output("--out", args.out, text.encode())
     else:
         sys.stdout.write(text)
     if args.pareto:
         from prunelab.orchestrator.plots import pareto_png
 
-        Path(args.pareto).write_bytes(pareto_png(report))
+        _write_output("--pareto", args.pareto, pareto_png(report))
     return 0
+
+
+def _write_output(flag: str, path: str, content: bytes) -> None:
+    """Write a file the user named; one that cannot be written is bad input."""
+    try:
+        Path(path).write_bytes(content)
+    except OSError as exc:
+        raise UsageError([f"{flag} {path}: cannot write: {exc.strerror or exc}"]) from None
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -451,6 +545,34 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------
+def cmd_score(args: argparse.Namespace) -> int:
+    from prunelab.orchestrator.rescore import score_file
+
+    try:
+        scored = score_file(args.benchmark, Path(args.rows), args.scoring)
+    except ValueError as exc:
+        raise UsageError([str(exc)]) from None
+    if args.json:
+        print(json.dumps(scored, ensure_ascii=False))
+    else:
+        for name, value in sorted(scored["metrics"].items()):
+            print(f"{name:24} {value:.4f}")
+    return 0
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from prunelab.orchestrator.rescore import rescore_sweep
+
+    stores = _stores(args)
+    _check_stores(stores)
+    if _engine_if_exists(stores.db_url) is None:
+        raise UsageError([f"no prunelab database at {stores.db_url}"])
+    try:
+        return rescore_sweep(args.sweep, args.scoring, stores)
+    except (LookupError, ValueError) as exc:
+        raise UsageError([str(exc.args[0])]) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--tracking-uri", help="MLflow store (env PRUNELAB_TRACKING_URI)")
@@ -506,6 +628,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true", help="train even if the head exists")
     p.set_defaults(func=cmd_train_vib)
 
+    p = sub.add_parser("score", help="score saved predictions (JSON lines) without a model")
+    p.add_argument("benchmark", help="benchmark config name (e.g. textvqa) or YAML file")
+    p.add_argument("rows", help="JSON lines: the dataset columns, `id` and `prediction`")
+    p.add_argument("--scoring", choices=SCORING, default="lmms_eval")
+    p.add_argument("--json", action="store_true", help="per-sample scores and metrics as JSON")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("rescore", parents=[common], help="rescore a sweep's predictions")
+    p.add_argument("sweep", help="sweep id or name")
+    p.add_argument("--scoring", choices=SCORING, required=True)
+    p.set_defaults(func=cmd_rescore)
+
     p = sub.add_parser("ui", parents=[common], help="serve the MLflow UI on the store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -513,14 +647,140 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- interruptions, resumable stops and closed pipes --------------------------------------------
+@dataclass(frozen=True)
+class _Running:
+    """The sweep a command runs, to say how far it got when it stops early: ``ref`` (a name
+    or id) and, for a new sweep, the ids of the sweeps of that name that existed before."""
+
+    stores: Any
+    ref: str
+    known: frozenset[str] | None
+
+
+def _sweep_ids(stores, name: str) -> frozenset[str]:
+    """Ids of the recorded sweeps named ``name`` (read only; none without a database)."""
+    from sqlalchemy import select
+
+    from prunelab.db import Sweep, session_factory
+
+    engine = _engine_if_exists(stores.db_url)
+    if engine is None:
+        return frozenset()
+    with session_factory(engine)() as session:
+        return frozenset(session.scalars(select(Sweep.id).where(Sweep.name == name)))
+
+
+def _progress_line(running: _Running | None) -> str:
+    """``after 11/37 trials; resume with `prunelab resume NAME``` for the sweep a command was
+    running, or why there is nothing to resume."""
+    nothing = "before the sweep was recorded; nothing to resume"
+    if running is None:
+        return nothing
+    from prunelab.db import repo, session_factory
+
+    try:
+        engine = _engine_if_exists(running.stores.db_url)
+        if engine is None:
+            return nothing
+        with session_factory(engine)() as session:
+            sweep = repo.get_sweep(session, running.ref)
+            if sweep is None or (running.known is not None and sweep.id in running.known):
+                return nothing
+            counts = repo.trial_status_counts(session, sweep.id)
+            newest = repo.get_sweep(session, sweep.name)
+            ref = sweep.name if newest is not None and newest.id == sweep.id else sweep.id
+    except Exception as exc:  # the store may be what failed: still say how to go on
+        return f"progress unknown ({exc}); resume with `prunelab resume {running.ref}`"
+    done, total = counts.get("finished", 0), sum(counts.values())
+    return f"after {done}/{total} trials; resume with `prunelab resume {ref}`"
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM (docker stop, Slurm, systemd) raise KeyboardInterrupt in
+    the main thread, the first time: the sweep's own clean-up (its running trials back to
+    pending, its workers stopped, its runs marked KILLED) then runs without a second signal
+    cutting it short. A signal the parent set to be ignored stays ignored. The handlers in
+    place before are put back on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = [False]
+
+    def stop(signum: int, frame: Any) -> None:
+        if not fired[0]:
+            fired[0] = True
+            raise KeyboardInterrupt
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        if current is signal.SIG_IGN:
+            continue
+        previous[signum] = signal.SIG_DFL if current is None else current
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stop_ray() -> None:
+    """End this process's Ray session now (a local Ray's processes with it), if any."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def _error(line: str) -> None:
+    print(f"prunelab: error: {line}", file=sys.stderr)
+
+
+def _pool_error(exc: Exception) -> int | None:
+    """The exit status of a worker pool that could not go on, after its one line; None when
+    ``exc`` is something else."""
+    scheduler = sys.modules.get("prunelab.orchestrator.scheduler")
+    if scheduler is None or not isinstance(exc, scheduler.PoolError):
+        return None
+    return NOT_PLACED if isinstance(exc, scheduler.PlacementTimeout) else WORKERS_FAILED
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: send what is left of stdout nowhere, so that exiting is quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with _stop_signals():
+            try:
+                status = int(args.func(args))
+                sys.stdout.flush()  # a closed pipe shows here, not at exit
+                return status
+            except KeyboardInterrupt:
+                _stop_ray()
+                running = getattr(args, "running", None)
+                print(f"prunelab: interrupted {_progress_line(running)}", file=sys.stderr)
+                return INTERRUPTED
     except UsageError as exc:
         for line in exc.problems:
-            print(f"prunelab: error: {line}", file=sys.stderr)
+            _error(line)
         return BAD_INPUT
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE
+    except Exception as exc:
+        status = _pool_error(exc)
+        if status is None:
+            raise
+        _stop_ray()
+        _error(f"{exc}; stopped {_progress_line(getattr(args, 'running', None))}")
+        return status
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Value ranges that a type cannot express are listed in :func:`range_problems`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -21,7 +22,9 @@ from omegaconf import MISSING
 __all__ = [
     "BASE_NAME",
     "FLOPS_CONVENTIONS",
+    "RAY_PRECISION",
     "SCHEMA_NAME",
+    "SCORING_RULES",
     "EvalConfig",
     "SweepConfig",
     "WorkersConfig",
@@ -40,6 +43,12 @@ BASE_NAME = "base"
 
 
 _IN_KEY = {"in_key": True}  # a setting that changes a trial's results: part of its key
+# ... added to the key by trial-key version 2 (keys of version 1 do not hash it)
+_IN_KEY_V2 = {"in_key": True, "since": 2}
+
+SCORING_RULES = ("lmms_eval", "official")
+"""``eval.scoring``: lmms-eval 0.7.3's rule for each benchmark, or the benchmark authors' where
+they differ (listed in the README)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,10 @@ class EvalConfig:
     # samples per trial (seeded subset of the split); None: all
     limit: int | None = field(default=64, metadata=_IN_KEY)
     sample_seed: int = field(default=0, metadata=_IN_KEY)  # which samples `limit` picks
-    max_new_tokens: int = field(default=4, metadata=_IN_KEY)  # greedy decoding budget per sample
+    # greedy decoding budget per sample; None: the benchmark's (lmms-eval's generation_kwargs)
+    max_new_tokens: int | None = field(default=None, metadata=_IN_KEY)
+    # how predictions are scored: one of SCORING_RULES
+    scoring: str = field(default="lmms_eval", metadata=_IN_KEY_V2)
     warmup: int = 2  # untimed forwards before timing
     # compare first-token distributions with the unpruned model
     fidelity: bool = field(default=True, metadata=_IN_KEY)
@@ -57,9 +69,13 @@ class EvalConfig:
     heatmaps: int = 2  # samples per trial with an importance heatmap artifact (0: none)
 
     @classmethod
-    def key_fields(cls) -> tuple[str, ...]:
-        """The settings that change a trial's results, hence part of its key (not warmup)."""
-        return tuple(f.name for f in fields(cls) if f.metadata.get("in_key"))
+    def key_fields(cls, version: int | None = None) -> tuple[str, ...]:
+        """The settings that change a trial's results, hence part of its key (not warmup);
+        with ``version``, those that trial-key version hashes."""
+        hashed = [f for f in fields(cls) if f.metadata.get("in_key")]
+        if version is not None:
+            hashed = [f for f in hashed if f.metadata.get("since", 1) <= version]
+        return tuple(f.name for f in hashed)
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,8 @@ class WorkersConfig:
     cpus_per_worker: float = 1.0
     max_attempts: int = 3  # tries per trial before it is marked failed
     trial_timeout_s: float | None = None  # a trial running longer: worker killed and replaced
+    # no worker placed for this long (none running): the sweep stops, resumable; None: wait on
+    placement_timeout_s: float | None = 300.0
 
 
 @dataclass
@@ -85,32 +103,77 @@ class SweepConfig:
     stages: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Range:
+    """The numbers a setting accepts: from ``low`` (excluded when ``open_low``) upwards."""
+
+    low: float
+    open_low: bool = False
+
+    def problem(self, value: float) -> str | None:
+        if self.open_low and not value > self.low:
+            return f"must be > {self.low:g}"
+        if not self.open_low and not value >= self.low:
+            return f"must be >= {self.low:g}"
+        return None
+
+
+_RANGES: dict[str, dict[str, _Range]] = {
+    "eval": {
+        "limit": _Range(1),
+        "sample_seed": _Range(0),  # numpy's generators take no negative seed
+        "max_new_tokens": _Range(1),
+        "warmup": _Range(0),
+        "heatmaps": _Range(0),
+    },
+    "workers": {
+        "count": _Range(1),
+        "gpus_per_worker": _Range(0),
+        "cpus_per_worker": _Range(0, open_low=True),
+        "max_attempts": _Range(1),
+        "trial_timeout_s": _Range(0, open_low=True),
+        "placement_timeout_s": _Range(0, open_low=True),
+    },
+}
+_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "eval": {"flops_convention": FLOPS_CONVENTIONS, "scoring": SCORING_RULES},
+}
+RAY_PRECISION = 0.0001
+"""The smallest fraction of a CPU or GPU Ray can reserve."""
+
+
+def _ray_quantity_problem(key: str, value: float) -> str | None:
+    """What Ray would refuse in a worker's CPU or GPU request (its own rules)."""
+    if 0 < value < RAY_PRECISION:
+        zero = "0 or " if key == "gpus_per_worker" else ""
+        return f"must be {zero}at least {RAY_PRECISION:g} (the precision of Ray's resources)"
+    if key == "gpus_per_worker" and value > 1 and not float(value).is_integer():
+        return "more than one GPU must be a whole number (a fraction shares one GPU)"
+    return None
+
+
 def range_problems(section: str, values: dict[str, Any]) -> dict[str, str]:
-    """Range checks of an already type-checked ``eval`` or ``workers`` section.
+    """Range checks of an already type-checked ``eval`` or ``workers`` section: every number
+    finite, each within its range, each choice one of its options.
 
     Returns ``{key: what is wrong}`` for each value out of range (empty when all are fine).
     """
-    minimum: dict[str, dict[str, float]] = {
-        "eval": {"limit": 1, "max_new_tokens": 1, "warmup": 0},
-        "workers": {
-            "count": 1,
-            "gpus_per_worker": 0,
-            "cpus_per_worker": 0,
-            "max_attempts": 1,
-            "trial_timeout_s": 0,
-        },
-    }
     problems: dict[str, str] = {}
-    for key, lowest in minimum.get(section, {}).items():
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            problems[key] = "must be a finite number"
+    for key, allowed in _RANGES.get(section, {}).items():
         value = values.get(key)
-        if value is None:
+        if value is None or key in problems:
             continue
-        if key in ("cpus_per_worker", "trial_timeout_s") and value <= lowest:
-            problems[key] = "must be > 0"
-        elif value < lowest:
-            problems[key] = f"must be >= {lowest}"
-    if section == "eval" and values.get("flops_convention") not in FLOPS_CONVENTIONS:
-        problems["flops_convention"] = f"must be one of {', '.join(FLOPS_CONVENTIONS)}"
+        problem = allowed.problem(value)
+        if problem is None and key in ("cpus_per_worker", "gpus_per_worker"):
+            problem = _ray_quantity_problem(key, value)
+        if problem is not None:
+            problems[key] = problem
+    for key, options in _CHOICES.get(section, {}).items():
+        if key in values and values[key] not in options:
+            problems[key] = f"must be one of {', '.join(options)}"
     return problems
 
 

@@ -16,15 +16,22 @@ reports:
 * a trial that failed inside a healthy worker (e.g. out of memory, which the worker
   reports as :class:`~prunelab.workers.actor.TrialFailure` after freeing memory): reported as
   not retryable; the worker keeps its model and takes the next trial.
+* resources: what a worker asks for is checked against the nodes Ray has
+  (:func:`cluster_capacity`, :func:`placement_problems`); when no worker runs and none has been
+  placed for ``placement_timeout_s`` (a request no node can meet, the only node gone), the
+  pool stops with :class:`PlacementTimeout`, leaving the trials it did not run pending.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import signal
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +43,24 @@ from ray.exceptions import (
     RayTaskError,
 )
 
+from prunelab.orchestrator.config import WorkersConfig
 from prunelab.trial import Trial, TrialResult
 from prunelab.workers.actor import TrialFailure, Worker
 
-__all__ = ["Dispatch", "WorkerPool", "start_ray"]
+__all__ = [
+    "Capacity",
+    "Dispatch",
+    "PlacementTimeout",
+    "PoolError",
+    "WorkerPool",
+    "WorkersCannotStart",
+    "cluster_capacity",
+    "held_ray_logs",
+    "is_local",
+    "placement_problems",
+    "replay_logs",
+    "start_ray",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +69,142 @@ _START_WARNING_S = 60.0  # warn once when a worker has waited this long for reso
 _START_DEATHS_PER_WORKER = 3  # workers dying while starting, in a row, before giving up
 
 
+_DEFAULT_PLACEMENT_TIMEOUT_S = WorkersConfig().placement_timeout_s
+
+
+class PoolError(RuntimeError):
+    """The pool cannot go on; the trials it did not run are left for ``prunelab resume``."""
+
+
+class PlacementTimeout(PoolError):
+    """No worker could be placed for ``placement_timeout_s`` while none was running."""
+
+
+class WorkersCannotStart(PoolError):
+    """Workers die while starting, again and again (their own error is in the message)."""
+
+
+def is_local(address: str | None) -> bool:
+    """Whether ``address`` means a new local Ray of this process's own (none, or ``local``)."""
+    return not address or address == "local"
+
+
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (the CLI passes ``--ray-address`` or ``RAY_ADDRESS``;
     ``auto`` joins a cluster started on this machine with ``ray start``), else start a new
-    local Ray of this process's own: never silently join another driver's local cluster."""
+    local Ray of this process's own: never silently join another driver's local cluster.
+
+    ``ray.init`` replaces the process's SIGTERM handler with an immediate exit; a handler the
+    caller installed (the CLI's, which stops the sweep as Ctrl-C does) is put back.
+    """
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    main_thread = threading.current_thread() is threading.main_thread()
+    caller = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        if is_local(address):
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    finally:
+        if caller is not None and caller is not signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, caller)
+
+
+class _Hold(logging.Filter):
+    """Keeps the records it sees instead of letting them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(record is held for held in self.records):
+            self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def held_ray_logs() -> Iterator[list[logging.LogRecord]]:
+    """Hold what Ray's driver logs meanwhile (the notices of ``ray.init``) instead of printing
+    it: a caller that then finds bad input says one line; one that goes on prints them with
+    :func:`replay_logs`."""
+    hold = _Hold()
+    handlers = list(logging.getLogger("ray").handlers)
+    for handler in handlers:
+        handler.addFilter(hold)
+    try:
+        yield hold.records
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+
+
+def replay_logs(records: list[logging.LogRecord]) -> None:
+    """Print records held by :func:`held_ray_logs` as they would have been."""
+    for record in records:
+        logging.getLogger(record.name).handle(record)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The CPUs and GPUs of each live node of the Ray cluster this process is connected to."""
+
+    nodes: tuple[tuple[float, float], ...]  # (CPU, GPU) per node
+
+    def fits(self, cpus: float, gpus: float) -> bool:
+        """Whether some node could hold one worker (an actor never spans nodes)."""
+        return any(cpu >= cpus and gpu >= gpus for cpu, gpu in self.nodes)
+
+    def most(self, resource: str) -> float:
+        index = 0 if resource == "CPU" else 1
+        return max((node[index] for node in self.nodes), default=0.0)
+
+    def describe(self) -> str:
+        """``1 node: 2 CPU, 0 GPU`` or ``3 nodes: 8 CPU, 2 GPU in all, at most 4 CPU, 1 GPU on
+        one``."""
+        if len(self.nodes) == 1:
+            ((cpu, gpu),) = self.nodes
+            return f"1 node: {cpu:g} CPU, {gpu:g} GPU"
+        cpus, gpus = sum(n[0] for n in self.nodes), sum(n[1] for n in self.nodes)
+        return (
+            f"{len(self.nodes)} nodes: {cpus:g} CPU, {gpus:g} GPU in all, at most "
+            f"{self.most('CPU'):g} CPU, {self.most('GPU'):g} GPU on one"
+        )
+
+
+def cluster_capacity() -> Capacity:
+    """What the live nodes of the connected Ray cluster have (Ray must be initialised)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return Capacity(
+        tuple(
+            (float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)))
+            for n in nodes
+        )
+    )
+
+
+def placement_problems(
+    cpus: float, gpus: float, capacity: Capacity, origins: dict[str, str], cluster: str
+) -> list[str]:
+    """One line per worker request no node of ``capacity`` can meet, naming the setting
+    (``workers.gpus_per_worker=1 from the command line``) and what the cluster has;
+    ``cluster`` says which cluster (``the local Ray started by prunelab``)."""
+    problems = []
+    for key, need, resource in (("cpus_per_worker", cpus, "CPU"), ("gpus_per_worker", gpus, "GPU")):
+        if need > capacity.most(resource):
+            where = origins.get(f"workers.{key}", "")
+            problems.append(
+                f"workers.{key}={need:g}{' ' + where if where else ''}: no node of {cluster} "
+                f"has {need:g} {resource} for a worker ({capacity.describe()})"
+            )
+    if not problems and not capacity.fits(cpus, gpus):
+        problems.append(
+            f"workers.cpus_per_worker={cpus:g} with workers.gpus_per_worker={gpus:g}: no node "
+            f"of {cluster} has both for a worker ({capacity.describe()})"
+        )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -107,8 +253,10 @@ class WorkerPool:
     """``count`` actors, each ``cpus`` CPUs and ``gpus`` GPUs (fractions allowed).
 
     ``trial_timeout_s``: wall time a trial may take on its worker (model load included)
-    before the worker is killed and replaced; None: no limit. ``worker_cls``: the actor class
-    (tests may pass another with the same ``identity``/``run`` methods).
+    before the worker is killed and replaced; None: no limit. ``placement_timeout_s``: how
+    long the pool waits with no worker running for Ray to place one before it raises
+    :class:`PlacementTimeout`; None: for ever. ``worker_cls``: the actor class (tests may pass
+    another with the same ``identity``/``run`` methods).
     """
 
     def __init__(
@@ -118,15 +266,40 @@ class WorkerPool:
         gpus: float = 0,
         trial_timeout_s: float | None = None,
         worker_cls: type = Worker,
+        placement_timeout_s: float | None = _DEFAULT_PLACEMENT_TIMEOUT_S,
     ) -> None:
         if count < 1:
             raise ValueError(f"count={count}: a pool needs at least one worker")
         self.cpus, self.gpus = cpus, gpus
         self.trial_timeout_s = trial_timeout_s
+        self.placement_timeout_s = placement_timeout_s
         self._names = (f"worker-{i}" for i in itertools.count())
         self._remote = ray.remote(worker_cls)
         self.replaced = 0
+        self._warn_if_unplaceable()
         self.slots: list[_Slot] = [self._start() for _ in range(count)]
+
+    def _warn_if_unplaceable(self) -> None:
+        """Say at once when no node of the cluster can hold a worker now (one may still join:
+        a cluster can grow), instead of after a minute of waiting."""
+        capacity = cluster_capacity()
+        if capacity.fits(self.cpus, self.gpus):
+            return
+        limit = self.placement_timeout_s
+        log.warning(
+            "no node of the Ray cluster has %g CPU and %g GPU for a worker (%s); waiting %s "
+            "for one to join (workers.placement_timeout_s)",
+            self.cpus, self.gpus, capacity.describe(),
+            "without limit" if limit is None else f"up to {limit:g} s",
+        )  # fmt: skip
+
+    def _placement_timeout(self, waiting: int) -> PlacementTimeout:
+        return PlacementTimeout(
+            f"no worker could be placed in {self.placement_timeout_s:g} s "
+            f"(workers.placement_timeout_s): {waiting} worker(s) wait for {self.cpus:g} CPU and "
+            f"{self.gpus:g} GPU each (workers.cpus_per_worker, workers.gpus_per_worker); the "
+            f"Ray cluster has {cluster_capacity().describe()}"
+        )
 
     def _start(self) -> _Slot:
         name = next(self._names)
@@ -177,6 +350,7 @@ class WorkerPool:
         results: list[tuple[Dispatch, TrialResult]] = []  # finished, not yet handed over
         warned = False
         start_deaths = 0  # in a row: a worker that cannot start at all must not loop forever
+        stalled_since: float | None = None  # since when no worker runs and some wait for Ray
 
         def lost(slot: _Slot) -> None:
             """``slot``'s actor is gone or killed: start its replacement."""
@@ -205,12 +379,23 @@ class WorkerPool:
             if not running and not pending:
                 break
             deadlines = [r.deadline for r in running.values() if r.deadline is not None]
+            if not running and not idle and starting:  # nothing moves until Ray places one
+                if stalled_since is None:
+                    stalled_since = time.monotonic()
+                if not warned:  # wake up to warn once
+                    deadlines.append(stalled_since + _START_WARNING_S)
+                if self.placement_timeout_s is not None:
+                    deadlines.append(stalled_since + self.placement_timeout_s)
+            else:
+                stalled_since = None
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            if not running:  # only workers still waiting to start: wake up to warn once
-                wait_s = None if warned else _START_WARNING_S
             ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=wait_s)
             if not ready:
                 now = time.monotonic()
+                stalled = None if stalled_since is None else now - stalled_since
+                limit = self.placement_timeout_s
+                if stalled is not None and limit is not None and stalled >= limit:
+                    raise self._placement_timeout(len(starting))
                 for ref, entry in list(running.items()):
                     if entry.deadline is not None and entry.deadline <= now:
                         del running[ref]
@@ -221,7 +406,7 @@ class WorkerPool:
                         error = f"timeout after {self.trial_timeout_s:g}s"
                         if failed(entry.trial, error, True):
                             pending.insert(0, entry.trial)
-                if not running and starting and not warned:
+                if stalled is not None and stalled >= _START_WARNING_S and not warned:
                     warned = True
                     log.warning(
                         "%d worker(s) still waiting for resources (%g CPU, %g GPU each)",
@@ -239,7 +424,7 @@ class WorkerPool:
                     log.warning("%s died while starting: %s", slot.name, _first_line(exc))
                     start_deaths += 1
                     if start_deaths >= _START_DEATHS_PER_WORKER * len(self.slots):
-                        raise RuntimeError(
+                        raise WorkersCannotStart(
                             f"{start_deaths} workers in a row died while starting; the last: "
                             f"{_first_line(exc)}"
                         ) from exc

@@ -67,6 +67,8 @@ class SweepPlan:
     eval: EvalConfig
     workers: WorkersConfig
     model_infos: dict[str, ModelInfo] = field(default_factory=dict, repr=False)
+    # where each ``workers.<key>`` came from, for problems found once Ray is up
+    origins: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def load_sweep(spec: str, overrides: Sequence[str] = ()) -> SweepPlan:
@@ -101,4 +103,5 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> SweepPlan:
         eval=composed.eval,
         workers=composed.workers,
         model_infos={n: groups.model_infos[n] for n in used_models},
+        origins=composed.origins,
     )

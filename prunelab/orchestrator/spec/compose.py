@@ -3,11 +3,20 @@ against the schema (:mod:`prunelab.orchestrator.config`).
 
 Command-line overrides are split in two: those whose key is a grid axis go to the grid
 (:mod:`.grid`); every other one (``eval.limit=4``, ``name=x``) goes to Hydra's compose.
+
+Every YAML file (the spec, the configs its ``defaults`` name, the group files) is read by
+:func:`read_yaml` within limits: at most :data:`MAX_YAML_BYTES` of UTF-8 text, nested at most
+:data:`MAX_YAML_DEPTH` deep, at most :data:`MAX_YAML_NODES` nodes with every alias expanded
+(measured on the parser's events, so an alias bomb is never built), and no NaN or infinity.
+The ``defaults`` lists are followed before Hydra composes them, so that a cycle is reported
+instead of recursing without end.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,18 +36,49 @@ from prunelab.orchestrator.config import EvalConfig, SweepConfig, WorkersConfig,
 from prunelab.orchestrator.spec.grid import AXES, axis_name, is_axis_key
 from prunelab.orchestrator.spec.report import (
     COMMAND_LINE,
+    NOT_FINITE,
     Problems,
     SpecError,
     did_you_mean,
     first_line,
+    non_finite,
+    shorten,
     show,
 )
 from prunelab.orchestrator.vib_stage import stage_problems
 from prunelab.sweeps import SWEEPS_DIR
 
-__all__ = ["ComposedSpec", "SpecSource", "compose_spec", "locate_spec", "read_yaml", "sweep_names"]
+__all__ = [
+    "MAX_DEFAULTS_DEPTH",
+    "MAX_NAME_LENGTH",
+    "MAX_YAML_BYTES",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
+    "ComposedSpec",
+    "SpecSource",
+    "compose_spec",
+    "locate_spec",
+    "name_problem",
+    "read_yaml",
+    "sweep_names",
+]
 
 _HYDRA_LOCK = threading.Lock()  # Hydra's global state is process-wide
+
+MAX_YAML_BYTES = 1 << 20
+"""Largest spec or config file read (1 MiB; the shipped ones are under 4 KiB)."""
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of mappings and lists in a YAML file."""
+MAX_YAML_NODES = 100_000
+"""Most nodes (scalars, lists, mappings) of a YAML file once every alias is expanded."""
+MAX_DEFAULTS_DEPTH = 32
+"""Most levels of configs including configs through their ``defaults`` lists."""
+MAX_NAME_LENGTH = 100
+"""Longest sweep name (it names the MLflow experiment and its artifact directory)."""
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
 
 
 def sweep_names() -> list[str]:
@@ -70,6 +110,8 @@ class ComposedSpec:
     workers: WorkersConfig
     stages: dict[str, Any]
     axis_overrides: list[tuple[str, Override]]  # command-line overrides of grid axes
+    # where each ``workers.<key>`` came from ("in sweeps/x.yaml", "from the command line")
+    origins: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def as_dict(self, grid: dict[str, Any]) -> dict[str, Any]:
         """The spec as recorded for the sweep, with the grid as effectively used."""
@@ -106,16 +148,74 @@ def locate_spec(spec: str) -> SpecSource:
     return SpecSource(resolved, spec, ((resolved.parent, str(path.parent)), *package_groups))
 
 
-def read_yaml(path: Path, shown: str) -> tuple[dict[str, Any] | None, str | None]:
-    """A YAML mapping as plain containers, or a problem line (with the YAML error's line)."""
+def _expanded_size_problem(text: str) -> str | None:
+    """Whether a YAML text nests too deeply or holds too many nodes with its aliases expanded;
+    counted on the parser's events with each anchor's size remembered, so in time linear in
+    the text whatever the aliases multiply to (raises :class:`yaml.YAMLError` if malformed)."""
+    anchored: dict[str, int] = {}  # anchor -> nodes of its value, aliases expanded
+    open_nodes: list[tuple[str | None, list[int]]] = []  # (anchor, [nodes so far])
+    total = [0]
+    for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, _OPEN):
+            open_nodes.append((event.anchor, [1]))
+            if len(open_nodes) > MAX_YAML_DEPTH:
+                return f"nested more than {MAX_YAML_DEPTH} levels deep"
+            continue
+        if isinstance(event, _CLOSE):
+            anchor, (size,) = open_nodes.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, size = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, size = None, anchored.get(event.anchor, 1)
+        else:
+            continue
+        if anchor is not None:
+            anchored[anchor] = size
+        counter = open_nodes[-1][1] if open_nodes else total
+        counter[0] += size
+        if counter[0] > MAX_YAML_NODES:
+            return f"more than {MAX_YAML_NODES:,} values once its aliases are expanded"
+    return None
+
+
+def _read_text(path: Path, shown: str) -> tuple[str | None, str | None]:
+    """The file's text, or why it is not a spec-sized UTF-8 text."""
     try:
-        loaded = OmegaConf.load(path)
+        with path.open("rb") as file:
+            data = file.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        return None, f"{shown}: cannot read: {exc.strerror or first_line(exc)}"
+    if len(data) > MAX_YAML_BYTES:
+        return None, f"{shown}: larger than {MAX_YAML_BYTES >> 20} MiB, not a spec"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return None, (
+            f"{shown}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        )
+
+
+def _malformed(exc: yaml.YAMLError, shown: str) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context, problem = getattr(exc, "context", None), getattr(exc, "problem", None)
+    what = " ".join(p for p in (context, problem) if p) or first_line(exc)
+    return f"{shown}: malformed YAML{where}: {what}"
+
+
+def read_yaml(path: Path, shown: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A YAML mapping as plain containers, or a problem line (with the YAML error's line):
+    read within the limits of this module, every number finite."""
+    text, problem = _read_text(path, shown)
+    if text is None:
+        return None, problem
+    try:
+        too_big = _expanded_size_problem(text)
+        if too_big is not None:
+            return None, f"{shown}: {too_big}"
+        loaded = OmegaConf.load(io.StringIO(text))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        context, problem = getattr(exc, "context", None), getattr(exc, "problem", None)
-        what = " ".join(p for p in (context, problem) if p) or first_line(exc)
-        return None, f"{shown}: malformed YAML{where}: {what}"
+        return None, _malformed(exc, shown)
     except (OSError, OmegaConfBaseException) as exc:
         return None, f"{shown}: cannot read: {first_line(exc)}"
     if not isinstance(loaded, DictConfig):
@@ -125,7 +225,85 @@ def read_yaml(path: Path, shown: str) -> tuple[dict[str, Any] | None, str | None
     except OmegaConfBaseException as exc:
         return None, f"{shown}: {first_line(exc)}"
     assert isinstance(data, dict)
+    for dotted, value in non_finite(data):
+        return None, f"{dotted}={show(value)} in {shown}: {NOT_FINITE}"
     return {str(k): v for k, v in data.items()}, None
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot name a sweep (None: it can). It is the MLflow experiment's name and
+    its artifact directory's, so a path (``../x``, ``/x``) or a long name is refused."""
+    if not isinstance(name, (str, int, float)) or isinstance(name, bool) or not str(name):
+        return "must be a non-empty string"
+    text = str(name)
+    if len(text) > MAX_NAME_LENGTH or not _NAME.fullmatch(text):
+        return (
+            f"must be 1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (it names the MLflow experiment and its artifact directory)"
+        )
+    return None
+
+
+# -- defaults lists ---------------------------------------------------------------------------
+def _default_targets(entry: Any, group: str) -> list[str]:
+    """The config paths (``model/tiny-llava``, ``base``) one ``defaults`` entry of a config in
+    ``group`` names; [] for ``_self_``, interpolations and optional-less placeholders."""
+
+    def join(name: str) -> str:
+        name = name.split("@", 1)[0].strip()
+        if name.startswith("/"):
+            return name.lstrip("/")
+        return f"{group}/{name}" if group else name
+
+    if isinstance(entry, str):
+        return [] if entry in ("_self_", "") or "${" in entry else [join(entry)]
+    if not isinstance(entry, dict) or len(entry) != 1:
+        return []
+    ((key, options),) = entry.items()
+    key = str(key).split()[-1] if str(key).split() else ""
+    options = options if isinstance(options, list) else [options]
+    return [
+        f"{join(key)}/{option}"
+        for option in options
+        if isinstance(option, str) and option not in ("???", "_self_") and "${" not in option
+    ]
+
+
+def _find_config(target: str, source: SpecSource) -> tuple[Path, str] | None:
+    """The file of a config path on the spec's search path (spec dir, then the package's)."""
+    for directory, shown in source.group_dirs:
+        path = directory / f"{target}.yaml"
+        if path.is_file():
+            return path.resolve(), f"{shown}/{target}.yaml"
+    return None  # in the ConfigStore (base), or missing: Hydra says so
+
+
+def defaults_problem(source: SpecSource) -> str | None:
+    """Follow the spec's ``defaults`` lists through the files they name: each read within the
+    YAML limits, no config including itself, directly or through others."""
+
+    def walk(path: Path, shown: str, group: str, chain: list[tuple[Path, str]]) -> str | None:
+        data, problem = read_yaml(path, shown)
+        if problem is not None or data is None:
+            return problem
+        defaults = data.get("defaults")
+        for entry in defaults if isinstance(defaults, list) else []:
+            for target in _default_targets(entry, group):
+                found = _find_config(target, source)
+                if found is None:
+                    continue
+                if any(found[0] == seen for seen, _ in chain):
+                    cycle = " -> ".join(s for _, s in [*chain, found])
+                    return f"{source.shown}: the defaults lists form a cycle: {cycle}"
+                if len(chain) >= MAX_DEFAULTS_DEPTH:
+                    return f"{source.shown}: defaults nest more than {MAX_DEFAULTS_DEPTH} deep"
+                inner = target.rsplit("/", 1)[0] if "/" in target else ""
+                problem = walk(*found, inner, [*chain, found])
+                if problem is not None:
+                    return problem
+        return None
+
+    return walk(source.path, source.shown, "", [(source.path, source.shown)])
 
 
 def _hydra_compose(source: SpecSource, overrides: Sequence[str]) -> DictConfig:
@@ -142,6 +320,14 @@ def _hydra_compose(source: SpecSource, overrides: Sequence[str]) -> DictConfig:
                 return compose(config_name=source.path.stem, overrides=[*extra, *overrides])
         finally:
             GlobalHydra.instance().clear()
+
+
+def _hydra_error(exc: BaseException) -> str:
+    """Hydra's or OmegaConf's message on one line, without its ``full_key:`` detail lines."""
+    detail = ("full_key:", "object_type=", "reference_type=")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(detail)]
+    return " ".join(kept[:2]) or type(exc).__name__
 
 
 def _dotted_paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
@@ -190,11 +376,16 @@ class _Composer:
 
     def compose(self, compose_overrides: list[Override]) -> dict[str, Any]:
         """The composed spec as plain containers; records the config paths the command line set."""
+        problem = defaults_problem(self.source) or self._section_problem()
+        if problem is not None:
+            self.problems.fatal(problem)
         try:
             alone = _hydra_compose(self.source, [])
             base_tree = OmegaConf.to_container(alone, resolve=False, throw_on_missing=False)
         except (HydraException, OmegaConfBaseException) as exc:
-            self.problems.fatal(f"{self.source.shown}: {first_line(exc)}")
+            self.problems.fatal(f"{self.source.shown}: {_hydra_error(exc)}")
+        except RecursionError:  # a cycle the defaults walk could not see (e.g. via a package)
+            self.problems.fatal(f"{self.source.shown}: its defaults lists nest without end")
         assert isinstance(base_tree, dict)
         known = [*_dotted_paths(base_tree), *AXES]
         usable: list[str] = []
@@ -218,11 +409,25 @@ class _Composer:
             composed = _hydra_compose(self.source, usable)
             tree = OmegaConf.to_container(composed, resolve=True, throw_on_missing=False)
         except (HydraException, OmegaConfBaseException) as exc:
-            self.problems.fatal(f"{first_line(exc)} ({COMMAND_LINE})")
+            self.problems.fatal(f"{_hydra_error(exc)} ({COMMAND_LINE})")
+        except RecursionError:
+            self.problems.fatal(f"the defaults lists nest without end ({COMMAND_LINE})")
         assert isinstance(tree, dict)
         if OmegaConf.is_missing(composed, "name"):
             tree.pop("name", None)
         return {str(k): v for k, v in tree.items()}
+
+    def _section_problem(self) -> str | None:
+        """A section of the spec file that is not a mapping, named before Hydra's merge into
+        the schema fails on it with a message that does not say which."""
+        data, problem = read_yaml(self.source.path, self.source.shown)
+        if problem is not None or data is None:
+            return problem
+        for section in ("grid", "eval", "workers", "stages"):
+            value = data.get(section)
+            if value is not None and not isinstance(value, dict):
+                return f"{section}={show(value)} in {self.source.shown}: must be a mapping"
+        return None
 
     def where(self, path: str) -> str:
         if any(path == key or path.startswith(key + ".") for key in self.cli_keys):
@@ -245,17 +450,16 @@ class _Composer:
                 f"the sweep has no name: set `name:` in {self.source.shown} "
                 "or name=... on the command line"
             )
-        elif not isinstance(name, (str, int, float)) or not str(name).strip():
-            self.problems.add(f"name={show(name)} {self.where('name')}: must be a non-empty string")
+        elif (problem := name_problem(name)) is not None:
+            shown = shorten(show(name))
+            self.problems.add(f"name={shown} {self.where('name')}: {problem}")
         grid = tree.get("grid") or {}
-        if not isinstance(grid, dict):
-            self.problems.add(
+        if not isinstance(grid, dict):  # no axis can be planned: stop here
+            self.problems.fatal(
                 f"grid={show(grid)} {self.where('grid')}: must be a mapping of axis -> value"
             )
-            grid = {}
         stages = tree.get("stages") or {}
-        for line in stage_problems(stages, self.where("stages")):
-            self.problems.add(line)
+        self.check_stages(stages)
         return ComposedSpec(
             name=str(name or ""),
             grid=grid,
@@ -263,7 +467,32 @@ class _Composer:
             workers=self.check_section("workers", WorkersConfig, tree.get("workers")),
             stages=stages if isinstance(stages, dict) else {},
             axis_overrides=axis_overrides,
+            origins={
+                f"workers.{f.name}": self.where(f"workers.{f.name}")
+                for f in dataclasses.fields(WorkersConfig)
+            },
         )
+
+    def check_stages(self, stages: Any) -> None:
+        """The training stages' settings (:func:`~prunelab.orchestrator.vib_stage.
+        stage_problems`), each setting named with where it came from; numbers finite."""
+        if not isinstance(stages, dict):
+            for line in stage_problems(stages, self.where("stages")):
+                self.problems.add(line)
+            return
+        for name, settings in stages.items():
+            if not isinstance(settings, dict):
+                for line in stage_problems({name: settings}, self.where(f"stages.{name}")):
+                    self.problems.add(line)
+                continue
+            for key, value in settings.items():
+                path = f"stages.{name}.{key}"
+                bad = next(non_finite(value, path), None)
+                if bad is not None:
+                    self.problems.add(f"{bad[0]}={show(bad[1])} {self.where(path)}: {NOT_FINITE}")
+                    continue
+                for line in stage_problems({name: {key: value}}, self.where(path)):
+                    self.problems.add(line)
 
     def check_section(self, section: str, schema: type, values: Any) -> Any:
         """One typed section (``schema`` instance) of the composed spec."""
@@ -283,7 +512,8 @@ class _Composer:
             try:
                 merged = OmegaConf.merge(OmegaConf.structured(schema), {key: value})
             except OmegaConfBaseException as exc:
-                self.problems.add(f"{path}={show(value)} {self.where(path)}: {first_line(exc)}")
+                problem = NOT_FINITE if next(non_finite(value), None) else first_line(exc)
+                self.problems.add(f"{path}={show(value)} {self.where(path)}: {problem}")
                 continue
             typed[key] = merged[key]
         for key, problem in range_problems(section, typed).items():

@@ -6,16 +6,25 @@ loading it). :func:`grid_points` is their cartesian product."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Glob, Override, QuotedString
+from hydra.core.override_parser.types import Glob, Override, QuotedString, RangeSweep
 from hydra.errors import HydraException
 
 from prunelab.methods.base import Budget
-from prunelab.orchestrator.spec.report import COMMAND_LINE, Problems, did_you_mean, first_line, show
+from prunelab.orchestrator.spec.report import (
+    COMMAND_LINE,
+    NOT_FINITE,
+    Problems,
+    did_you_mean,
+    first_line,
+    is_finite,
+    show,
+)
 from prunelab.trial import canonical_json, jsonable
 
 if TYPE_CHECKING:
@@ -26,6 +35,8 @@ __all__ = [
     "BUDGET_AXES",
     "GROUPS",
     "HPARAM_PREFIX",
+    "MAX_AXIS_VALUES",
+    "MAX_GRID_POINTS",
     "Axis",
     "Point",
     "axis_name",
@@ -40,6 +51,10 @@ BUDGET_AXES = ("keep_ratio", "keep_tokens")
 AXES = (*GROUPS, *BUDGET_AXES, "prune_layer", "seed")
 """Grid axes besides ``method.<hyperparameter>``."""
 HPARAM_PREFIX = "method."
+MAX_AXIS_VALUES = 100_000
+"""Most values one axis may select (``seed=range(0,100000)``)."""
+MAX_GRID_POINTS = 100_000
+"""Most grid points (the product of the axes' value counts) a sweep may have."""
 
 _ABSENT = object()
 
@@ -177,14 +192,25 @@ class _Grid:
                 )
                 return
             values: list[Any] = value.filter(self.groups.candidates(axis.name))
+        elif isinstance(value, RangeSweep) and (problem := _range_problem(value)) is not None:
+            self.problems.add(f"{axis.label()}: {problem}")
+            return
         elif override.is_sweep_override():
             values = [_plain(v) for v in override.sweep_iterator()]
         else:
             values = [_plain(value)]
+        if len(values) > MAX_AXIS_VALUES:
+            self.problems.add(
+                f"{axis.label()}: {len(values):,} values; an axis takes at most {MAX_AXIS_VALUES:,}"
+            )
+            return
         unique: dict[str, Any] = {}
         for v in values:
+            if not is_finite(v):
+                self.problems.add(f"{axis.label(v)}: {NOT_FINITE}")
+                continue
             unique.setdefault(canonical_json(jsonable(v)), v)
-        if not unique:
+        if not values:
             self.problems.add(f"{axis.label()}: selects no value")
         axis.values = list(unique.values())
 
@@ -226,6 +252,37 @@ class _Grid:
         return value, None  # method.<hp>: checked against the methods that have it
 
 
+def _range_problem(sweep: RangeSweep) -> str | None:
+    """Why a ``range()`` cannot be enumerated (a zero step, an infinite or too long range),
+    found from its bounds before a value is made."""
+    bounds = (sweep.start, sweep.stop, sweep.step)
+    if any(not isinstance(b, (int, float)) or not math.isfinite(b) for b in bounds):
+        return f"range() takes finite numbers; {NOT_FINITE}"
+    start, stop, step = bounds
+    if step == 0:
+        return "range() step must not be zero"
+    count = max(0, math.ceil((stop - start) / step))
+    if count > MAX_AXIS_VALUES:
+        return f"{count:,} values; an axis takes at most {MAX_AXIS_VALUES:,}"
+    return None
+
+
+def _grid_size_problem(axes: dict[str, Axis]) -> str | None:
+    """Whether the product of the axes' value counts exceeds :data:`MAX_GRID_POINTS`."""
+    points = math.prod(len(axis.values) for axis in axes.values())
+    if points <= MAX_GRID_POINTS:
+        return None
+    counts = " x ".join(
+        f"{axis.name} {len(axis.values):,} {axis.where}"
+        for axis in axes.values()
+        if len(axis.values) > 1
+    )
+    return (
+        f"the grid has {points:,} points ({counts}); a sweep takes at most "
+        f"{MAX_GRID_POINTS:,}: split it into several sweeps"
+    )
+
+
 def collect_axes(
     grid: dict[str, Any],
     axis_overrides: list[tuple[str, Override]],
@@ -238,6 +295,10 @@ def collect_axes(
     axes = builder.collect(grid, axis_overrides)
     for axis in axes.values():
         builder.expand(axis)
+    problem = _grid_size_problem(axes)
+    if problem is not None:  # checking or planning that many points would not end soon
+        problems.fatal(problem)
+    for axis in axes.values():
         builder.check_values(axis)
     return axes
 

@@ -48,6 +48,8 @@ class ConfigGroups:
         self.model_infos: dict[str, ModelInfo] = {}
         self.benchmarks: dict[str, dict[str, Any]] = {}
         self.benchmark_ids: dict[str, dict[str, Any]] = {}  # name -> benchmark.describe()
+        # name -> the benchmark's own new-token budget (lmms-eval's generation_kwargs)
+        self.max_new_tokens: dict[str, int] = {}
         self.presets: dict[str, Preset] = {}
         self._methods: dict[tuple[str, str], M.PruningMethod | str] = {}  # str: the error
 
@@ -133,6 +135,7 @@ class ConfigGroups:
             return False
         self.benchmarks[name] = data
         self.benchmark_ids[name] = jsonable(identity)
+        self.max_new_tokens[name] = int(benchmark.max_new_tokens)
         return True
 
     def _preset(self, name: str, data: dict[str, Any], shown: str) -> bool:

@@ -228,7 +228,7 @@ class TrialPlanner:
             seed=seed,
             model_config=self.groups.models[point.model],
             benchmark_config=self.groups.benchmarks[point.benchmark],
-            eval=self.eval,
+            eval=self._eval(point.benchmark),
             guidance_config=guide_config,
             vib_head=vib_head,
             preset=point.preset.preset,
@@ -240,6 +240,13 @@ class TrialPlanner:
             benchmark_identity=self.groups.benchmark_ids[point.benchmark],
         )
         return dataclasses.replace(trial, key=key)
+
+    def _eval(self, benchmark: str) -> EvalConfig:
+        """The eval settings of a trial on ``benchmark``: ``max_new_tokens`` unset means the
+        benchmark's own (so the trial, and its key, say how many tokens were generated)."""
+        if self.eval.max_new_tokens is not None:
+            return self.eval
+        return dataclasses.replace(self.eval, max_new_tokens=self.groups.max_new_tokens[benchmark])
 
     def _head(
         self, method: M.TrainedHeadMethod, guide_config: dict[str, Any]

@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
 __all__ = [
     "COMMAND_LINE",
+    "NOT_FINITE",
     "Problems",
     "SpecError",
     "did_you_mean",
     "first_line",
+    "is_finite",
+    "non_finite",
     "one_line",
+    "shorten",
     "show",
 ]
 
 COMMAND_LINE = "from the command line"
+NOT_FINITE = "must be a finite number"
+"""The problem of a NaN or infinity anywhere in a spec: no trial key (JSON) can hold one."""
 
 
 class SpecError(ValueError):
@@ -68,6 +75,8 @@ def show(value: Any) -> str:
     """A value as a user would write it in an override."""
     if isinstance(value, str):
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # nan, inf, -inf: as written in an override
     return json.dumps(value, default=str)
 
 
@@ -81,3 +90,32 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     text = text or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """``text``, or its start and its length when longer than ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def is_finite(value: Any) -> bool:
+    """False for a float NaN or infinity, recursively inside lists and mappings."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(is_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(is_finite(v) for v in value.values())
+    return True
+
+
+def non_finite(tree: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """The dotted paths (``grid.keep_ratio``, ``stages.vib.lr``, ``a.0``) and values of the NaNs
+    and infinities in a tree of plain containers."""
+    if isinstance(tree, float) and not math.isfinite(tree):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from non_finite(value, f"{prefix}.{index}" if prefix else str(index))
