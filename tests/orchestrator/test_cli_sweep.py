@@ -118,7 +118,10 @@ def test_quickstart_on_sqlite_then_rerun_runs_nothing(tmp_path):
     assert md.count("| toy-llava |") == 5
     csv_out = tmp_path / "t.csv"
     prunelab("report", "quickstart", "--format", "csv", "--out", str(csv_out), cwd=tmp_path)
-    assert csv_out.read_text().splitlines()[0] == "model,method,budget,shapes,mean score ratio (%)"
+    assert csv_out.read_text().splitlines()[0] == (
+        "model,method,budget,shapes,shapes_ci_low,shapes_ci_high,mean score ratio (%),"
+        "mean score ratio (%)_ci_low,mean score ratio (%)_ci_high"
+    )
     latex = prunelab("report", "quickstart", "--format", "latex", cwd=tmp_path).stdout
     assert "\\begin{tabular}" in latex
 
