@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import prunelab.metrics as M
-from prunelab.orchestrator import results
+from prunelab.orchestrator import results, tables
 from prunelab.workers.cost import kv_cache_bytes, trial_flops
 from prunelab.workers.models import ModelInfo
 from prunelab.workers.runner import SampleResult, aggregate
@@ -161,11 +161,11 @@ def test_a_new_table_entry_reaches_aggregate_and_trials_csv(monkeypatch):
     metrics = aggregate(full_samples(), INFO, "pdrop", CPU)
     assert metrics["generated_tokens"] == 8.0
     config = {"model": "m", "benchmark": "gqa", "method": "none", "hparams": {}}
-    rows = results.results_rows([(config, "finished", metrics)])
-    csv_lines = results.trials_csv(rows).splitlines()
+    rows = tables.results_rows([(config, "finished", metrics)])
+    csv_lines = tables.trials_csv(rows).splitlines()
     assert csv_lines[0].endswith(",fidelity_top1,generated_tokens")
     assert csv_lines[1].endswith(",8.0")
-    markdown = results.trials_markdown(rows).splitlines()
+    markdown = tables.trials_markdown(rows).splitlines()
     assert markdown[0].endswith("| top-1 agree | generated |")
     assert markdown[2].endswith("| 66.7% | 8 |")
 

@@ -21,7 +21,8 @@ and of its baseline, on the same samples (:func:`same_samples`). Trials without 
 (rows of older versions) print as before, without ``±``.
 
 The per-trial table with every cost metric (``trials.csv`` on the parent run) is
-:func:`results_rows` + :func:`trials_markdown` / :func:`trials_csv`; its metric columns are the
+:func:`prunelab.orchestrator.tables.results_rows` + ``trials_markdown`` / ``trials_csv``; its
+metric columns are the
 entries of :data:`prunelab.metrics.METRICS` that name a ``column``.
 
 Trials are given as (trial, status, metrics) or (trial, status, metrics, replicates): the trial
@@ -32,18 +33,15 @@ through :meth:`Trial.from_dict`; ``replicates`` the bootstrap replicates of its 
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from prunelab import intervals
-from prunelab import metrics as metric_table
 from prunelab.metrics import ratio, relative_metrics
 from prunelab.trial import Trial
 
@@ -53,18 +51,12 @@ __all__ = [
     "as_trial",
     "budget_cell",
     "budget_label",
+    "budget_order",
     "build_report",
+    "read_trials",
     "relative_metrics",
-    "report_artifacts",
-    "report_csv",
-    "report_latex",
-    "report_markdown",
-    "results_rows",
     "same_samples",
     "trial_params",
-    "trials_columns",
-    "trials_csv",
-    "trials_markdown",
 ]
 
 UPPER_BOUND = "upper bound"
@@ -98,7 +90,7 @@ def _replicates(values: Replicates) -> np.ndarray | None:
     return np.asarray(values, dtype=np.float64)
 
 
-def _read(trials: Iterable[TrialTuple]) -> _Trials:
+def read_trials(trials: Iterable[TrialTuple]) -> _Trials:
     """(trial, status, metrics, replicates) with the trial as a :class:`Trial`."""
     read: _Trials = []
     for trial, status, metrics, *rest in trials:
@@ -213,7 +205,7 @@ class Report:
         return list(dict.fromkeys(row.model for row in self.rows))
 
 
-def _budget_order(trial: Trial) -> tuple:
+def budget_order(trial: Trial) -> tuple:
     """Unpruned first, then absolute budgets, then ratios, each largest first."""
     if trial.keep_tokens is not None:
         return (1, -float(trial.keep_tokens))
@@ -285,7 +277,7 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
     interval (:func:`prunelab.intervals.mean_interval` of the per-benchmark ratio replicates)
     needs every one of them paired with its baseline.
     """
-    trials = _read(trials)
+    trials = read_trials(trials)
     benchmarks = list(dict.fromkeys(trial.benchmark for trial, *_ in trials))
     axis_of = {"layer": "prune_layer", "seed": "seed"}
     variant_columns = [label for label, axis in axis_of.items() if _varies(trials, axis)]
@@ -317,7 +309,7 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
                 variant=variant,
                 is_baseline=trial.is_baseline,
                 order=(
-                    _budget_order(trial),
+                    budget_order(trial),
                     method,
                     tuple(-1 if v is None else v for v in variant.values()),
                 ),
@@ -370,345 +362,3 @@ def _add_intervals(
     ratios = _ratio_replicates(trial, replicates, baselines.get((trial.model, benchmark)))
     if ratios is not None:
         row.ratio_replicates[benchmark] = ratios
-
-
-def _score_text(value: float) -> str:
-    return f"{value:.1f}"
-
-
-def _ratio_text(value: float) -> str:
-    return f"{100 * value:.1f}"
-
-
-@dataclass(frozen=True)
-class _Cell:
-    """One value cell of the report.
-
-    ``text``: the number as printed (or the trial's status, or :data:`MISSING`); ``value``:
-    the printed number (None: not a number); ``low`` / ``high``: the printed interval bounds
-    and ``half``: the printed ``±`` half-width (None: no interval); ``replicates`` /
-    ``samples``: what the bold rule's paired test compares (None: no replicates).
-    """
-
-    text: str
-    value: float | None = None
-    low: str | None = None
-    high: str | None = None
-    half: str | None = None
-    replicates: np.ndarray | None = None
-    samples: tuple | None = None
-
-
-def _number_cell(
-    value: float,
-    interval: tuple[float, float] | None,
-    text: Callable[[float], str],
-    replicates: np.ndarray | None,
-    samples: tuple | None,
-) -> _Cell:
-    """A number, with the half-width ``max(value - low, high - value)`` of its interval."""
-    shown = text(value)
-    if interval is None:
-        return _Cell(shown, float(shown), replicates=replicates, samples=samples)
-    low, high = interval
-    half = max(value - low, high - value, 0.0)
-    return _Cell(shown, float(shown), text(low), text(high), text(half), replicates, samples)
-
-
-def _cell_values(row: ReportRow, report: Report) -> list[_Cell]:
-    """A row's benchmark cells, then its mean-ratio cell."""
-    cells: list[_Cell] = []
-    for benchmark in report.benchmarks:
-        score = row.scores.get(benchmark)
-        if score is not None:
-            cells.append(_number_cell(score, row.intervals.get(benchmark), _score_text,
-                                      row.replicates.get(benchmark),
-                                      row.samples.get(benchmark)))  # fmt: skip
-        else:
-            status = row.status.get(benchmark)
-            cells.append(_Cell(MISSING if status in (None, "finished") else status))
-    if row.mean_ratio is not None:
-        samples = tuple(row.samples.get(b) for b in report.ratio_benchmarks)
-        cells.append(_number_cell(row.mean_ratio, row.mean_interval, _ratio_text,
-                                  row.mean_replicates, samples))  # fmt: skip
-    else:
-        cells.append(_Cell(MISSING))
-    return cells
-
-
-def _not_worse(best: _Cell, cell: _Cell) -> bool:
-    """Whether ``cell`` is not significantly worse than ``best`` by the paired bootstrap test;
-    False when they cannot be paired (replicates missing or of unequal length, or trials on
-    other samples)."""
-    if best.replicates is None or cell.replicates is None or best.samples != cell.samples:
-        return False
-    if len(best.replicates) != len(cell.replicates):
-        return False
-    return intervals.not_worse(best.replicates, cell.replicates)
-
-
-def _bold_column(cells: Mapping[int, _Cell]) -> set[int]:
-    """The rows of one column at one (model, budget) to print in bold: the largest printed
-    value (ties all), and every row not significantly worse than each of them by the paired
-    bootstrap test (:func:`prunelab.intervals.not_worse`). A row that cannot be paired with a
-    best one (no replicates, other samples) is bold only at the best value. When every row of
-    the group is bold, nothing stands out and none is."""
-    shown = {index: cell for index, cell in cells.items() if cell.value is not None}
-    if not shown:
-        return set()
-    top = max(cell.value for cell in shown.values() if cell.value is not None)
-    bests = [shown[index] for index, cell in shown.items() if cell.value == top]
-    bold = {index for index, cell in shown.items() if cell.value == top}
-    for index, cell in shown.items():
-        if index not in bold and all(_not_worse(best, cell) for best in bests):
-            bold.add(index)
-    return set() if len(bold) == len(cells) else bold
-
-
-def _best_cells(report: Report) -> set[tuple[int, int]]:
-    """(row index, value column) pairs to print in bold: at each (model, budget) with at least
-    two pruned rows, per column, the rows of :func:`_bold_column`."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for index, row in enumerate(report.rows):
-        if not row.is_baseline:
-            groups.setdefault((row.model, row.budget), []).append(index)
-    best: set[tuple[int, int]] = set()
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        cells = {index: _cell_values(report.rows[index], report) for index in members}
-        for column in range(len(report.benchmarks) + 1):
-            column_cells = {index: row_cells[column] for index, row_cells in cells.items()}
-            best.update((index, column) for index in _bold_column(column_cells))
-    return best
-
-
-def _label_cells(row: ReportRow, report: Report) -> list[str]:
-    labels = [row.method, row.budget]
-    labels += [
-        "" if row.variant[c] is None else str(row.variant[c]) for c in report.variant_columns
-    ]
-    return labels
-
-
-@dataclass(frozen=True)
-class _Style:
-    """How a format prints value cells: bold markup, the ``±`` separator, a status word."""
-
-    bold: Callable[[str], str]
-    plus_minus: str
-    status: Callable[[str], str]
-
-
-_MARKDOWN = _Style(lambda text: f"**{text}**", " ± ", lambda text: text)
-
-
-def _render_cell(cell: _Cell, style: _Style, bold: bool) -> str:
-    if cell.value is None:
-        return style.status(cell.text)
-    text = cell.text if cell.half is None else f"{cell.text}{style.plus_minus}{cell.half}"
-    return style.bold(text) if bold else text
-
-
-def _render_rows(report: Report, style: _Style) -> list[tuple[str, list[str]]]:
-    """(model, cells) per row: labels then values (with ``±``), bold ones styled."""
-    best = _best_cells(report)
-    out = []
-    for index, row in enumerate(report.rows):
-        values = [
-            _render_cell(cell, style, (index, column) in best)
-            for column, cell in enumerate(_cell_values(row, report))
-        ]
-        out.append((row.model, _label_cells(row, report) + values))
-    return out
-
-
-def _header(report: Report) -> list[str]:
-    return ["method", "budget", *report.variant_columns, *report.benchmarks, MEAN_RATIO_HEADER]
-
-
-def _markdown_escape(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def report_markdown(report: Report) -> str:
-    """The report as one GitHub-flavoured markdown table (model in the first column)."""
-    head = ["model", *_header(report)]
-    labels = 3 + len(report.variant_columns)
-    lines = [
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * labels + "---:|" * (len(head) - labels),
-    ]
-    for model, cells in _render_rows(report, _MARKDOWN):
-        lines.append("| " + " | ".join(_markdown_escape(c) for c in [model, *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def report_csv(report: Report) -> str:
-    """The report as CSV: the markdown table's cells without bold and without ``±``; a value
-    column some row has an interval in is followed by ``<column>_ci_low`` and
-    ``<column>_ci_high`` (the printed bounds; empty where a row has none)."""
-    header = _header(report)
-    labels = len(header) - len(report.benchmarks) - 1
-    rows = [(row.model, _label_cells(row, report), _cell_values(row, report))
-            for row in report.rows]  # fmt: skip
-    with_ci = {column for _, _, cells in rows for column, cell in enumerate(cells)
-               if cell.half is not None}  # fmt: skip
-    head = ["model", *header[:labels]]
-    for column, name in enumerate(header[labels:]):
-        head += [name] + ([name + suffix for suffix in CI_SUFFIXES] if column in with_ci else [])
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(head)
-    for model, label_cells, cells in rows:
-        line = [model, *label_cells]
-        for column, cell in enumerate(cells):
-            line.append(cell.text)
-            if column in with_ci:
-                line += [cell.low or "", cell.high or ""]
-        writer.writerow(line)
-    return buffer.getvalue()
-
-
-_LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-}
-
-
-def latex_escape(text: str) -> str:
-    """``text`` with LaTeX's special characters escaped (for a tabular cell)."""
-    return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
-
-
-_LATEX = _Style(
-    lambda text: f"\\textbf{{{text}}}",
-    " $\\pm$ ",
-    lambda text: "--" if text == MISSING else latex_escape(text),
-)
-
-
-def report_latex(report: Report) -> str:
-    """The report as a booktabs ``tabular``: a header row per model, a rule between budgets.
-
-    Needs ``\\usepackage{booktabs}``.
-    """
-    head = _header(report)
-    labels = 2 + len(report.variant_columns)
-    values = len(head) - labels
-    lines = [
-        "\\begin{tabular}{" + "l" * labels + "r" * values + "}",
-        "\\toprule",
-        " & ".join(latex_escape(h.capitalize() if i < labels else h) for i, h in enumerate(head))
-        + " \\\\",
-    ]
-    rendered = _render_rows(report, _LATEX)
-    previous: tuple[str, str] | None = None
-    for row, (model, cells) in zip(report.rows, rendered, strict=True):
-        if previous is None or previous[0] != model:
-            lines += [
-                "\\midrule",
-                f"\\multicolumn{{{len(head)}}}{{l}}{{\\textit{{{latex_escape(model)}}}}} \\\\",
-            ]
-        elif previous[1] != row.budget:
-            lines.append("\\midrule")
-        previous = (model, row.budget)
-        # value cells come rendered (markup is ours, status words escaped)
-        escaped = [latex_escape(c) for c in cells[:labels]] + cells[labels:]
-        lines.append(" & ".join(escaped) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    return "\n".join(lines) + "\n"
-
-
-# -- the per-trial table ------------------------------------------------------------------------
-def trials_columns() -> list[tuple[str, str]]:
-    """(metric, header) of the per-trial table's metric columns: the entries of
-    :data:`prunelab.metrics.METRICS` with a ``column``, in the table's order."""
-    return [(metric.name, str(metric.column)) for metric in metric_table.table_columns()]
-
-
-def results_rows(trials: Iterable[TrialTuple]) -> list[dict]:
-    """Rows (trial, status, metrics) -> per-trial rows sorted by model, benchmark, method,
-    budget (largest first), layer."""
-    columns = trials_columns()
-    rows = []
-    for trial, status, metrics, _ in _read(trials):
-        row = {
-            "model": trial.model,
-            "benchmark": trial.benchmark,
-            "method": trial.method,
-            "budget": budget_label(trial),
-            "layer": "" if trial.prune_layer is None else str(trial.prune_layer),
-            "status": status,
-        }
-        for key, _ in columns:
-            row[key] = metrics.get(key)
-        row["_sort"] = (
-            trial.model,
-            trial.benchmark,
-            not trial.is_baseline,
-            trial.method,
-            _budget_order(trial),
-            trial.prune_layer or 0,
-        )
-        rows.append(row)
-    rows.sort(key=lambda r: r.pop("_sort"))
-    return rows
-
-
-def _fmt(key: str, value: Any) -> str:
-    """A metric cell of the per-trial markdown table, in the format of the metric's entry."""
-    text = metric_table.format_value(metric_table.lookup(key), value)
-    return MISSING if text is None else text
-
-
-def trials_markdown(rows: Sequence[dict]) -> str:
-    """Per-trial rows (:func:`results_rows`) as a markdown table of cost and quality metrics."""
-    columns = trials_columns()
-    head = ["model", "benchmark", "method", "budget", "layer"] + [t for _, t in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row["model"], row["benchmark"], row["method"], row["budget"], row["layer"]]
-        if row["status"] != "finished":
-            cells += [row["status"]] + [""] * (len(columns) - 1)
-        else:
-            cells += [_fmt(key, row[key]) for key, _ in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def trials_csv(rows: Sequence[dict]) -> str:
-    """Per-trial rows (:func:`results_rows`) as CSV with raw metric values."""
-    buffer = io.StringIO()
-    fields = ["model", "benchmark", "method", "budget", "layer", "status"] + [
-        key for key, _ in trials_columns()
-    ]
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def report_artifacts(trials: Iterable[TrialTuple]) -> dict[str, str | bytes]:
-    """The files of a sweep's parent run: ``table.md``, ``table.csv``, ``table.tex`` (the
-    report), ``pareto.png`` (score ratio vs TFLOPs per model) and ``trials.csv`` (every
-    trial's cost and quality metrics)."""
-    from prunelab.orchestrator.plots import pareto_png  # matplotlib only when plotting
-
-    trials = _read(trials)
-    report = build_report(trials)
-    return {
-        "table.md": report_markdown(report),
-        "table.csv": report_csv(report),
-        "table.tex": report_latex(report),
-        "pareto.png": pareto_png(report),
-        "trials.csv": trials_csv(results_rows(trials)),
-    }

@@ -27,13 +27,8 @@ from prunelab.db import Trial as TrialRow
 from prunelab.db import init_db, repo, session_factory
 from prunelab.metrics import relative_metrics
 from prunelab.orchestrator.config import WorkersConfig
-from prunelab.orchestrator.results import (
-    budget_label,
-    build_report,
-    report_artifacts,
-    report_markdown,
-    same_samples,
-)
+from prunelab.orchestrator.results import budget_label, build_report, same_samples
+from prunelab.orchestrator.tables import report_artifacts, report_markdown
 from prunelab.orchestrator.tracking import TAG_RESCORED_FROM, Tracker, environment_tags
 from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads, fail_untrained
 from prunelab.trial import TrialResult

@@ -25,20 +25,18 @@ from prunelab.orchestrator.estimate import (
     measured_throughput,
 )
 from prunelab.orchestrator.plots import pareto_png, pareto_points
-from prunelab.orchestrator.results import (
-    budget_label,
-    build_report,
+from prunelab.orchestrator.results import budget_label, build_report, trial_params
+from prunelab.orchestrator.spec import load_sweep
+from prunelab.orchestrator.tables import (
     latex_escape,
     report_artifacts,
     report_csv,
     report_latex,
     report_markdown,
     results_rows,
-    trial_params,
     trials_csv,
     trials_markdown,
 )
-from prunelab.orchestrator.spec import load_sweep
 from prunelab.trial import Trial
 
 

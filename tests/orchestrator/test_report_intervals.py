@@ -18,13 +18,9 @@ from prunelab import intervals
 from prunelab.db import Trial as TrialRow
 from prunelab.db import init_db, repo, session_factory
 from prunelab.orchestrator.plots import pareto_intervals, pareto_png, pareto_points
-from prunelab.orchestrator.results import (
-    build_report,
-    report_csv,
-    report_latex,
-    report_markdown,
-)
+from prunelab.orchestrator.results import build_report
 from prunelab.orchestrator.sweep import Recorder
+from prunelab.orchestrator.tables import report_csv, report_latex, report_markdown
 from prunelab.trial import Trial, TrialResult
 
 Z = np.linspace(-1.0, 1.0, 101)
