@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from prunelab.db import init_db
-from prunelab.orchestrator.cli import _stores
+from prunelab.orchestrator.cli.common import stores_from_args
 from prunelab.orchestrator.scheduler import is_local
 from prunelab.orchestrator.tracking import Tracker
 
@@ -32,7 +32,7 @@ def test_default_stores_are_temporary_and_written_there(
     assert not set(STORE_ENV) & set(os.environ)
     assert "PRUNELAB_TEST_FAULTS" not in os.environ
     none = argparse.Namespace(tracking_uri=None, db_url=None, artifact_root=None, ray_address=None)
-    stores = _stores(none)
+    stores = stores_from_args(none)
     cwd = Path.cwd().resolve()
     assert cwd.is_relative_to(tmp_path_factory.getbasetemp().resolve())
     for location in (stores.db_url, stores.tracking_uri, stores.artifact_root):

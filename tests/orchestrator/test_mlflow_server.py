@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from prunelab.orchestrator.cli import _stores, ui_command
+from prunelab.orchestrator.cli.common import stores_from_args
+from prunelab.orchestrator.cli.tools import ui_command
 from prunelab.orchestrator.sweep import Stores
 
 # the unpruned baseline and fastv at one budget, 2 samples each, one worker
@@ -67,7 +68,7 @@ def test_ui_uses_the_configured_store(monkeypatch, tmp_path):
     monkeypatch.setenv("PRUNELAB_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
     monkeypatch.delenv("PRUNELAB_ARTIFACT_ROOT", raising=False)
     args = Namespace(tracking_uri=None, db_url=None, artifact_root=None, ray_address=None)
-    command = ui_command(_stores(args), "127.0.0.1", 5000)
+    command = ui_command(stores_from_args(args), "127.0.0.1", 5000)
     assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/env.db"
     artifacts = command[command.index("--artifacts-destination") + 1]
     assert artifacts == (tmp_path / "prunelab-runs" / "artifacts").as_uri()

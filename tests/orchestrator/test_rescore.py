@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import create_engine
 
 from prunelab.db import repo, session_factory
-from prunelab.orchestrator.cli import SCORING, main
+from prunelab.orchestrator.cli import main
+from prunelab.orchestrator.cli.common import SCORING
 from prunelab.orchestrator.config import SCORING_RULES
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.offline import score_rows

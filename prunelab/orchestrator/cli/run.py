@@ -1,0 +1,238 @@
+"""``prunelab sweep`` and ``prunelab resume``: the commands that run trials, the checks made
+before any worker starts (``--dry-run``, local placement), and how far a stopped sweep got."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from prunelab.orchestrator.cli.common import (
+    UsageError,
+    check_stores,
+    engine_if_exists,
+    stores_from_args,
+)
+
+__all__ = ["Running", "cmd_resume", "cmd_sweep", "progress_line"]
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from prunelab.orchestrator.spec import SpecError, load_sweep
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        if args.workers < 1:
+            raise UsageError([f"--workers={args.workers}: must be >= 1"])
+        overrides.append(f"workers.count={args.workers}")
+    try:
+        plan = load_sweep(args.spec, overrides)
+    except SpecError as exc:
+        raise UsageError(exc.problems) from None
+    stores = stores_from_args(args)
+    check_stores(stores)
+    if args.dry_run:
+        return _dry_run(plan, stores)
+    from prunelab.orchestrator.sweep import submit_sweep
+
+    if args.rerun or _unfinished(plan, stores):
+        _check_local_placement(plan.workers, plan.origins, stores)
+    args.running = Running(stores, plan.name, sweep_ids(stores, plan.name))
+    return submit_sweep(plan, stores, rerun=args.rerun)
+
+
+def _unfinished(plan: Any, stores) -> bool:
+    """Whether any trial of ``plan`` is not finished in the database (read only)."""
+    from prunelab.db import repo, session_factory
+
+    engine = engine_if_exists(stores.db_url)
+    if engine is None:
+        return True
+    with session_factory(engine)() as session:
+        found = repo.trials_by_keys(session, [t.key for t in plan.trials])
+    return any(t.key not in found or found[t.key].status != "finished" for t in plan.trials)
+
+
+def _check_local_placement(workers: Any, origins: dict[str, str], stores) -> None:
+    """A local Ray started by prunelab has this machine's CPUs and GPUs and no more, so a
+    worker that fits on no node is bad input, found before anything is written (the Ray
+    started here is the sweep's). A cluster may still grow (an autoscaler adds nodes), so a
+    sweep there waits instead, at most ``workers.placement_timeout_s``."""
+    from prunelab.orchestrator.scheduler import (
+        cluster_capacity,
+        held_ray_logs,
+        is_local,
+        placement_problems,
+        replay_logs,
+        start_ray,
+    )
+
+    if not is_local(stores.ray_address):
+        return
+    with held_ray_logs() as notices:  # Ray's start-up notices: after the check, if it passes
+        start_ray(stores.ray_address)
+    problems = placement_problems(
+        workers.cpus_per_worker,
+        workers.gpus_per_worker,
+        cluster_capacity(),
+        origins,
+        "the local Ray started by prunelab (set --ray-address to use a cluster)",
+    )
+    if problems:
+        raise UsageError(problems)
+    replay_logs(notices)
+
+
+def _dry_run(plan: Any, stores) -> int:
+    from prunelab.db import repo, session_factory
+    from prunelab.orchestrator.estimate import earlier_throughput, estimate_tflops
+    from prunelab.orchestrator.results import budget_label
+
+    done: set[str] = set()
+    throughput: dict[str, Any] = {}  # model -> Throughput of its earlier finished trials
+    engine = engine_if_exists(stores.db_url)
+    if engine is not None:
+        with session_factory(engine)() as session:
+            found = repo.trials_by_keys(session, [t.key for t in plan.trials])
+            done = {k for k, t in found.items() if t.status == "finished"}
+            throughput = earlier_throughput(session, {t.model for t in plan.trials})
+    print(f"sweep {plan.name}: {len(plan.trials)} trials, {len(done)} already finished")
+    print(
+        f"{'key':10}  {'model':16} {'benchmark':10} {'method':12} {'budget':7} {'layer':5} "
+        f"{'seed':4}  hparams"
+    )
+    total_tflops = 0.0
+    model_tflops: dict[str, float] = {}  # per model, of the trials to run
+    for trial in plan.trials:
+        tflops = estimate_tflops(trial)
+        if trial.key not in done:
+            total_tflops += tflops
+            model_tflops[trial.model] = model_tflops.get(trial.model, 0.0) + tflops
+        mark = " (done)" if trial.key in done else ""
+        print(
+            f"{trial.key[:10]}  {trial.model:16} {trial.benchmark:10} {trial.method:12} "
+            f"{budget_label(trial):7} {_blank(trial.prune_layer):5} {_blank(trial.seed):4}  "
+            f"{json.dumps(trial.hparams)}{mark}"
+        )
+    todo = [t for t in plan.trials if t.key not in done]
+    limit = plan.eval.limit
+    samples = f"{limit * len(todo)} samples" if limit is not None else "all samples"
+    print(
+        f"to run: {len(todo)} trials, {samples}, about {total_tflops:.3g} TFLOPs of LLM "
+        f"prefill ({plan.eval.flops_convention} convention)"
+    )
+    workers = max(1, plan.workers.count)
+    for model, tflops in model_tflops.items():
+        measured = throughput.get(model)
+        if measured is None:
+            print(f"  {model}: no finished trials of this model yet, no measured time estimate")
+            continue
+        seconds = measured.seconds(tflops)
+        print(
+            f"  {model}: about {_duration(seconds)} of model time at the throughput of "
+            f"{measured.trials} earlier trial(s) ({measured.tflops_per_s:.3g} TFLOPs/s), "
+            f"~{_duration(seconds / workers)} on {workers} worker(s)"
+        )
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min`` or ``2.1 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _blank(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from prunelab.orchestrator.sweep import resume_sweep
+
+    stores = stores_from_args(args)
+    check_stores(stores)
+    if engine_if_exists(stores.db_url) is None:
+        raise UsageError([f"no prunelab database at {stores.db_url}"])
+    recorded = _recorded_workers(stores, args.sweep)
+    if recorded is not None:
+        origins = {f"workers.{k}": f"(recorded with sweep {args.sweep})" for k in recorded}
+        _check_local_placement(_workers_config(recorded), origins, stores)
+    args.running = Running(stores, args.sweep, known=None)
+    try:
+        return resume_sweep(args.sweep, stores)
+    except LookupError as exc:
+        raise UsageError([str(exc.args[0])]) from None
+
+
+def _recorded_workers(stores, ref: str) -> dict[str, Any] | None:
+    """The ``workers`` section a sweep was recorded with (None: no such sweep)."""
+    from prunelab.db import repo, session_factory
+
+    engine = engine_if_exists(stores.db_url)
+    if engine is None:
+        return None
+    with session_factory(engine)() as session:
+        sweep = repo.get_sweep(session, ref)
+        return None if sweep is None else dict((sweep.spec or {}).get("workers") or {})
+
+
+def _workers_config(recorded: dict[str, Any]) -> Any:
+    """A recorded ``workers`` section as the schema's type (settings it lacks: defaults)."""
+    import dataclasses
+
+    from prunelab.orchestrator.config import WorkersConfig
+
+    known = {f.name for f in dataclasses.fields(WorkersConfig)}
+    return WorkersConfig(**{k: v for k, v in recorded.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Running:
+    """The sweep a command runs, to say how far it got when it stops early: ``ref`` (a name
+    or id) and, for a new sweep, the ids of the sweeps of that name that existed before."""
+
+    stores: Any
+    ref: str
+    known: frozenset[str] | None
+
+
+def sweep_ids(stores, name: str) -> frozenset[str]:
+    """Ids of the recorded sweeps named ``name`` (read only; none without a database)."""
+    from sqlalchemy import select
+
+    from prunelab.db import Sweep, session_factory
+
+    engine = engine_if_exists(stores.db_url)
+    if engine is None:
+        return frozenset()
+    with session_factory(engine)() as session:
+        return frozenset(session.scalars(select(Sweep.id).where(Sweep.name == name)))
+
+
+def progress_line(running: Running | None) -> str:
+    """``after 11/37 trials; resume with `prunelab resume NAME``` for the sweep a command was
+    running, or why there is nothing to resume."""
+    nothing = "before the sweep was recorded; nothing to resume"
+    if running is None:
+        return nothing
+    from prunelab.db import repo, session_factory
+
+    try:
+        engine = engine_if_exists(running.stores.db_url)
+        if engine is None:
+            return nothing
+        with session_factory(engine)() as session:
+            sweep = repo.get_sweep(session, running.ref)
+            if sweep is None or (running.known is not None and sweep.id in running.known):
+                return nothing
+            counts = repo.trial_status_counts(session, sweep.id)
+            newest = repo.get_sweep(session, sweep.name)
+            ref = sweep.name if newest is not None and newest.id == sweep.id else sweep.id
+    except Exception as exc:  # the store may be what failed: still say how to go on
+        return f"progress unknown ({exc}); resume with `prunelab resume {running.ref}`"
+    done, total = counts.get("finished", 0), sum(counts.values())
+    return f"after {done}/{total} trials; resume with `prunelab resume {ref}`"
