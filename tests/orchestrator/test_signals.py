@@ -146,3 +146,34 @@ def test_signal_stops_the_sweep_resumably_and_resume_finishes_it(
     assert query(db, "select status from sweeps") == [("finished",)]
     # finished trials did not run again: one attempt each, two for the interrupted one
     assert sum(a for _, a in rows) <= TRIALS + 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_the_local_ray_ends_when_the_orchestrator_is_killed(tmp_path: Path) -> None:
+    """``kill -9`` leaves the orchestrator no clean-up: its local Ray's processes (the
+    dashboard and runtime-env agents outlive Ray's own fate-sharing) end all the same."""
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    db = stores / "prunelab.db"
+    env = {**os.environ, FAULTS_ENV: json.dumps([{"fault": "sleep", "seconds": 3}])}
+    command = [sys.executable, "-m", "prunelab.orchestrator.cli", "sweep", *ARGS]
+    proc = subprocess.Popen(
+        [*command, *store_flags(stores)], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        running = "select count(*) from trials where status = 'running'"
+        wait_until(lambda: query(db, running) == [(1,)], proc, "a trial running")
+        below = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert below, "the sweep's Ray processes were not found"
+    deadline = time.monotonic() + 60  # a guard against a hang, not a timing check
+    while any(alive(pid) for pid in below) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:60] for pid in below if alive(pid)}
+    assert not left

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from prunelab.orchestrator import reaper
 from prunelab.orchestrator.cli.common import (
     UsageError,
     check_stores,
@@ -72,6 +73,7 @@ def _check_local_placement(workers: Any, origins: dict[str, str], stores) -> Non
         return
     with held_ray_logs() as notices:  # Ray's start-up notices: after the check, if it passes
         start_ray(stores.ray_address)
+    reaper.arm()  # this Ray's processes end with this process, even when it is killed
     problems = placement_problems(
         workers.cpus_per_worker,
         workers.gpus_per_worker,
