@@ -212,7 +212,7 @@ def short_wait(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.slow
 def test_a_sweep_that_cannot_place_a_worker_is_resumable(
-    connected: Cluster, tmp_path: Path, short_wait: None
+    connected: Cluster, tmp_path: Path, short_wait: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stores = stores_in(tmp_path, connected.address)
     plan = load_sweep("quickstart", [*ARGS, "workers.count=2", "workers.gpus_per_worker=1"])
@@ -221,6 +221,11 @@ def test_a_sweep_that_cannot_place_a_worker_is_resumable(
     assert statuses(stores.db_url) == ["pending"] * TRIALS  # nothing claimed, nothing lost
     connected.add_node(num_cpus=2, num_gpus=1)  # the GPU arrives
     connected.wait_for_nodes()
+    # the placed worker's process must start (import torch) within the limit: on a loaded
+    # machine that takes longer than the 5 s that made the first submit give up quickly
+    monkeypatch.setattr(
+        scheduler, "WorkerPool", functools.partial(WorkerPool, placement_timeout_s=120)
+    )
     assert resume_sweep("quickstart", stores) == 0
     assert statuses(stores.db_url) == ["finished"] * TRIALS
     engine = make_engine(stores.db_url)
