@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,6 +149,8 @@ def rescore_sweep(ref: str, scoring: str, stores: Any) -> int:
 
     if scoring not in SCORING_RULES:
         raise ValueError(f"--scoring={scoring!r}: expected one of {', '.join(SCORING_RULES)}")
+    # one predictions.jsonl download per trial: MLflow's bar for each would bury the table
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     engine = init_db(stores.db_url)
     sessions = session_factory(engine)
     with sessions() as session:
