@@ -10,24 +10,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, Run, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import DBAPIError
 
 import prunelab
-from prunelab.db.engine import normalize_db_url
+from prunelab.db.engine import normalize_db_url, schema_lock
 
 __all__ = [
     "ARTIFACT_ROOT_ENV",
@@ -53,6 +56,14 @@ _MLFLOW_PG_POOL: Final = {
     "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "5",
     "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "5",
 }
+
+# MLflow calls that lost their database connection (a terminated backend, a restarted server)
+# are made again, this many times in all, after these pauses; MLflow's engine pre-pings the
+# connections it takes from its pool, so a retry gets a live one
+_ATTEMPTS: Final = 4
+_RETRY_PAUSES_S: Final = (0.5, 1.0, 2.0)
+
+_SHUTDOWN: Final = frozenset({"57P01", "57P02", "57P03"})  # admin/crash shutdown, cannot connect
 
 _DB_SCHEMES: Final = frozenset({"postgresql", "postgres", "mysql", "sqlite", "mssql"})
 _SAFE_TAG_VALUE = re.compile(r"[A-Za-z0-9_.:-]+")
@@ -154,22 +165,98 @@ def _write_artifacts(directory: Path, artifacts: Artifacts) -> None:
             target.write_text(content, encoding="utf-8")
 
 
+def _lost_connection(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it wraps (MLflow wraps SQLAlchemy's), is a database
+    connection that was dropped (SQLAlchemy invalidated it) or could not be made (SQLSTATE
+    class 08, or 57P01-57P03: the server shut the connection down or is starting)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError):
+            state = str(getattr(current.orig, "sqlstate", None) or "")
+            if current.connection_invalidated or state.startswith("08") or state in _SHUTDOWN:
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class _LostConnectionFilter(logging.Filter):
+    """Drops MLflow's traceback of a lost database connection: `_retried` says it in a line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[1] and _lost_connection(record.exc_info[1]))
+
+
+log = logging.getLogger(__name__)
+logging.getLogger("mlflow.store.db.utils").addFilter(_LostConnectionFilter())
+
+
+class _RetryingClient:
+    """An `MlflowClient` whose public calls are made again (at most `_ATTEMPTS` in all) when
+    they fail on a lost database connection; anything else is the client's own."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        if name.startswith("_") or not callable(value):
+            return value
+        return functools.partial(_retried, value)
+
+
+def _retried(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, made again after a pause while it fails on a lost
+    database connection (`_lost_connection`), at most `_ATTEMPTS` times in all."""
+    for attempt, pause in enumerate(_RETRY_PAUSES_S[: _ATTEMPTS - 1], start=1):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if not _lost_connection(exc):
+                raise
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning(
+                "MLflow %s lost its database connection (%s); trying again (%d/%d)",
+                getattr(call, "__name__", "call"), reason, attempt + 1, _ATTEMPTS,
+            )  # fmt: skip
+        time.sleep(pause)
+    return call(*args, **kwargs)
+
+
+def _not_found(exc: MlflowException) -> bool:
+    return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
 class Tracker:
     """Log sweeps (parent runs) and trials (child runs) to one MLflow tracking store.
 
     ``artifact_root``: where new experiments keep their artifacts (``<root>/<name>``; a
     path or a URI); None leaves it to the tracking server's default.
+
+    Every MLflow call is made again, a few times, when it fails on a lost database connection.
+    On PostgreSQL, MLflow's tables are created (when missing) under prunelab's schema lock, so
+    concurrent orchestrators on a new store do not race to create them.
     """
 
     def __init__(self, tracking_uri: str, artifact_root: str | None = None) -> None:
         self.tracking_uri = _normalize_tracking_uri(tracking_uri)
-        if urlparse(self.tracking_uri).scheme.startswith("postgresql"):
+        postgres = urlparse(self.tracking_uri).scheme.startswith("postgresql")
+        if postgres:
             # MLflow's own engine on PostgreSQL: a bounded pool, like prunelab's (make_engine);
             # read by MLflow when the store is created, so an explicit setting still wins
             for name, value in _MLFLOW_PG_POOL.items():
                 os.environ.setdefault(name, value)
         self.artifact_root = artifact_root
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        if postgres:
+            # MLflow creates its store, and its tables when missing, with the client (or at
+            # its first call): under the lock of prunelab's own migrations
+            with schema_lock(self.tracking_uri):
+                client = MlflowClient(self.tracking_uri)
+                client.search_experiments(max_results=1)
+        else:
+            client = MlflowClient(self.tracking_uri)
+        self.client = cast(MlflowClient, _RetryingClient(client))
         self._experiment_ids: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -213,16 +300,18 @@ class Tracker:
         return experiment_id
 
     def _resolve_experiment(self, experiment: str) -> str:
-        """An experiment id from an experiment name or id."""
+        """An experiment id from an experiment name or id; a name that names no experiment
+        (e.g. in a store that was lost and started anew) gets one, as `experiment_id`."""
         if experiment in self._experiment_ids:
             return self._experiment_ids[experiment]
         if experiment in self._experiment_ids.values():
             return experiment
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            self._experiment_ids[experiment] = found.experiment_id
-            return found.experiment_id
-        return self.client.get_experiment(experiment).experiment_id
+        if self.client.get_experiment_by_name(experiment) is None:
+            try:
+                return self.client.get_experiment(experiment).experiment_id
+            except MlflowException:
+                pass  # neither a name nor an id: a name of an experiment to create
+        return self.experiment_id(experiment)
 
     def _search(self, experiment_id: str, filter_string: str) -> list[Run]:
         """All active runs of an experiment matching ``filter_string`` (every page)."""
@@ -386,6 +475,29 @@ class Tracker:
         self.client.set_terminated(parent_run_id, status)
 
     # ----------------------------------------------------------------- reading
+
+    def missing_runs(self, run_ids: Collection[str], experiment: str | None = None) -> set[str]:
+        """The ids among ``run_ids`` of runs that no longer exist, or were deleted (e.g. a
+        store lost and started anew). ``experiment``: the name of the experiment that most of
+        them belong to, searched at once; the others are looked up one by one."""
+        active: set[str] = set()
+        if experiment is not None and run_ids:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is not None:
+                runs = self._search(found.experiment_id, "")
+                active = {run.info.run_id for run in runs}
+        missing = set()
+        for run_id in set(run_ids) - active:
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException as exc:
+                if not _not_found(exc):
+                    raise
+                missing.add(run_id)
+                continue
+            if run.info.lifecycle_stage == "deleted":
+                missing.add(run_id)
+        return missing
 
     def trial_runs(self, experiment_name: str, sweep_id: str | None = None) -> list[Run]:
         """Active trial runs of an experiment (optionally of one sweep); [] if none."""

@@ -3,6 +3,8 @@
 The database comes from ``config.attributes["connection"]`` (an open connection, as
 `prunelab.db.engine.init_db` passes it), else from the config's ``sqlalchemy.url``, else from
 `prunelab.db.engine.default_db_url` (``$PRUNELAB_DB_URL``). Nothing is read from a file.
+prunelab's revision is kept in ``prunelab_alembic_version`` (`VERSION_TABLE`), apart from
+MLflow's ``alembic_version`` when both stores share a database.
 """
 
 from __future__ import annotations
@@ -10,7 +12,14 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from prunelab.db.engine import default_db_url, make_engine, normalize_db_url
+from prunelab.db.engine import (
+    VERSION_TABLE,
+    adopt_legacy_version,
+    default_db_url,
+    lock_schema,
+    make_engine,
+    normalize_db_url,
+)
 from prunelab.db.models import Base
 
 config = context.config
@@ -23,13 +32,19 @@ def _url() -> str:
 
 
 def _run(connection: Connection) -> None:
+    """Under the schema lock and in one transaction: move a revision recorded the old way
+    (in ``alembic_version``) to prunelab's version table, then migrate."""
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        version_table=VERSION_TABLE,
     )
     with context.begin_transaction():
+        lock_schema(connection)
+        revisions = {script.revision for script in context.script.walk_revisions()}
+        adopt_legacy_version(connection, revisions)
         context.run_migrations()
 
 
@@ -40,6 +55,7 @@ def run_migrations_offline() -> None:
         target_metadata=target_metadata,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
+        version_table=VERSION_TABLE,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -45,12 +45,14 @@ def stores_from_args(args: argparse.Namespace):
 
 
 def check_stores(stores) -> None:
-    """Reject unusable store URLs before anything runs."""
+    """Reject unusable stores before anything runs or is written: a bad URL, a PostgreSQL
+    server that does not answer or lacks the database, a SQLite file that is no intact
+    database (prunelab's and MLflow's alike, `prunelab.db.engine.check_db_url`)."""
     from prunelab.db.engine import DatabaseUnavailableError, check_db_url
 
     problems = []
     try:
-        check_db_url(stores.db_url)
+        check_db_url(stores.db_url, create=False)
     except DatabaseUnavailableError as exc:
         problems.append(f"--db-url / PRUNELAB_DB_URL: {exc}")
     scheme = stores.tracking_uri.split(":", 1)[0]
@@ -59,19 +61,35 @@ def check_stores(stores) -> None:
             f"--tracking-uri / PRUNELAB_TRACKING_URI={stores.tracking_uri!r}: expected a "
             "sqlite://, postgresql://, http(s):// or file: URI"
         )
+    elif scheme.startswith(("sqlite", "postgresql")):  # MLflow's database
+        try:
+            check_db_url(stores.tracking_uri, create=False)
+        except DatabaseUnavailableError as exc:
+            problems.append(f"--tracking-uri / PRUNELAB_TRACKING_URI: {exc}")
     if problems:
         raise UsageError(problems)
 
 
 def engine_if_exists(db_url: str):
-    """An engine on an existing database, or None (read-only commands never create one)."""
+    """An engine on an existing database, or None (read-only commands never create one).
+    A database that cannot be used (a damaged SQLite file, a missing PostgreSQL database)
+    is bad input."""
     from sqlalchemy import inspect
 
-    from prunelab.db.engine import make_engine, normalize_db_url
+    from prunelab.db.engine import (
+        DatabaseUnavailableError,
+        check_db_url,
+        make_engine,
+        normalize_db_url,
+    )
 
     url = normalize_db_url(db_url)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         return None
+    try:
+        check_db_url(url, create=False)
+    except DatabaseUnavailableError as exc:
+        raise UsageError([f"--db-url / PRUNELAB_DB_URL: {exc}"]) from None
     engine = make_engine(db_url)
     if not inspect(engine).has_table("trials"):
         return None
