@@ -1,4 +1,5 @@
-"""SQLAlchemy models of prunelab's own tables: sweeps, trials and their association.
+"""SQLAlchemy models of prunelab's own tables: sweeps, trials, their association and the
+trials' failed attempts.
 
 MLflow keeps its own schema; these tables hold what the orchestrator needs to schedule,
 deduplicate and resume trials. Every change here needs an Alembic migration in
@@ -22,18 +23,21 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import prunelab.trial
 
 __all__ = [
+    "ATTEMPT_KINDS",
     "SWEEP_STATUSES",
     "TRIAL_STATUSES",
     "Base",
     "Sweep",
     "SweepTrial",
     "Trial",
+    "TrialAttempt",
     "UTCDateTime",
     "utcnow",
 ]
@@ -43,6 +47,16 @@ SWEEP_STATUSES: Final = ("running", "finished", "failed", "interrupted")
 
 TRIAL_STATUSES: Final = ("pending", "running", "finished", "failed")
 """Allowed values of ``trials.status``."""
+
+ATTEMPT_KINDS: Final = (
+    "error",  # the trial's own code raised: deterministic, not retried
+    "out_of_memory",  # the trial ran out of (GPU) memory on a healthy worker: not retried
+    "worker_died",  # the worker's process or node died (Ray reported it): retried
+    "timeout",  # past workers.trial_timeout_s, its worker killed and replaced: retried
+    "interrupted",  # the orchestrator stopped (Ctrl-C, SIGTERM, killed): run again on resume
+    "recording",  # its result could not be recorded (artifacts, MLflow): run again on resume
+)
+"""Allowed values of ``trial_attempts.kind``: why an attempt ended without a result."""
 
 NAMING_CONVENTION: Final = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -81,9 +95,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
-def _status_check(values: tuple[str, ...]) -> CheckConstraint:
+def _status_check(values: tuple[str, ...], column: str = "status") -> CheckConstraint:
     allowed = ", ".join(f"'{v}'" for v in values)
-    return CheckConstraint(f"status IN ({allowed})", name="status")
+    return CheckConstraint(f"{column} IN ({allowed})", name=column)
 
 
 class Base(DeclarativeBase):
@@ -160,3 +174,38 @@ class SweepTrial(Base):
         ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True, index=True
     )
     position: Mapped[int] = mapped_column(Integer)
+
+
+class TrialAttempt(Base):
+    """One attempt of a trial that ended without a result: who ran it, when, and why it
+    ended (``kind``, one of `ATTEMPT_KINDS`, and the error). ``attempt`` is the trial's
+    ``attempts`` count when it was claimed (1 for the first). A successful attempt has no
+    row: it is the trial's own ``worker``, ``started`` and ``finished``."""
+
+    __tablename__ = "trial_attempts"
+    __table_args__ = (
+        _status_check(ATTEMPT_KINDS, "kind"),
+        UniqueConstraint("trial_id", "attempt"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    node: Mapped[str | None] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str] = mapped_column(Text)
+    started: Mapped[datetime | None]
+    ended: Mapped[datetime]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The attempt as JSON-ready values (times in ISO 8601, seconds)."""
+        return {
+            "attempt": self.attempt,
+            "worker": self.worker,
+            "node": self.node,
+            "kind": self.kind,
+            "error": self.error,
+            "started": None if self.started is None else self.started.isoformat("T", "seconds"),
+            "ended": self.ended.isoformat("T", "seconds"),
+        }

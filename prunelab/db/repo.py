@@ -6,8 +6,10 @@ Every function takes a `Session` and never commits: the caller owns the transact
 objects of the session are expired after each one so they never show stale values.
 
 Trial life cycle: ``pending -> running`` (`claim_trial`) ``-> finished`` (`finish_trial`) or
-``-> pending | failed`` (`release_trial`, `fail_trial`). ``claimed_by`` is set exactly while
-a trial is ``running``.
+``-> pending | failed`` (`release_trial`, `fail_trial`, `recover_stale`); ``finished ->
+pending`` when its result could not be recorded (`return_unrecorded`). ``claimed_by`` is set
+exactly while a trial is ``running``. Each attempt that ends without a result gets a
+``trial_attempts`` row, inserted in the same transaction as the trial's state change.
 """
 
 from __future__ import annotations
@@ -17,15 +19,28 @@ import uuid
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any, Final, TypeVar
 
-from sqlalchemy import ColumnElement, Table, case, func, literal, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from prunelab.db.models import (
+    ATTEMPT_KINDS,
     SWEEP_STATUSES,
     Sweep,
     SweepTrial,
     Trial,
+    TrialAttempt,
     UTCDateTime,
     utcnow,
 )
@@ -44,12 +59,14 @@ __all__ = [
     "recover_stale",
     "release_trial",
     "reset_for_rerun",
+    "return_unrecorded",
     "running_claims",
     "set_sweep_mlflow_run",
     "set_sweep_orchestrator",
     "set_sweep_status",
     "set_trial_mlflow_run",
     "sweep_trials",
+    "trial_attempts",
     "trial_status_counts",
     "trials_by_keys",
 ]
@@ -242,11 +259,14 @@ def _require_trial(session: Session, trial_id: int) -> str:
 def reset_for_rerun(session: Session, trial_ids: Collection[int]) -> int:
     """Make trials ``pending`` again with a clean slate (``--rerun``); return how many.
 
-    Clears attempts, metrics, replicates, error, MLflow run, worker and times. A trial that is
-    ``running`` (claimed by a live orchestrator) is left alone.
+    Clears attempts (their ``trial_attempts`` rows too), metrics, replicates, error, MLflow
+    run, worker and times. A trial that is ``running`` (claimed by a live orchestrator) is
+    left alone.
     """
     count = 0
     for chunk in _chunks(list(trial_ids)):
+        idle = select(Trial.id).where(Trial.id.in_(chunk), Trial.status != "running")
+        session.execute(delete(TrialAttempt).where(TrialAttempt.trial_id.in_(idle)))
         count += _update_trials(
             session,
             [Trial.id.in_(chunk), Trial.status != "running"],
@@ -289,12 +309,37 @@ def claim_trial(
     )
 
 
-def release_trial(session: Session, trial_id: int, error: str, max_attempts: int) -> str:
-    """After a failed attempt of a ``running`` trial: record ``error`` and return the status.
+def _record_attempts(
+    session: Session, where: Sequence[ColumnElement[bool]], kind: str, error: str
+) -> None:
+    """Insert a ``trial_attempts`` row for each trial matching ``where``: its current attempt
+    (``trials.attempts``), worker, node and start, ended now with ``kind`` and ``error``."""
+    if kind not in ATTEMPT_KINDS:
+        raise ValueError(f"invalid attempt kind {kind!r}; expected one of {ATTEMPT_KINDS}")
+    rows = select(
+        Trial.id,
+        Trial.attempts,
+        Trial.worker,
+        Trial.node,
+        literal(kind),
+        literal(error),
+        Trial.started,
+        literal(utcnow(), UTCDateTime()),
+    ).where(*where)
+    columns = ["trial_id", "attempt", "worker", "node", "kind", "error", "started", "ended"]
+    session.execute(insert(TrialAttempt).from_select(columns, rows))
+
+
+def release_trial(
+    session: Session, trial_id: int, error: str, max_attempts: int, kind: str = "worker_died"
+) -> str:
+    """After a failed attempt of a ``running`` trial: record it (``kind``, ``error``) and
+    return the trial's status.
 
     The trial goes back to ``pending`` while ``attempts < max_attempts``, else it is
     ``failed``. A trial that is not ``running`` is unchanged; its status is returned.
     """
+    _record_attempts(session, [Trial.id == trial_id, Trial.status == "running"], kind, error)
     retry = Trial.attempts < max_attempts
     _update_trials(
         session,
@@ -353,8 +398,10 @@ def finish_trial(
         raise LookupError(f"no trial with id {trial_id}")
 
 
-def fail_trial(session: Session, trial_id: int, error: str) -> None:
-    """Mark a trial ``failed`` for good (no retry), recording ``error``."""
+def fail_trial(session: Session, trial_id: int, error: str, kind: str = "error") -> None:
+    """Mark a trial ``failed`` for good (no retry), recording ``error``; the attempt of a
+    ``running`` trial is recorded with ``kind``."""
+    _record_attempts(session, [Trial.id == trial_id, Trial.status == "running"], kind, error)
     changed = _update_trials(
         session,
         [Trial.id == trial_id],
@@ -396,16 +443,51 @@ def recover_stale(session: Session, sweep_id: str, live_claims: Collection[str] 
     A claim holder is gone unless its id is in ``live_claims`` (default: none is live, so
     every running trial of the sweep is reset). A trial shared with another sweep whose
     orchestrator is alive must have that orchestrator's id in ``live_claims``; see
-    `running_claims`. Attempts are kept. Returns the number of trials reset.
+    `running_claims`. Attempts are kept, each recorded as ``interrupted``. Returns the number
+    of trials reset.
     """
     members = select(SweepTrial.trial_id).where(SweepTrial.sweep_id == sweep_id)
-    return _update_trials(
+    stale = [
+        Trial.id.in_(members),
+        Trial.status == "running",
+        or_(Trial.claimed_by.is_(None), Trial.claimed_by.not_in(list(live_claims))),
+    ]
+    _record_attempts(session, stale, "interrupted", "the orchestrator stopped during the trial")
+    return _update_trials(session, stale, status="pending", claimed_by=None)
+
+
+def return_unrecorded(session: Session, trial_id: int, error: str, kind: str = "recording") -> bool:
+    """A ``finished`` trial whose result could not be recorded (artifacts, MLflow run) goes
+    back to ``pending``, to run again: the attempt is recorded with ``kind`` (``recording``:
+    writing it failed; ``interrupted``: the sweep stopped first) and ``error``, and its
+    metrics, replicates and MLflow run id are cleared. False (nothing changed) when the
+    trial is not ``finished``."""
+    where = [Trial.id == trial_id, Trial.status == "finished"]
+    _record_attempts(session, where, kind, error)
+    changed = _update_trials(
         session,
-        [
-            Trial.id.in_(members),
-            Trial.status == "running",
-            or_(Trial.claimed_by.is_(None), Trial.claimed_by.not_in(list(live_claims))),
-        ],
+        where,
         status="pending",
+        metrics=None,
+        replicates=None,
+        mlflow_run_id=None,
+        error=error,
+        finished=None,
         claimed_by=None,
     )
+    return changed == 1
+
+
+def trial_attempts(session: Session, trial_ids: Iterable[int]) -> dict[int, list[TrialAttempt]]:
+    """The recorded attempts of the given trials, by trial id, in attempt order (trials with
+    none are absent)."""
+    found: dict[int, list[TrialAttempt]] = {}
+    for chunk in _chunks(list(trial_ids)):
+        query = (
+            select(TrialAttempt)
+            .where(TrialAttempt.trial_id.in_(chunk))
+            .order_by(TrialAttempt.trial_id, TrialAttempt.attempt)
+        )
+        for attempt in session.scalars(query):
+            found.setdefault(attempt.trial_id, []).append(attempt)
+    return found

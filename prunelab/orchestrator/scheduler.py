@@ -8,14 +8,17 @@ reports:
   worker switches models only when no trial for its model is left, and then to a model no
   other worker holds if there is one.
 * concurrency: each actor runs one trial at a time, so at most ``count`` trials run at once.
-* a worker whose process or node died: its trial is reported (and retried if the caller says
-  so) and a replacement actor is started; the replacement takes trials once Ray has placed
-  it, so a replacement waiting for resources never holds up the surviving workers.
+* a worker whose process or node died (or that Ray's memory monitor killed): its trial is
+  reported as retryable (``worker_died``; retried if the caller says so) and a replacement
+  actor is started; the replacement takes trials once Ray has placed it, so a replacement
+  waiting for resources never holds up the surviving workers.
 * a trial past ``trial_timeout_s``: its actor is killed and replaced (the only way to stop a
-  call in flight), and the trial is reported as ``timeout after Ns``.
-* a trial that failed inside a healthy worker (e.g. out of memory, which the worker
-  reports as :class:`~prunelab.workers.actor.TrialFailure` after freeing memory): reported as
-  not retryable; the worker keeps its model and takes the next trial.
+  call in flight), and the trial is reported as retryable, ``timeout after Ns``.
+* a trial that raised inside a healthy worker: reported as not retryable, since the same
+  config would fail the same way again: ``error`` (an exception of the trial's own code) or
+  ``out_of_memory`` (which the worker reports as
+  :class:`~prunelab.workers.actor.TrialFailure` after freeing memory). The worker keeps its
+  model and takes the next trial.
 * resources: what a worker asks for is checked against the nodes Ray has
   (:func:`cluster_capacity`, :func:`placement_problems`); when no worker runs and none has been
   placed for ``placement_timeout_s`` (a request no node can meet, the only node gone), the
@@ -39,15 +42,19 @@ import ray
 from ray.exceptions import (
     ActorDiedError,
     ActorUnavailableError,
+    NodeDiedError,
     RayActorError,
     RayTaskError,
+    WorkerCrashedError,
 )
+from ray.exceptions import OutOfMemoryError as RayOutOfMemoryError
 
 from prunelab.orchestrator.config import WorkersConfig
 from prunelab.trial import Trial, TrialResult
 from prunelab.workers.actor import TrialFailure, Worker
 
 __all__ = [
+    "AttemptError",
     "Capacity",
     "Dispatch",
     "PlacementTimeout",
@@ -64,7 +71,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
+# the worker, its process or its node is gone (not the trial's fault): worth another attempt
+_DEATH = (
+    RayActorError,
+    ActorDiedError,
+    ActorUnavailableError,
+    NodeDiedError,
+    WorkerCrashedError,
+    RayOutOfMemoryError,  # Ray's memory monitor killed the process (host memory, not the GPU)
+)
 _START_WARNING_S = 60.0  # warn once when a worker has waited this long for resources
 _START_DEATHS_PER_WORKER = 3  # workers dying while starting, in a row, before giving up
 
@@ -245,8 +260,21 @@ class _Running:
     deadline: float | None
 
 
+class AttemptError(str):
+    """The error of a failed attempt as the pool reports it: the message, with why the attempt
+    failed as ``kind`` (``error``, ``out_of_memory``, ``worker_died`` or ``timeout``: values of
+    ``prunelab.db.models.ATTEMPT_KINDS``)."""
+
+    kind: str
+
+    def __new__(cls, message: str, kind: str) -> AttemptError:
+        error = super().__new__(cls, message)
+        error.kind = kind
+        return error
+
+
 # failed(trial, error, retryable) -> whether the trial goes back to the queue
-FailedCallback = Callable[[Dispatch, str, bool], bool]
+FailedCallback = Callable[[Dispatch, AttemptError, bool], bool]
 
 
 class WorkerPool:
@@ -339,9 +367,11 @@ class WorkerPool:
         ``claim(trial, worker)`` is asked before a trial starts (False: skip it, someone else
         has it). ``done(trial, result)`` receives a finished trial's result, once its worker
         has been given its next trial (so a worker never waits on the caller's logging).
-        ``failed(trial, error, retryable)`` records a failed attempt and says whether to run
-        the trial again; ``retryable`` is False when the trial itself failed on a healthy
-        worker (out of memory), True when its worker died or it timed out.
+        ``failed(trial, error, retryable)`` records a failed attempt (``error.kind`` says
+        why) and says whether to run the trial again; ``retryable`` is False when the trial
+        itself failed on a healthy worker (an exception of its code, out of memory), True
+        when its worker died or it timed out. An exception of a callback ends the run; the
+        trials in flight are then left to the caller (claimed, never reported).
         """
         pending = sorted(trials, key=lambda t: t.priority)
         running: dict[Any, _Running] = {}
@@ -403,7 +433,7 @@ class WorkerPool:
                             "trial %s timed out on %s", entry.trial.trial_id, entry.slot.name
                         )
                         lost(entry.slot)
-                        error = f"timeout after {self.trial_timeout_s:g}s"
+                        error = AttemptError(f"timeout after {self.trial_timeout_s:g}s", "timeout")
                         if failed(entry.trial, error, True):
                             pending.insert(0, entry.trial)
                 if stalled is not None and stalled >= _START_WARNING_S and not warned:
@@ -441,14 +471,13 @@ class WorkerPool:
             except _DEATH as exc:
                 log.warning("%s died running trial %s: %s", slot.name, trial.trial_id, exc)
                 lost(slot)
-                if failed(trial, f"worker {slot.name} died: {_first_line(exc)}", True):
+                died = AttemptError(f"worker {slot.name} died: {_first_line(exc)}", "worker_died")
+                if failed(trial, died, True):
                     pending.insert(0, trial)
                 continue
             except RayTaskError as exc:
-                cause = _cause(exc)
-                # a TrialFailure (out of memory) is final; other errors get another attempt
-                if failed(trial, _describe(cause), not isinstance(cause, TrialFailure)):
-                    pending.insert(0, trial)
+                # raised by the trial on a healthy worker: final, it would fail again
+                failed(trial, _describe(_cause(exc)), False)
             else:
                 results.append((trial, result))
             idle.append(slot)
@@ -482,7 +511,11 @@ def _cause(exc: RayTaskError) -> BaseException:
     return cause if cause is not None else exc
 
 
-def _describe(cause: BaseException) -> str:
+def _describe(cause: BaseException) -> AttemptError:
+    """The error of a trial that raised ``cause``: a :class:`TrialFailure` is already a
+    reason (``out of memory: ...``), any other exception is named with its type."""
     if isinstance(cause, TrialFailure):
-        return str(cause)  # already a reason, e.g. "out of memory: ..."
-    return f"{type(cause).__name__}: {cause}"
+        message = str(cause)
+        kind = "out_of_memory" if message.startswith("out of memory") else "error"
+        return AttemptError(message, kind)
+    return AttemptError(f"{type(cause).__name__}: {cause}", "error")

@@ -8,6 +8,7 @@ record the run id. A finished trial without a run id is logged again on resume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,12 +30,19 @@ from prunelab.metrics import relative_metrics
 from prunelab.orchestrator.config import WorkersConfig
 from prunelab.orchestrator.results import budget_label, build_report, same_samples
 from prunelab.orchestrator.tables import report_artifacts, report_markdown
-from prunelab.orchestrator.tracking import TAG_RESCORED_FROM, Tracker, environment_tags
+from prunelab.orchestrator.tracking import (
+    TAG_RESCORED_FROM,
+    TAG_TRIAL_KEY,
+    RunStatus,
+    Tracker,
+    environment_tags,
+)
 from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads, fail_untrained
 from prunelab.trial import TrialResult
 
 __all__ = [
     "Recorder",
+    "RecordingError",
     "Stores",
     "close_sweep",
     "execute",
@@ -103,6 +111,7 @@ def resume_sweep(ref: str, stores: Stores) -> int:
         if sweep is None:
             raise LookupError(f"no sweep with id or name {ref!r}")
         sweep_id, workers = sweep.id, _workers_config(sweep.spec)
+        name, spec_yaml = sweep.name, sweep.spec_yaml
         # only the claims of this sweep's dead orchestrator are stale; a trial shared with a
         # sweep whose orchestrator is alive stays with it
         live = repo.running_claims(session, sweep_id) - {sweep.orchestrator}
@@ -110,13 +119,51 @@ def resume_sweep(ref: str, stores: Stores) -> int:
         repo.set_sweep_orchestrator(session, sweep_id, orchestrator)
         repo.set_sweep_status(session, sweep_id, "running")
     print(f"resuming sweep {ref} ({sweep_id}): {reset} interrupted trial(s) back to pending")
+    lost = _restore_tracking(sessions, tracker, sweep_id, name, spec_yaml)
+    if lost:
+        print(f"{lost} finished trial(s) whose MLflow run is gone will be logged again")
     return execute(engine, tracker, sweep_id, workers, orchestrator, stores.ray_address)
+
+
+def _restore_tracking(sessions, tracker: Tracker, sweep_id: str, name: str, spec_yaml: str) -> int:
+    """Bring MLflow back in line with the database before a sweep resumes: the sweep's parent
+    run (its id never recorded, by an orchestrator killed in its first seconds, or lost with
+    the store) is found by its tags or created again, and recorded; finished trials whose run
+    no longer exists lose their run id, so that they are logged again. Returns how many."""
+    from sqlalchemy import update
+
+    with sessions() as session:
+        trials = repo.sweep_trials(session, sweep_id)
+    params = {"spec": spec_yaml[:6000], "trials": len(trials)}
+    parent = tracker.start_sweep(name, sweep_id, params)  # the sweep's run, RUNNING again
+    logged = {t.id: t.mlflow_run_id for t in trials if t.status == "finished" and t.mlflow_run_id}
+    missing = tracker.missing_runs(set(logged.values()), name)
+    lost = [trial_id for trial_id, run_id in logged.items() if run_id in missing]
+    with sessions.begin() as session:
+        repo.set_sweep_mlflow_run(session, sweep_id, parent)
+        if lost:
+            session.execute(
+                update(TrialRow).where(TrialRow.id.in_(lost)).values(mlflow_run_id=None)
+            )
+    return len(lost)
 
 
 def _workers_config(spec: dict[str, Any]) -> WorkersConfig:
     """The ``workers`` section of a recorded sweep spec (settings it lacks: the defaults)."""
     known = {f.name for f in dataclasses.fields(WorkersConfig)}
     return WorkersConfig(**{k: v for k, v in (spec.get("workers") or {}).items() if k in known})
+
+
+TAG_ATTEMPTS = "prunelab.attempts"  # a trial run's tag: how many attempts the trial took
+
+
+class RecordingError(Exception):
+    """A trial's result could not be recorded: writing its artifacts or MLflow run raised an
+    OSError (a read-only or full disk, a name too long). The sweep stops; it is resumable."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot write artifacts under {path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 class Recorder:
@@ -160,12 +207,16 @@ class Recorder:
             return repo.claim_trial(session, dispatch.trial_id, self.orchestrator, worker, None)
 
     def failed(self, dispatch, error: str, retryable: bool) -> bool:
-        """Record a failed attempt; True when the trial is to run again."""
+        """Record a failed attempt (its kind: ``error.kind`` when the pool gave one); True when
+        the trial is to run again."""
+        kind = getattr(error, "kind", "worker_died" if retryable else "error")
         with self.sessions.begin() as session:
             if retryable:
-                status = repo.release_trial(session, dispatch.trial_id, error, self.max_attempts)
-            else:  # e.g. out of memory: the same config would fail the same way again
-                repo.fail_trial(session, dispatch.trial_id, error)
+                status = repo.release_trial(
+                    session, dispatch.trial_id, error, self.max_attempts, kind
+                )
+            else:  # its own error, out of memory: the same config would fail the same way
+                repo.fail_trial(session, dispatch.trial_id, error, kind)
                 status = "failed"
         tqdm.write(f"trial {dispatch.trial_id} attempt failed ({status}): {error}")
         return status == "pending"
@@ -230,6 +281,61 @@ class Recorder:
             baseline = self._finished_metrics(baseline_id) if baseline_id is not None else None
             self._log(trial_id, self.waiting.pop(trial_id), baseline)
 
+    def abandon(self) -> None:
+        """After a :class:`RecordingError`: the trials still waiting to be logged go back to
+        ``pending`` (their results, held only here, are not recorded), so that ``prunelab
+        resume`` runs them again."""
+        error = "the sweep stopped before this trial's result was recorded"
+        with self.sessions.begin() as session:
+            for trial_id in list(self.waiting):
+                if trial_id in self.metrics:
+                    repo.return_unrecorded(session, trial_id, error, "interrupted")
+        for trial_id in list(self.waiting):
+            self._forget(trial_id)
+        self.waiting.clear()
+
+    def _forget(self, trial_id: int) -> None:
+        self.metrics.pop(trial_id, None)
+        self.replicates.pop(trial_id, None)
+
+    def _attempts(self, trial_id: int) -> tuple[int, list[dict[str, Any]]]:
+        """How many attempts a finished trial took, and each of them for ``attempts.json``:
+        the failed ones as recorded, then the one that finished."""
+        with self.sessions() as session:
+            trial = session.get(TrialRow, trial_id)
+            assert trial is not None
+            failed = repo.trial_attempts(session, [trial_id]).get(trial_id, [])
+            attempts = [a.as_dict() for a in failed]
+            if trial.status == "finished" and all(a.attempt != trial.attempts for a in failed):
+                attempts.append({
+                    "attempt": trial.attempts,
+                    "worker": trial.worker,
+                    "node": trial.node,
+                    "kind": "finished",
+                    "error": None,
+                    "started": _iso(trial.started),
+                    "ended": _iso(trial.finished),
+                })  # fmt: skip
+            return trial.attempts, attempts
+
+    def _unrecorded(self, trial_id: int, ran_here: bool, exc: OSError) -> RecordingError:
+        """The error of a trial whose logging raised ``exc``. The run it left unfinished is
+        deleted (if that fails too, the next ``_log`` replaces it); a trial this process ran
+        goes back to ``pending`` (to run again on resume), any other stays finished and
+        unlogged (logged on resume)."""
+        path = exc.filename or self.tracker.artifact_root or self.tracker.tracking_uri
+        error = RecordingError(str(path), exc.strerror or str(exc))
+        trial_key = self.identity[trial_id][0]
+        with contextlib.suppress(Exception):  # keep the original error
+            for run in self.tracker.trial_runs(self.name, self.sweep_id):
+                if run.data.tags.get(TAG_TRIAL_KEY) == trial_key and run.info.status != "FINISHED":
+                    self.tracker.client.delete_run(run.info.run_id)
+        if ran_here:
+            with self.sessions.begin() as session:
+                repo.return_unrecorded(session, trial_id, str(error))
+            self._forget(trial_id)
+        return error
+
     def _log(self, trial_id: int, result: TrialResult | None, baseline: dict | None) -> None:
         """Log the MLflow child run of a finished trial, then record its id.
 
@@ -239,12 +345,16 @@ class Recorder:
         that crash, and the tracker looks for it.
         """
         ran_here = trial_id in self.metrics
+        count, attempts = self._attempts(trial_id)
+        # an attempt whose logging failed may have left a run: replaced, not duplicated
+        new = ran_here and all(a["kind"] != "recording" for a in attempts)
         own = self._finished_metrics(trial_id) or {}
         replicates = self._paired_replicates(trial_id) if baseline else ((), ())
         metrics = {**own, **relative_metrics(own, baseline, *replicates)}
         trial_key, trial = self.identity[trial_id]
         artifacts: dict[str, str | bytes] = {
             "trial.yaml": yaml.safe_dump(trial.to_dict(), sort_keys=False),
+            "attempts.json": json.dumps(attempts, indent=1) + "\n",
         }
         if result is not None and result.predictions:
             lines = (json.dumps(p) + "\n" for p in result.predictions)
@@ -255,25 +365,28 @@ class Recorder:
         run_name = f"{trial.method}-{budget_label(trial)}" + (
             f"-L{layer}" if layer is not None else ""
         )
-        params, tags = trial.run_params(), {}
+        params, tags = trial.run_params(), {TAG_ATTEMPTS: str(count)}
         if result is not None:  # the model settings and software the worker ran it with
             env = result.environment
             params.update({f"model.{k}": env[k] for k in MODEL_PARAMS if k in env})
-            tags = environment_tags(env)
+            tags.update(environment_tags(env))
             if result.rescored_from:
                 tags[TAG_RESCORED_FROM] = result.rescored_from
-        run_id = self.tracker.log_trial(
-            self.name,
-            self.parent,
-            self.sweep_id,
-            trial_key,
-            run_name,
-            params,
-            {k: float(v) for k, v in metrics.items() if v is not None},
-            artifacts,
-            new=ran_here,
-            tags=tags,
-        )
+        try:
+            run_id = self.tracker.log_trial(
+                self.name,
+                self.parent,
+                self.sweep_id,
+                trial_key,
+                run_name,
+                params,
+                {k: float(v) for k, v in metrics.items() if v is not None},
+                artifacts,
+                new=new,
+                tags=tags,
+            )
+        except OSError as exc:
+            raise self._unrecorded(trial_id, ran_here, exc) from exc
         with self.sessions.begin() as session:
             repo.set_trial_mlflow_run(session, trial_id, run_id, metrics)
 
@@ -304,8 +417,13 @@ def execute(
         todo = dispatches(trials)
         total, finished = len(trials), sum(t.status == "finished" for t in trials)
         elsewhere = any(t.status == "running" and t.claimed_by != orchestrator for t in trials)
-    for trial_id in unlogged:  # finished by an orchestrator that died before logging
-        recorder.settle(trial_id, None)
+    try:
+        for trial_id in unlogged:  # finished by an orchestrator that died before logging
+            recorder.settle(trial_id, None)
+    except RecordingError:
+        recorder.abandon()
+        _stopped(recorder, "FAILED")
+        raise
 
     status = "finished"
     if todo or elsewhere:
@@ -315,6 +433,7 @@ def execute(
         loads: dict[str, int] = {}  # worker -> models it loaded
         pool: WorkerPool | None = None
         waited = False
+        run_status: RunStatus = "KILLED"  # the parent run's, if the sweep stops early
 
         def ended(count: int, failed: bool) -> None:
             """``count`` more trials ended: finished, or failed for good."""
@@ -368,8 +487,13 @@ def execute(
                         waited = True
                     bar.set_postfix(elsewhere=elsewhere)
                     time.sleep(_POLL_S)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RecordingError) as exc:
+            # stopped (Ctrl-C, SIGTERM) or a result that cannot be recorded: this
+            # orchestrator's trials in flight go back to pending, for `prunelab resume`
             status = "interrupted"
+            if isinstance(exc, RecordingError):
+                run_status = "FAILED"
+                recorder.abandon()  # results held here are not recorded either
             with sessions.begin() as session:
                 others = repo.running_claims(session, sweep_id) - {orchestrator}
                 repo.recover_stale(session, sweep_id, others)
@@ -380,9 +504,7 @@ def execute(
                 pool.shutdown()
             recorder.flush()
             if status == "interrupted":
-                with sessions.begin() as session:
-                    repo.set_sweep_status(session, sweep_id, status)
-                tracker.finish_sweep(recorder.parent, "KILLED")
+                _stopped(recorder, run_status)
         if loads:
             tracker.log_sweep_metrics(
                 recorder.parent,
@@ -395,6 +517,18 @@ def execute(
     return close_sweep(recorder)
 
 
+def _stopped(recorder: Recorder, run_status: RunStatus) -> None:
+    """A sweep stopped before its end, resumably: ``interrupted`` in the database, its
+    parent run ended ``run_status`` (KILLED: by a signal; FAILED: by an error)."""
+    with recorder.sessions.begin() as session:
+        repo.set_sweep_status(session, recorder.sweep_id, "interrupted")
+    recorder.tracker.finish_sweep(recorder.parent, run_status)
+
+
+def _iso(moment: Any) -> str | None:
+    return None if moment is None else moment.isoformat("T", "seconds")
+
+
 def close_sweep(recorder: Recorder) -> int:
     """Log a sweep's table and plot on its parent run, mark it finished (or failed when a
     trial failed) in both stores, print the table; the exit status (0 / 1)."""
@@ -404,7 +538,12 @@ def close_sweep(recorder: Recorder) -> int:
     # the paper-style table (md, csv, tex), the Pareto plot and the per-trial metrics
     artifacts = report_artifacts((t.trial, t.status, t.metrics, t.replicates) for t in trials)
     table = str(artifacts["table.md"])
-    recorder.tracker.log_sweep_artifacts(recorder.parent, artifacts)
+    try:
+        recorder.tracker.log_sweep_artifacts(recorder.parent, artifacts)
+    except OSError as exc:  # every trial is recorded: resume writes the table again
+        _stopped(recorder, "FAILED")
+        path = exc.filename or recorder.tracker.artifact_root or recorder.tracker.tracking_uri
+        raise RecordingError(str(path), exc.strerror or str(exc)) from exc
     status = "finished" if all_done else "failed"
     with recorder.sessions.begin() as session:
         repo.set_sweep_status(session, recorder.sweep_id, status)

@@ -16,6 +16,8 @@ Faults:
 
 * ``kill``: the worker process SIGKILLs itself (a crashed process, as seen by Ray).
 * ``oom``: raises ``torch.cuda.OutOfMemoryError`` from inside the trial.
+* ``error``: raises ``RuntimeError(message)`` from inside the trial (a bug in the trial's
+  code: the same config fails the same way every time).
 * ``sleep``: sleeps ``seconds`` before the trial (a slow or hung trial).
 
 ``once``: a file path; the rule fires only for the process that creates that file first
@@ -89,5 +91,7 @@ def inject(trial: Trial) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif fault == "oom":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by a test)")
+        elif fault == "error":
+            raise RuntimeError(rule.get("message", "injected by a test"))
         else:
             raise ValueError(f"{FAULTS_ENV}: unknown fault {fault!r}")

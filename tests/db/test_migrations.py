@@ -13,16 +13,18 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from prunelab.db import Base, init_db, make_engine
-from prunelab.db.engine import alembic_config
+from prunelab.db.engine import VERSION_TABLE, alembic_config
 
-TABLES = {"sweeps", "trials", "sweep_trials"}
+TABLES = {"sweeps", "trials", "sweep_trials", "trial_attempts"}
 
 
 def _schema_diff(url: str) -> list[object]:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "version_table": VERSION_TABLE}
+            )
             return list(compare_metadata(context, Base.metadata))
     finally:
         engine.dispose()
@@ -31,7 +33,7 @@ def _schema_diff(url: str) -> list[object]:
 def _tables(url: str) -> set[str]:
     engine = make_engine(url)
     try:
-        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+        return set(inspect(engine).get_table_names()) - {VERSION_TABLE}
     finally:
         engine.dispose()
 
@@ -129,3 +131,65 @@ def test_replicates_column_added_to_existing_rows(db_url: str) -> None:
             assert connection.execute(text("SELECT count(*) FROM sweep_trials")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def _versions(url: str) -> dict[str, list[str]]:
+    """The rows of each Alembic version table of the database, by table."""
+    engine = make_engine(url)
+    try:
+        tables = set(inspect(engine).get_table_names())
+        with engine.connect() as connection:
+            return {
+                table: sorted(connection.scalars(text(f"SELECT version_num FROM {table}")))
+                for table in ("alembic_version", VERSION_TABLE)
+                if table in tables
+            }
+    finally:
+        engine.dispose()
+
+
+def test_revision_recorded_in_alembic_version_moves_to_its_own_table(db_url: str) -> None:
+    """A database migrated by a version that kept prunelab's revision in ``alembic_version``
+    (the table MLflow uses too): concurrent upgrades move it over once, data kept."""
+    command.upgrade(alembic_config(db_url), "0002")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as connection:  # as the old version left it
+            connection.execute(text(f"DROP TABLE {VERSION_TABLE}"))
+            connection.execute(text(
+                "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+            ))  # fmt: skip
+            connection.execute(text("INSERT INTO alembic_version VALUES ('0002')"))
+            connection.execute(text(
+                "INSERT INTO sweeps (id, name, spec, spec_yaml, created, status) "
+                "VALUES ('s1', 'old', '{}', '', CURRENT_TIMESTAMP, 'finished')"
+            ))  # fmt: skip
+    finally:
+        engine.dispose()
+    assert _versions(db_url) == {"alembic_version": ["0002"]}
+
+    test_init_db_is_idempotent_and_safe_concurrently(db_url)
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert _versions(db_url) == {VERSION_TABLE: [head]}
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT name FROM sweeps")).scalars().all() == ["old"]
+    finally:
+        engine.dispose()
+
+
+def test_another_revision_in_alembic_version_is_left_alone(db_url: str) -> None:
+    """Both stores in one database, MLflow's first: its ``alembic_version`` is not ours."""
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32))"))
+            connection.execute(text("INSERT INTO alembic_version VALUES ('1b5f0d9ad7c1')"))
+    finally:
+        engine.dispose()
+    init_db(db_url).dispose()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert _versions(db_url) == {"alembic_version": ["1b5f0d9ad7c1"], VERSION_TABLE: [head]}
+    assert _tables(db_url) == TABLES | {"alembic_version"}

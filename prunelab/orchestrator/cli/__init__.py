@@ -2,10 +2,12 @@
 
 Exit status: 0 when every trial finished, 1 when some failed (or workers kept dying while
 starting), 2 on bad input (one line per problem on stderr, before any worker starts and before
-anything is written), 75 when no worker could be placed within ``workers.placement_timeout_s``
-(the sweep is left resumable), 130 when interrupted by Ctrl-C or SIGTERM (the sweep is left
-resumable: one line says how far it got and how to resume it), 141 when stdout was closed
-(``prunelab status | head -1``; nothing more is printed).
+anything is written), 74 when a trial's result could not be written (its artifacts or MLflow
+run: a read-only or full disk, a name too long; one line names the path and the OS error; the
+sweep is left resumable), 75 when no worker could be placed within
+``workers.placement_timeout_s`` (the sweep is left resumable), 130 when interrupted by Ctrl-C
+or SIGTERM (the sweep is left resumable: one line says how far it got and how to resume it),
+141 when stdout was closed (``prunelab status | head -1``; nothing more is printed).
 """
 
 from __future__ import annotations
@@ -30,10 +32,19 @@ from prunelab.orchestrator.cli.common import SCORING, UsageError
 from prunelab.orchestrator.cli.run import cmd_resume, cmd_sweep, progress_line
 from prunelab.orchestrator.cli.tools import cmd_train_vib, cmd_ui
 
-__all__ = ["BAD_INPUT", "BROKEN_PIPE", "INTERRUPTED", "NOT_PLACED", "WORKERS_FAILED", "main"]
+__all__ = [
+    "BAD_INPUT",
+    "BROKEN_PIPE",
+    "INTERRUPTED",
+    "NOT_PLACED",
+    "NOT_RECORDED",
+    "WORKERS_FAILED",
+    "main",
+]
 
 BAD_INPUT = 2
 WORKERS_FAILED = 1  # as a sweep with failed trials: workers kept dying while starting
+NOT_RECORDED = 74  # EX_IOERR: a result could not be written; resume once the disk can
 NOT_PLACED = 75  # EX_TEMPFAIL: no worker could be placed; resume once the cluster can
 INTERRUPTED = 130  # 128 + SIGINT, for SIGTERM too: both stop a sweep the same way
 BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool killed by the closed pipe would return
@@ -160,8 +171,11 @@ def _error(line: str) -> None:
 
 
 def _pool_error(exc: Exception) -> int | None:
-    """The exit status of a worker pool that could not go on, after its one line; None when
-    ``exc`` is something else."""
+    """The exit status of a sweep that could not go on (its worker pool, or the recording of
+    a result), after its one line; None when ``exc`` is something else."""
+    sweep = sys.modules.get("prunelab.orchestrator.sweep")
+    if sweep is not None and isinstance(exc, sweep.RecordingError):
+        return NOT_RECORDED
     scheduler = sys.modules.get("prunelab.orchestrator.scheduler")
     if scheduler is None or not isinstance(exc, scheduler.PoolError):
         return None

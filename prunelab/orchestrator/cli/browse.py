@@ -53,6 +53,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if sweep is None:
             raise UsageError([f"no sweep with id or name {args.sweep!r}"])
         rows = [(t, t.trial) for t in repo.sweep_trials(session, sweep.id)]
+        attempts = repo.trial_attempts(session, [t.id for t, _ in rows])
         trials = [
             {
                 "id": t.id,
@@ -67,6 +68,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "attempts": t.attempts,
                 "worker": t.worker,
                 "error": t.error,
+                # each attempt that ended without a result, oldest first
+                "failed_attempts": [a.as_dict() for a in attempts.get(t.id, [])],
                 "score": (t.metrics or {}).get("score"),
                 "mlflow_run_id": t.mlflow_run_id,
             }
@@ -92,7 +95,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{'' if t['prune_layer'] is None else t['prune_layer']!s:3} {t['status']:9} "
             f"attempts={t['attempts']} {score}{error}"
         )
+        for a in t["failed_attempts"]:
+            where = f" on {a['worker']}" if a["worker"] else ""
+            print(f"      attempt {a['attempt']}{where}: {a['kind']}: {_first_line(a['error'])}")
     return 0
+
+
+def _first_line(text: str, width: int = 100) -> str:
+    lines = text.strip().splitlines()
+    return lines[0][:width] if lines else ""
 
 
 def _progress(statuses: Iterable[str]) -> dict[str, int]:
