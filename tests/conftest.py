@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import URL, create_engine, make_url, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 # tests never download: a hub id must fail at once instead of retrying the network
@@ -151,3 +152,13 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """URL of a fresh, empty database; the test runs once on SQLite, once on PostgreSQL."""
     fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
     return request.getfixturevalue(fixture)
+
+
+@pytest.fixture
+def factory(db_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on a freshly migrated database (SQLite or PostgreSQL)."""
+    from prunelab.db import init_db, session_factory
+
+    engine = init_db(db_url)
+    yield session_factory(engine)
+    engine.dispose()

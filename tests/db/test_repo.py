@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,20 +25,11 @@ from prunelab.db import (
     make_engine,
     normalize_db_url,
     repo,
-    session_factory,
 )
 
 _R = TypeVar("_R")
 
 Factory = sessionmaker[Session]
-
-
-@pytest.fixture
-def factory(db_url: str) -> Iterator[Factory]:
-    """Sessions on a freshly migrated database (SQLite or PostgreSQL)."""
-    engine = init_db(db_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def _sweep(factory: Factory, name: str = "quick", orchestrator: str = "host:1") -> str:

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 from alembic import command
 from mlflow.tracking import MlflowClient
 from sqlalchemy import inspect, text
@@ -27,16 +25,8 @@ from prunelab.orchestrator.scheduler import Dispatch, WorkerPool
 from prunelab.orchestrator.spec import load_sweep
 from prunelab.orchestrator.sweep import Stores, submit_sweep
 from prunelab.trial import Trial, TrialResult
-from prunelab.workers.faults import FAULTS_ENV
 
 Factory = sessionmaker[Session]
-
-
-@pytest.fixture
-def factory(db_url: str) -> Iterator[Factory]:
-    engine = init_db(db_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def _trial_ids(factory: Factory, keys: list[str]) -> tuple[str, list[int]]:
@@ -190,23 +180,6 @@ def test_status_lists_each_failed_attempt(tmp_path: Path, capsys: pytest.Capture
 
 
 # --------------------------------------------------------------------------- on Ray
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    rules = tmp_path_factory.mktemp("faults") / "rules.json"
-    rules.write_text("[]")
-    previous = os.environ.get(FAULTS_ENV)
-    os.environ[FAULTS_ENV] = f"@{rules}"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield rules
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop(FAULTS_ENV, None)
-        else:
-            os.environ[FAULTS_ENV] = previous
 
 
 def test_an_error_of_the_trial_is_final_and_the_worker_keeps_going(local_ray: Path) -> None:

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 from tiny_models import trial_config
 
 from prunelab.orchestrator.config import range_problems
 from prunelab.orchestrator.scheduler import Dispatch, WorkerPool, _Slot
 from prunelab.trial import Trial, TrialResult
-from prunelab.workers.faults import FAULTS_ENV
 
 
 def slot(name: str, model: str | None) -> _Slot:
@@ -48,23 +45,6 @@ def test_pick_keeps_the_model_then_takes_one_nobody_holds() -> None:
     assert pool._pick(a, pending).model == "C"
     pending = [trial(4, "B"), trial(5, "B"), trial(6, "B"), trial(7, "C")]
     assert pool._pick(a, pending).model == "B"
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    rules = tmp_path_factory.mktemp("faults") / "rules.json"
-    rules.write_text("[]")
-    previous = os.environ.get(FAULTS_ENV)
-    os.environ[FAULTS_ENV] = f"@{rules}"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield rules
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop(FAULTS_ENV, None)
-        else:
-            os.environ[FAULTS_ENV] = previous
 
 
 class Log:
