@@ -27,7 +27,7 @@ from pathlib import Path
 __all__ = ["arm", "ray_descendants"]
 
 PROC = Path("/proc")
-POLL_S = 0.5  # how often the watcher looks at the orchestrator and its Ray processes
+POLL_S = 1.0  # how often the watcher looks at the orchestrator and its Ray processes
 
 Process = tuple[int, int]  # (pid, start time in clock ticks since boot)
 

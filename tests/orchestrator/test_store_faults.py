@@ -270,16 +270,6 @@ def test_concurrent_set_up_of_both_schemas_in_one_new_postgres_database(
     assert experiments == 1
 
 
-@pytest.mark.slow
-@pytest.mark.postgres
-def test_both_stores_in_one_postgres_database(pg_url: str, tmp_path: Path) -> None:
-    returncode, output = run("sweep", *ARGS, *flags(pg_url, pg_url, tmp_path), cwd=tmp_path)
-    assert returncode == 0, output
-    check_agree(pg_url, pg_url)
-    check_parent(pg_url, pg_url)
-    init_db(pg_url).dispose()  # prunelab's revision is its own: a second upgrade is a no-op
-
-
 @pytest.mark.parametrize("first", ["prunelab", "mlflow"])
 def test_both_schemas_share_one_database_in_either_order(
     db_url: str, first: str, tmp_path: Path
@@ -347,8 +337,12 @@ def test_tracker_call_survives_its_connection_terminated(
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_mlflow_connection_terminated_mid_sweep(pg_pair: tuple[str, str], tmp_path: Path) -> None:
-    ours, theirs = pg_pair
+def test_mlflow_connection_terminated_mid_sweep_with_both_stores_in_one_database(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Both stores in one PostgreSQL database (each with its own version table), and an
+    MLflow connection terminated while a trial is being logged: the sweep finishes."""
+    ours = theirs = pg_url
     Tracker(theirs).experiment_id("quickstart")
     admin = Admin(theirs)
     store_args = flags(ours, theirs, tmp_path)
@@ -371,6 +365,7 @@ def test_mlflow_connection_terminated_mid_sweep(pg_pair: tuple[str, str], tmp_pa
     assert "lost its database connection" in output and "Traceback" not in output, output
     check_agree(ours, theirs)
     check_parent(ours, theirs)
+    init_db(pg_url).dispose()  # prunelab's revision is its own: a second upgrade is a no-op
 
 
 # --------------------------------------------------------------------------- lost store
@@ -399,31 +394,6 @@ def test_mlflow_sqlite_store_deleted_resume_logs_every_trial_again(tmp_path: Pat
     tracking_uri = f"sqlite:///{stores / 'mlflow.db'}"
     check_agree(db_url, tracking_uri)
     check_parent(db_url, tracking_uri)
-
-
-@pytest.mark.slow
-@pytest.mark.postgres
-def test_mlflow_postgres_database_recreated_empty_resume_logs_every_trial_again(
-    pg_pair: tuple[str, str], pg_admin_url: str, tmp_path: Path
-) -> None:
-    ours, theirs = pg_pair
-    store_args = flags(ours, theirs, tmp_path)
-    returncode, output = run("sweep", *ARGS, *store_args, cwd=tmp_path)
-    assert returncode == 0, output
-    name = make_url(theirs).database
-    admin = create_engine(pg_admin_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        admin.dispose()
-
-    returncode, output = run("resume", "quickstart", *store_args, cwd=tmp_path)
-    assert returncode == 0, output
-    assert f"{TRIALS} finished trial(s) whose MLflow run is gone" in output
-    check_agree(ours, theirs)
-    check_parent(ours, theirs)
 
 
 # --------------------------------------------------------------------------- bad stores
