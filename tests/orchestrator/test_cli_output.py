@@ -36,7 +36,7 @@ def db_url(tmp_path: Path) -> str:
 def test_report_to_a_missing_directory_is_bad_input(
     flag: str, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    target = tmp_path / "no" / "such" / "dir" / "x.md"
+    target = tmp_path / "no" / "such" / "dir" / ("x.md" if flag == "--out" else "x.pdf")
     assert main(["report", "s1", flag, str(target), "--db-url", db_url]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [

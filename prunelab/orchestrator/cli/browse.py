@@ -119,6 +119,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from prunelab.orchestrator.results import build_report
     from prunelab.orchestrator.tables import report_csv, report_latex, report_markdown
 
+    figure_type = None
+    if args.pareto:  # a bad extension is found before anything is printed or written
+        from prunelab.orchestrator.plots import figure_format
+
+        try:
+            figure_type = figure_format(args.pareto)
+        except ValueError as exc:
+            raise UsageError([f"--pareto {exc}"]) from None
     stores = stores_from_args(args)
     engine = engine_if_exists(stores.db_url)
     if engine is None:
@@ -137,10 +145,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         write_output("--out", args.out, text.encode())
     else:
         sys.stdout.write(text)
-    if args.pareto:
-        from prunelab.orchestrator.plots import pareto_png
+    if figure_type is not None:
+        from prunelab.orchestrator.plots import pareto_figure
 
-        write_output("--pareto", args.pareto, pareto_png(report))
+        write_output("--pareto", args.pareto, pareto_figure(report, figure_type))
     return 0
 
 
