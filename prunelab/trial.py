@@ -48,9 +48,6 @@ KEY_VERSION = 2
    and is not reused for one. ``trial_key(..., version=1)`` still gives the old keys.
 """
 
-_AXES = ("model", "benchmark", "method", "hparams", "keep_ratio", "keep_tokens")
-_AXES_TAIL = ("prune_layer", "seed")
-
 
 def jsonable(value: Any) -> Any:
     """Tuples as lists, recursively: the form a value takes in JSON and in a stored trial."""
@@ -85,6 +82,9 @@ class Trial:
     keep_tokens: int | None = None
     prune_layer: int | None = None
     seed: int | None = None
+    # how the budget counts visual tokens (prunelab.methods.BUDGET_MODES); None: the method's
+    # own way, and the only value of a trial whose modes are the same (a vision stage)
+    budget_mode: str | None = None
     model_config: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     benchmark_config: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     eval: EvalConfig = field(default_factory=EvalConfig, repr=False, compare=False)
@@ -131,6 +131,7 @@ class Trial:
             keep_tokens=data.get("keep_tokens"),
             prune_layer=data.get("prune_layer"),
             seed=data.get("seed"),
+            budget_mode=data.get("budget_mode"),
             model_config=dict(data.get("model_config") or {}),
             benchmark_config=dict(data.get("benchmark_config") or {}),
             eval=EvalConfig(**settings),
@@ -141,8 +142,10 @@ class Trial:
 
     # -- views ------------------------------------------------------------------------------
     def axes(self) -> dict[str, Any]:
-        """The canonical axes (unused ones None): what ``trial_key`` hashes as ``trial``."""
-        return {
+        """The canonical axes (unused ones None): what ``trial_key`` hashes as ``trial``.
+        ``budget_mode`` is there only when set (not the method's own), so the keys of trials
+        planned before that axis existed stay the same."""
+        axes = {
             "model": self.model,
             "benchmark": self.benchmark,
             "method": self.method,
@@ -152,10 +155,13 @@ class Trial:
             "prune_layer": self.prune_layer,
             "seed": self.seed,
         }
+        if self.budget_mode is not None:
+            axes["budget_mode"] = self.budget_mode
+        return axes
 
     def params(self) -> dict[str, Any]:
-        """The trial's axes (unused ones None) and ``method.<hp>`` per hyperparameter: the
-        columns that tell trials apart in tables."""
+        """The trial's axes (unused ones None; ``budget_mode`` only when set) and
+        ``method.<hp>`` per hyperparameter: the columns that tell trials apart in tables."""
         params = {k: v for k, v in self.axes().items() if k != "hparams"}
         for name, value in sorted(self.hparams.items()):
             params[f"method.{name}"] = value

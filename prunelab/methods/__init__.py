@@ -5,6 +5,8 @@ import importlib
 import pkgutil
 
 from prunelab.methods.base import (
+    BUDGET_MODES,
+    AverageBudget,
     Budget,
     HyperparameterError,
     LayerSelection,
@@ -24,7 +26,9 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "BUDGET_MODES",
     "METHODS",
+    "AverageBudget",
     "Budget",
     "HyperparameterError",
     "LayerSelection",

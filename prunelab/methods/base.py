@@ -24,7 +24,10 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 
 __all__ = [
+    "BUDGET_MODES",
+    "AverageBudget",
     "Budget",
+    "BudgetMode",
     "HyperparameterError",
     "LayerSelection",
     "LayerSignals",
@@ -40,6 +43,19 @@ __all__ = [
 ]
 
 QueryRows = Literal["last", "text", "visual", "all"]
+BudgetMode = Literal["kept", "average"]
+BUDGET_MODES: tuple[BudgetMode, ...] = ("kept", "average")
+"""How a budget counts visual tokens (the trial axis ``budget_mode``):
+
+- ``kept``: the tokens the method keeps at its pruning point (after a vision stage: those fed
+  to the LLM; at decoder layer K: those every layer from K on sees), as single-stage papers
+  (FastV, SGP, PREP) count it;
+- ``average``: the visual tokens averaged over all decoder layers of the LLM, as multi-stage
+  papers (PyramidDrop, SparseVLM, Polymorphic, InfoPrune) count it. A single-stage method at
+  layer K keeping k of N tokens on an L-layer LLM averages (K * N + (L - K) * k) / L, so it
+  solves for k (:class:`AverageBudget`).
+
+Both are the same for a vision stage (every layer sees the kept tokens)."""
 VisionSignalName = Literal["cls_attention", "key_metric"]
 
 
@@ -88,6 +104,13 @@ class Budget:
         assert self.keep_ratio is not None
         return max(1, min(n_visual, round(self.keep_ratio * n_visual)))
 
+    def average_target(self, n_visual: int) -> float:
+        """The average over the LLM's layers this budget asks for: keep_ratio * N (unrounded),
+        or keep_tokens (at most N)."""
+        if self.keep_ratio is not None:
+            return self.keep_ratio * n_visual
+        return float(self.tokens(n_visual))
+
 
 @dataclass(frozen=True)
 class PlanContext:
@@ -99,6 +122,8 @@ class PlanContext:
     prune_layer: int | None  # the trial's prune_layer axis (None: the method's default)
     seed: int
     family: str | None = None  # model family (llava, qwen2_vl, ...) for per-family defaults
+    # the trial's budget_mode axis; None: the method's own (``PruningMethod.own_budget_mode``)
+    budget_mode: BudgetMode | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +172,9 @@ class Plan:
     layers: tuple[LayerStep, ...] = ()
     # a pre-inference pass to run first; it returns the final plan (None: no such pass)
     pre_inference: PreInferenceStep | None = None
+    # a pre-inference plan whose single stage must average this budget once its layer is
+    # chosen (``budget_mode=average``): the final plan is ``average.solve(final)``
+    average: AverageBudget | None = None
 
     def __post_init__(self) -> None:
         layers = [s.layer for s in self.layers]
@@ -156,6 +184,70 @@ class Plan:
     @property
     def prunes(self) -> bool:
         return self.vision_keep is not None or bool(self.layers)
+
+    def visual_per_layer(self, n_visual: int, n_layers: int) -> list[int]:
+        """The visual tokens each of the ``n_layers`` decoder layers sees under this plan."""
+        visual = self.vision_keep if self.vision_keep is not None else n_visual
+        steps = {step.layer: step.keep for step in self.layers}
+        per_layer = []
+        for layer in range(n_layers):
+            visual = min(visual, steps.get(layer, visual))
+            per_layer.append(visual)
+        return per_layer
+
+    def average_visual(self, n_visual: int, n_layers: int) -> float:
+        """Eq. (4) of PyramidDrop: visual tokens averaged over the ``n_layers`` decoder layers."""
+        return sum(self.visual_per_layer(n_visual, n_layers)) / n_layers
+
+
+@dataclass(frozen=True)
+class AverageBudget:
+    """``budget_mode=average`` for a single-stage plan: ``target`` visual tokens averaged over
+    ``n_layers`` decoder layers, out of ``n_visual``."""
+
+    target: float
+    n_visual: int
+    n_layers: int
+    method: str
+
+    def lowest(self, layer: int) -> float:
+        """The lowest average a single stage at ``layer`` reaches (it keeps 1 token)."""
+        return (layer * self.n_visual + (self.n_layers - layer)) / self.n_layers
+
+    def keep(self, layer: int) -> int:
+        """The tokens a single stage at ``layer`` keeps so that the average is closest to
+        ``target``: k = (L * target - K * N) / (L - K), rounded; ValueError when no k in
+        [1, N] comes within one token of it."""
+        n, depth = self.n_visual, self.n_layers
+        keep = max(1, min(n, round((depth * self.target - layer * n) / (depth - layer))))
+        reached = (layer * n + (depth - layer) * keep) / depth
+        if abs(reached - self.target) > 1.0:
+            raise ValueError(
+                f"{self.method}: budget_mode=average: an average of {self.target:g} visual "
+                f"tokens is out of reach at layer {layer} (the {layer} layer(s) before it see "
+                f"all {n}; the lowest average there is {self.lowest(layer):.1f} over {depth} "
+                "layers); use budget_mode=kept, an earlier layer or a larger budget"
+            )
+        return keep
+
+    def solve(self, plan: Plan) -> Plan:
+        """``plan`` with its stage's keep solved for the average. A vision stage alone already
+        averages its keep; a pre-inference plan is checked at its provisional (deepest) layer
+        and solved once the pass has chosen its layer."""
+        if plan.pre_inference is not None:
+            for step in plan.layers:
+                self.keep(step.layer)
+            return dataclasses.replace(plan, average=self)
+        if not plan.layers:
+            return plan
+        if plan.vision_keep is not None or len(plan.layers) != 1:
+            raise ValueError(
+                f"{self.method}: budget_mode=average needs the method to solve its stages "
+                "for the average; this plan has several stages"
+            )
+        (step,) = plan.layers
+        solved = dataclasses.replace(step, keep=self.keep(step.layer))
+        return dataclasses.replace(plan, layers=(solved,), average=None)
 
 
 @dataclass
@@ -252,6 +344,10 @@ class PruningMethod:
     - ``stages``: one line on where it acts, for ``prunelab methods``.
     - ``uses_budget`` / ``uses_layer`` / ``uses_seed``: the trial axes it reads; the planner
       drops the others from its trials, and the runner passes no budget without ``uses_budget``.
+    - ``budget_is_average``: its ``plan`` solves its stages so that the visual tokens averaged
+      over the LLM's layers equal the budget (multi-stage methods); otherwise it keeps the
+      budget at its pruning point. That is its own ``budget_mode`` (:data:`BUDGET_MODES`);
+      :meth:`plan_trial` applies a trial's other mode.
     - ``default_prune_layer``: the layer used when the grid has no prune_layer.
     - ``min_prune_layer``: the first layer it can act at (:meth:`layer_range`).
     - ``needs_guidance``: runs the model config's smaller ``guidance`` model alongside (the
@@ -270,6 +366,7 @@ class PruningMethod:
     uses_budget: ClassVar[bool] = True
     uses_layer: ClassVar[bool] = False
     uses_seed: ClassVar[bool] = False
+    budget_is_average: ClassVar[bool] = False
     needs_guidance: ClassVar[bool] = False
     guidance_signal: ClassVar[Literal["attention", "hidden"]] = "attention"
     default_prune_layer: ClassVar[int | None] = None
@@ -282,6 +379,29 @@ class PruningMethod:
     # -- planning -------------------------------------------------------------------------
     def plan(self, ctx: PlanContext) -> Plan:
         raise NotImplementedError
+
+    @classmethod
+    def own_budget_mode(cls) -> BudgetMode:
+        """How this method's ``plan`` counts a budget (see :data:`BUDGET_MODES`)."""
+        return "average" if cls.budget_is_average else "kept"
+
+    def plan_trial(self, ctx: PlanContext) -> Plan:
+        """:meth:`plan` with the trial's ``budget_mode`` applied: ``average`` solves a
+        single-stage plan's keep for the average over the LLM's layers; ``kept`` is not
+        defined for a multi-stage schedule (whose stages are solved for an average)."""
+        plan = self.plan(ctx)
+        mode = ctx.budget_mode or self.own_budget_mode()
+        if ctx.budget is None or mode == self.own_budget_mode():
+            return plan
+        if not plan.layers and plan.pre_inference is None:
+            return plan  # a vision stage alone: kept and average are the same
+        if mode == "kept":
+            raise ValueError(
+                f"{self.name}: budget_mode=kept is not defined for its multi-stage schedule, "
+                "which is solved for an average over the LLM's layers; use budget_mode=average"
+            )
+        target = ctx.budget.average_target(ctx.n_visual)
+        return AverageBudget(target, ctx.n_visual, ctx.n_layers, self.name).solve(plan)
 
     def unsupported(self, family: str) -> str | None:
         """Why this method is not defined for a model ``family`` (None: it is). Checked when
@@ -341,7 +461,7 @@ class PruningMethod:
         """Why this method cannot plan a trial in ``ctx`` (None: it can): the first line of
         the error its ``plan`` raises, e.g. a budget its stages cannot reach."""
         try:
-            self.plan(ctx)
+            self.plan_trial(ctx)
         except ValueError as exc:
             text = str(exc).strip()
             return text.splitlines()[0] if text else type(exc).__name__

@@ -137,18 +137,12 @@ def average_visual(
 def plan_average(plan: Plan, n_visual: int, n_layers: int) -> float:
     """Eq. (4) for a whole plan: visual tokens averaged over the decoder layers when a vision
     stage (if any) leaves ``plan.vision_keep`` of ``n_visual`` and its layer steps follow."""
-    first = n_visual if plan.vision_keep is None else plan.vision_keep
-    if not plan.layers:
-        return float(first)
-    layers, keeps = [s.layer for s in plan.layers], [s.keep for s in plan.layers]
-    return average_visual(first, n_layers, layers, keeps)
+    return plan.average_visual(n_visual, n_layers)
 
 
 def average_target(budget: Budget, n_visual: int) -> float:
     """The average a multi-stage method aims at: keep_ratio * N (unrounded), or keep_tokens."""
-    if budget.keep_ratio is not None:
-        return budget.keep_ratio * n_visual
-    return float(budget.tokens(n_visual))
+    return budget.average_target(n_visual)
 
 
 def _schedule(n_visual: int, ratios: Sequence[float]) -> tuple[int, ...]:

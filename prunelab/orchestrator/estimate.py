@@ -45,7 +45,7 @@ def _info(model_config_json: str) -> ModelInfo:
 def planned_visual_per_layer(trial: Trial, info: ModelInfo) -> list[int]:
     """Visual tokens each LLM layer will see under the trial's plan: (n_layers,)."""
     method, budget = build_method(trial)
-    plan = method.plan(
+    plan = method.plan_trial(
         PlanContext(
             n_visual=info.n_visual,
             n_layers=info.n_layers,
@@ -53,23 +53,20 @@ def planned_visual_per_layer(trial: Trial, info: ModelInfo) -> list[int]:
             prune_layer=trial.prune_layer,
             seed=trial.seed or 0,
             family=info.family,
+            budget_mode=trial.budget_mode,
         )
     )
-    visual = plan.vision_keep if plan.vision_keep is not None else info.n_visual
-    steps = {step.layer: step.keep for step in plan.layers}
-    per_layer = []
-    for layer in range(info.n_layers):
-        visual = min(visual, steps.get(layer, visual))
-        per_layer.append(visual)
-    return per_layer
+    return plan.visual_per_layer(info.n_visual, info.n_layers)
 
 
-def estimate_tflops(trial: Trial) -> float:
-    """Prefill TFLOPs over all the trial's samples (text length assumed; ``exact`` adds vision)."""
+def estimate_tflops(trial: Trial, samples: int | None = None) -> float:
+    """Prefill TFLOPs over ``samples`` of the trial's samples (default: ``eval.limit``; text
+    length assumed; the ``exact`` convention adds the vision tower)."""
     info = _info(json.dumps(trial.model_config, sort_keys=True))
     tokens = [v + ASSUMED_TEXT_TOKENS for v in planned_visual_per_layer(trial, info)]
     per_sample = trial_flops(tokens, 1, info, trial.eval.flops_convention)
-    return per_sample * int(trial.eval.limit) / 1e12  # type: ignore[arg-type]
+    count = int(trial.eval.limit) if samples is None else samples  # type: ignore[arg-type]
+    return per_sample * count / 1e12
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ _Read = tuple[Trial, str, Mapping[str, Any], np.ndarray | None]
 _Trials = list[_Read]  # read: metrics {} when there are none, replicates None when none
 
 # metric names the paper-style report reads
-SCORE, TFLOPS = "score", "tflops"
+SCORE, TFLOPS, AVG_VISUAL = "score", "tflops", "avg_visual_tokens"
 SCORE_CI = ("score_ci_low", "score_ci_high")
 CI_SUFFIXES = ("_ci_low", "_ci_high")  # the CSV's interval columns: <column><suffix>
 
@@ -178,6 +178,10 @@ class ReportRow:
     status: dict[str, str] = field(default_factory=dict)
     mean_ratio: float | None = None  # mean over the report's ratio benchmarks, as a fraction
     mean_tflops: float | None = None  # mean TFLOPs per sample over the row's benchmarks
+    # visual tokens averaged over the LLM's layers, mean over the row's finished benchmarks:
+    # the budget achieved (``64 tokens (avg 64.0)``)
+    mean_visual: float | None = None
+    visual: dict[str, float | None] = field(default_factory=dict)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     replicates: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     ratio_replicates: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -238,6 +242,15 @@ def _varies(trials: _Trials, axis: str) -> bool:
     return any(len(values) > 1 for values in seen.values())
 
 
+def _sort_value(value: Any) -> tuple:
+    """A variant value as a sort key: unset first, then numbers in order, then text."""
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, (int, float)):
+        return (1, value, "")
+    return (2, 0, str(value))
+
+
 def _models(trials: _Trials) -> list[str]:
     """The sweep's models, in order of first appearance."""
     return list(dict.fromkeys(trial.model for trial, *_ in trials))
@@ -279,7 +292,7 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
     """
     trials = read_trials(trials)
     benchmarks = list(dict.fromkeys(trial.benchmark for trial, *_ in trials))
-    axis_of = {"layer": "prune_layer", "seed": "seed"}
+    axis_of = {"layer": "prune_layer", "seed": "seed", "budget mode": "budget_mode"}
     variant_columns = [label for label, axis in axis_of.items() if _varies(trials, axis)]
     hparams = _varying_hparams(trials)
     baseline_scores: dict[tuple[str, str], float | None] = {}
@@ -311,7 +324,7 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
                 order=(
                     budget_order(trial),
                     method,
-                    tuple(-1 if v is None else v for v in variant.values()),
+                    tuple(_sort_value(v) for v in variant.values()),
                 ),
             )
         benchmark = trial.benchmark
@@ -321,6 +334,7 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
         row.scores[benchmark] = score
         row.ratios[benchmark] = ratio(score, baseline_scores.get((trial.model, benchmark)))
         row.tflops[benchmark] = _number(metrics.get(TFLOPS)) if finished else None
+        row.visual[benchmark] = _number(metrics.get(AVG_VISUAL)) if finished else None
         _add_intervals(row, trial, metrics if finished else {}, replicates, baselines)
 
     ratio_benchmarks = [
@@ -337,6 +351,8 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
                 row.mean_interval = intervals.mean_interval(vectors)
         costs = [t for t in row.tflops.values() if t is not None]
         row.mean_tflops = statistics.fmean(costs) if costs else None
+        visual = [v for v in row.visual.values() if v is not None]
+        row.mean_visual = statistics.fmean(visual) if visual else None
 
     models = _models(trials)
     ordered = sorted(rows.values(), key=lambda r: (models.index(r.model), r.order))

@@ -157,8 +157,17 @@ def _best_cells(report: Report) -> set[tuple[int, int]]:
     return best
 
 
+def budget_text(row: ReportRow) -> str:
+    """The row's budget and, for a pruned row, the average it achieved over the LLM's layers:
+    ``64 tokens (avg 64.0)``; a method that counts its budget as kept tokens at a later layer
+    averages more (``64 tokens (avg 98.0)``)."""
+    if row.is_baseline or row.mean_visual is None:
+        return row.budget
+    return f"{row.budget} (avg {row.mean_visual:.1f})"
+
+
 def _label_cells(row: ReportRow, report: Report) -> list[str]:
-    labels = [row.method, row.budget]
+    labels = [row.method, budget_text(row)]
     labels += [
         "" if row.variant[c] is None else str(row.variant[c]) for c in report.variant_columns
     ]

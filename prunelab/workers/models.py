@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +33,23 @@ __all__ = [
     "ModelSpec",
     "describe_model",
     "load_model",
+    "shipped_config",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models"  # prunelab/models/<name>
+HUB_CONFIGS_DIR = BUILTIN_DIR / "hub"
+"""``<org>/<name>/config.json`` of the hub checkpoints that ``sweeps/model/`` names: the config
+alone (no weights, a few KB), so that a sweep of them is planned and validated offline."""
+
+
+def shipped_config(path: str | None) -> Path | None:
+    """The shipped config directory of hub checkpoint ``path`` (``org/name``), if any."""
+    if not path or path.count("/") != 1 or Path(path).expanduser().exists():
+        return None
+    directory = HUB_CONFIGS_DIR / path
+    return directory if (directory / "config.json").is_file() else None
 
 
 def resolve_builtin(path: str) -> str:
@@ -165,7 +178,10 @@ def _config(spec: ModelSpec):
         return family.tiny_config(spec)
     from transformers import AutoConfig
 
+    shipped = shipped_config(spec.path) if spec.revision is None else None
     try:
+        if shipped is not None:  # shapes without the hub: planning works offline
+            return AutoConfig.from_pretrained(shipped)
         return AutoConfig.from_pretrained(spec.path, revision=spec.revision)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read the config of {spec.path!r}: {exc}") from None
@@ -250,5 +266,13 @@ def load_model(cfg: dict[str, Any] | ModelSpec) -> LoadedModel:
     else:
         with _no_loading_bars():  # one "Loading weights" bar per load and worker otherwise
             model, processor = family.from_pretrained(spec, dtype=dtype, device=device)
+        loaded = family.model_info(model.config, info.revision, spec.processor)
+        if loaded != info:  # the checkpoint's own config is what runs
+            warnings.warn(
+                f"model {spec.name!r}: the checkpoint's config describes {loaded}, the config "
+                f"it was planned with {info}; the trial runs on the checkpoint's",
+                stacklevel=2,
+            )
+            info = loaded
     model.eval()
     return LoadedModel(spec=spec, info=info, model=model, processor=processor, device=device)

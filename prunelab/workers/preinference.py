@@ -115,6 +115,8 @@ def run_pre_inference(
     final, layer = method.after_pre_inference(plan, recorded)
     if final.pre_inference is not None:
         raise RuntimeError(f"{method.name} left a pre-inference step in its final plan")
+    if plan.average is not None:  # budget_mode=average: the chosen layer's keep
+        final = plan.average.solve(final)
     return PreInference(
         plan=final,
         layer=layer,

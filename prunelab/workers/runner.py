@@ -226,8 +226,9 @@ def _plan(
         prune_layer=trial.prune_layer,
         seed=trial.seed or 0,
         family=adapter.family,
+        budget_mode=trial.budget_mode,  # type: ignore[arg-type]
     )
-    return method.plan(ctx)
+    return method.plan_trial(ctx)
 
 
 def run_trial(

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the trials and an estimate")
     p.add_argument("--workers", type=int, help="number of Ray workers (workers.count)")
     p.add_argument("--rerun", action="store_true", help="run finished trials again")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="drop the grid points validation rejects (a layer or budget a method cannot "
+        "reach on a model), listing each and why, and run the rest",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("resume", parents=[common], help="finish an interrupted sweep")
@@ -83,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep")
     p.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     p.add_argument("--out", help="write the table to this file instead of stdout")
-    p.add_argument("--pareto", metavar="PNG", help="also write the Pareto plot to this file")
+    p.add_argument(
+        "--pareto",
+        metavar="FILE",
+        help="also write the Pareto plot to this file: .pdf, .svg or .png (300 dpi)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("methods", help="registered methods and their hyperparameters")
@@ -189,8 +199,21 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line: options and a sweep's overrides in any order (``sweep quickstart
+    name=x --ray-address A eval.limit=16``; argparse alone ends ``overrides`` at the first
+    option). Anything else unknown is a usage error (exit 2)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     joined = _ray_is_up()  # a caller's Ray session is left as it was; one started here ends
     try:
         with _stop_signals():

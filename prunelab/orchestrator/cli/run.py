@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +29,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise UsageError([f"--workers={args.workers}: must be >= 1"])
         overrides.append(f"workers.count={args.workers}")
     try:
-        plan = load_sweep(args.spec, overrides)
+        plan = load_sweep(
+            args.spec, overrides, skip_invalid=args.skip_invalid, dry_run=args.dry_run
+        )
     except SpecError as exc:
         raise UsageError(exc.problems) from None
+    for line in plan.warnings:
+        print(f"prunelab: warning: {line}", file=sys.stderr)
+    if plan.skipped:
+        print(
+            "prunelab: --skip-invalid: the grid points validation rejects are dropped "
+            f"({len(plan.skipped)} problem(s)); the rest runs:",
+            file=sys.stderr,
+        )
+        for line in plan.skipped:
+            print(f"  {line}", file=sys.stderr)
     stores = stores_from_args(args)
     check_stores(stores)
     if args.dry_run:
@@ -101,29 +114,41 @@ def _dry_run(plan: Any, stores) -> int:
             throughput = earlier_throughput(session, {t.model for t in plan.trials})
     print(f"sweep {plan.name}: {len(plan.trials)} trials, {len(done)} already finished")
     print(
-        f"{'key':10}  {'model':16} {'benchmark':10} {'method':12} {'budget':7} {'layer':5} "
-        f"{'seed':4}  hparams"
+        f"{'key':10}  {'model':16} {'benchmark':10} {'method':12} {'budget':7} {'mode':7} "
+        f"{'layer':5} {'seed':4}  hparams"
     )
-    total_tflops = 0.0
+    counts = _sample_counts(plan)  # benchmark -> samples per trial (None: data not here)
+    total_tflops, unknown = 0.0, set()
     model_tflops: dict[str, float] = {}  # per model, of the trials to run
+    samples = 0
     for trial in plan.trials:
-        tflops = estimate_tflops(trial)
+        count = counts.get(trial.benchmark)
+        if count is None:  # not here to count: eval.limit bounds it (no limit: nothing known)
+            unknown.add(trial.benchmark)
+            count = plan.eval.limit or 0
+        tflops = estimate_tflops(trial, count)
         if trial.key not in done:
             total_tflops += tflops
             model_tflops[trial.model] = model_tflops.get(trial.model, 0.0) + tflops
+            samples += count
         mark = " (done)" if trial.key in done else ""
         print(
             f"{trial.key[:10]}  {trial.model:16} {trial.benchmark:10} {trial.method:12} "
-            f"{budget_label(trial):7} {_blank(trial.prune_layer):5} {_blank(trial.seed):4}  "
+            f"{budget_label(trial):7} {_budget_mode(trial):7} "
+            f"{_blank(trial.prune_layer):5} {_blank(trial.seed):4}  "
             f"{json.dumps(trial.hparams)}{mark}"
         )
     todo = [t for t in plan.trials if t.key not in done]
-    limit = plan.eval.limit
-    samples = f"{limit * len(todo)} samples" if limit is not None else "all samples"
+    bound = "at most " if unknown else ""
     print(
-        f"to run: {len(todo)} trials, {samples}, about {total_tflops:.3g} TFLOPs of LLM "
-        f"prefill ({plan.eval.flops_convention} convention)"
+        f"to run: {len(todo)} trials, {bound}{samples:,} samples, {bound}{total_tflops:.3g} "
+        f"TFLOPs of LLM prefill ({plan.eval.flops_convention} convention)"
     )
+    if unknown:
+        print(
+            f"  counted at eval.limit={plan.eval.limit} samples per trial (the data is not "
+            f"here to count) for: {', '.join(sorted(unknown))}"
+        )
     workers = max(1, plan.workers.count)
     for model, tflops in model_tflops.items():
         measured = throughput.get(model)
@@ -146,6 +171,29 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _sample_counts(plan: Any) -> dict[str, int | None]:
+    """Per benchmark of ``plan``, the samples a trial evaluates: ``eval.limit`` or the split's
+    size when smaller; None when the data is not there to count."""
+    from prunelab.workers.benchmarks import build_benchmark
+
+    counts: dict[str, int | None] = {}
+    for name, config in plan.benchmarks.items():
+        size = getattr(build_benchmark(config), "sample_count", lambda: None)()
+        limit = plan.eval.limit
+        counts[name] = None if size is None else (size if limit is None else min(size, limit))
+    return counts
+
+
+def _budget_mode(trial: Any) -> str:
+    """How the trial counts its budget: its ``budget_mode``, else its method's own way."""
+    import prunelab.methods as M
+
+    if trial.budget_mode is not None:
+        return str(trial.budget_mode)
+    cls = M.get(trial.method)
+    return cls.own_budget_mode() if cls.uses_budget else ""
 
 
 def _blank(value: Any) -> str:

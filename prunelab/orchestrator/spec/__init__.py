@@ -13,11 +13,11 @@ Hydra's override grammar. :func:`load_sweep` turns a spec plus command-line over
 5. :mod:`.report`: the problem lines and :class:`SpecError`.
 
 Command-line overrides are split in two. One whose key is a grid axis (``model``, ``benchmark``,
-``method``, ``keep_ratio``, ``keep_tokens``, ``prune_layer``, ``seed``, ``method.<hp>``, or any of
-these written ``grid.<axis>``) replaces that axis of the spec's grid; ``keep_ratio`` and
-``keep_tokens`` are one budget, so a budget given on the command line replaces either budget axis
-of the spec. ``~axis`` removes an axis. Every other override (``eval.limit=4``, ``name=x``) goes
-to Hydra's compose.
+``method``, ``keep_ratio``, ``keep_tokens``, ``prune_layer``, ``seed``, ``budget_mode``,
+``method.<hp>``, or any of these written ``grid.<axis>``) replaces that axis of the spec's
+grid; ``keep_ratio`` and ``keep_tokens`` are one budget, so a budget given on the command line
+replaces either budget axis of the spec. ``~axis`` removes an axis. Every other override
+(``eval.limit=4``, ``name=x``) goes to Hydra's compose.
 """
 
 from __future__ import annotations
@@ -69,13 +69,27 @@ class SweepPlan:
     model_infos: dict[str, ModelInfo] = field(default_factory=dict, repr=False)
     # where each ``workers.<key>`` came from, for problems found once Ray is up
     origins: dict[str, str] = field(default_factory=dict, repr=False)
+    # grid points dropped by ``skip_invalid``, one line each saying why
+    skipped: list[str] = field(default_factory=list)
+    # what a dry run tolerates: benchmark data not downloaded yet (path and where to get it)
+    warnings: list[str] = field(default_factory=list)
 
 
-def load_sweep(spec: str, overrides: Sequence[str] = ()) -> SweepPlan:
+def load_sweep(
+    spec: str,
+    overrides: Sequence[str] = (),
+    *,
+    skip_invalid: bool = False,
+    dry_run: bool = False,
+) -> SweepPlan:
     """Compose ``spec`` (a YAML path or a shipped spec's name) with ``overrides`` into a plan.
 
     Raises :class:`SpecError` listing every problem found (one line each, naming the value and
-    where it came from) when anything is invalid.
+    where it came from) when anything is invalid. ``skip_invalid``: grid points that validation
+    rejects one by one (a layer or budget out of a method's reach on a model) are dropped and
+    listed in ``SweepPlan.skipped`` instead, unless every point is. ``dry_run``: benchmark
+    data that is not there yet is a warning (``SweepPlan.warnings``), not a problem; the keys
+    of its trials then hash the data as missing.
     """
     source = locate_spec(spec)
     _, problem = read_yaml(source.path, source.shown)
@@ -83,13 +97,15 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> SweepPlan:
         raise SpecError([problem])
     problems = Problems()
     composed = compose_spec(source, overrides, problems)
-    groups = ConfigGroups(source.group_dirs, problems)
+    groups = ConfigGroups(source.group_dirs, problems, missing_data_ok=dry_run)
     axes = collect_axes(composed.grid, composed.axis_overrides, source.in_grid, problems, groups)
     planner = TrialPlanner(source, problems, groups, composed.eval, composed.stages)
     presets = [groups.presets[p] for p in (axes["method"].values if "method" in axes else [])]
     planner.check_axes(axes, presets)
     trials = planner.plan(grid_points(axes, groups.presets), axes)
-    problems.raise_if_any()
+    skipped = problems.raise_if_any(skip_invalid)
+    if skipped and not any(not t.is_baseline for t in trials):
+        raise SpecError([*skipped, "--skip-invalid: every grid point was rejected; none to run"])
 
     plan_spec = composed.as_dict({name: axis.stored for name, axis in axes.items()})
     used_models = dict.fromkeys(t.model for t in trials)
@@ -104,4 +120,6 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> SweepPlan:
         workers=composed.workers,
         model_infos={n: groups.model_infos[n] for n in used_models},
         origins=composed.origins,
+        skipped=skipped,
+        warnings=list(groups.warnings),
     )

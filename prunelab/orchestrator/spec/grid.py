@@ -15,7 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, Override, QuotedString, RangeSweep
 from hydra.errors import HydraException
 
-from prunelab.methods.base import Budget
+from prunelab.methods.base import BUDGET_MODES, Budget
 from prunelab.orchestrator.spec.report import (
     COMMAND_LINE,
     NOT_FINITE,
@@ -48,7 +48,7 @@ __all__ = [
 GROUPS = ("model", "benchmark", "method")
 """Config groups; the grid axes of the same names take their file names as values."""
 BUDGET_AXES = ("keep_ratio", "keep_tokens")
-AXES = (*GROUPS, *BUDGET_AXES, "prune_layer", "seed")
+AXES = (*GROUPS, *BUDGET_AXES, "prune_layer", "seed", "budget_mode")
 """Grid axes besides ``method.<hyperparameter>``."""
 HPARAM_PREFIX = "method."
 MAX_AXIS_VALUES = 100_000
@@ -99,6 +99,7 @@ class Point:
     keep_tokens: int | None
     prune_layer: int | None
     seed: int | None
+    budget_mode: str | None
     hparams: tuple[tuple[str, Any], ...]  # method.<hp> axis values this method knows
 
 
@@ -249,6 +250,8 @@ class _Grid:
             return None, "must be an integer >= 0 (a decoder layer)"
         if name == "seed" and not _is_int(value):
             return None, "must be an integer"
+        if name == "budget_mode" and value not in BUDGET_MODES:
+            return None, f"must be one of {', '.join(BUDGET_MODES)}"
         return value, None  # method.<hp>: checked against the methods that have it
 
 
@@ -312,7 +315,7 @@ def grid_points(axes: dict[str, Axis], presets: dict[str, Preset]) -> Iterator[P
 
     hp_axes = sorted(n for n in axes if n.startswith(HPARAM_PREFIX))
     for combo in itertools.product(*(values(n) for n in AXES), *(axes[n].values for n in hp_axes)):
-        model, benchmark, preset_name, ratio, tokens, layer, seed, *hp_values = combo
+        model, benchmark, preset_name, ratio, tokens, layer, seed, mode, *hp_values = combo
         if model is None or benchmark is None or preset_name is None:
             continue
         preset = presets[preset_name]
@@ -322,4 +325,4 @@ def grid_points(axes: dict[str, Axis], presets: dict[str, Preset]) -> Iterator[P
             for n, v in zip(hp_axes, hp_values, strict=True)
             if axes[n].hparam in known
         )
-        yield Point(model, benchmark, preset, ratio, tokens, layer, seed, hparams)  # type: ignore[arg-type]
+        yield Point(model, benchmark, preset, ratio, tokens, layer, seed, mode, hparams)  # type: ignore[arg-type]

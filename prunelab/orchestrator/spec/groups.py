@@ -17,6 +17,7 @@ from prunelab.orchestrator.spec.grid import GROUPS
 from prunelab.orchestrator.spec.report import Problems, did_you_mean, first_line, one_line, show
 from prunelab.trial import canonical_json, jsonable
 from prunelab.workers.benchmarks import build_benchmark
+from prunelab.workers.benchmarks.lmms import MissingDataError
 from prunelab.workers.models import ModelInfo, describe_model
 
 __all__ = ["ConfigGroups", "Preset", "group_names"]
@@ -42,8 +43,16 @@ class Preset:
 class ConfigGroups:
     """The group configs of one spec, loaded on first use; problems go to ``problems``."""
 
-    def __init__(self, group_dirs: tuple[tuple[Path, str], ...], problems: Problems) -> None:
+    def __init__(
+        self,
+        group_dirs: tuple[tuple[Path, str], ...],
+        problems: Problems,
+        missing_data_ok: bool = False,
+    ) -> None:
         self.group_dirs, self.problems = group_dirs, problems
+        # a dry run plans without the benchmark data: its absence is a warning
+        self.missing_data_ok = missing_data_ok
+        self.warnings: list[str] = []
         self.models: dict[str, dict[str, Any]] = {}
         self.model_infos: dict[str, ModelInfo] = {}
         self.benchmarks: dict[str, dict[str, Any]] = {}
@@ -128,7 +137,16 @@ class ConfigGroups:
             benchmark = build_benchmark(data)
             check = getattr(benchmark, "check", None)
             if callable(check):  # data files: missing or malformed ones fail here, named
-                check()
+                try:
+                    check()
+                except MissingDataError as exc:
+                    hint = getattr(benchmark, "download_hint", lambda: "")()
+                    line = f"benchmark {name!r} ({shown}): {one_line(exc)}"
+                    line += f"; {hint}" if hint else ""
+                    if not self.missing_data_ok:
+                        self.problems.add(line)
+                        return False
+                    self.warnings.append(line)
             identity = benchmark.describe()
         except Exception as exc:  # a benchmark's constructor may reject options in any way
             self.problems.add(f"benchmark {name!r} ({shown}): {one_line(exc)}")

@@ -155,7 +155,8 @@ class TrialPlanner:
         )
         self.problems.add(
             f"{origin}: must be in [{lowest}, {highest}] for method {cls.name!r} "
-            f"on model {point.model!r} ({info.n_layers} layers)"
+            f"on model {point.model!r} ({info.n_layers} layers)",
+            skippable=True,
         )
         return None, False
 
@@ -173,7 +174,8 @@ class TrialPlanner:
             if (problem := budget.reach_problem(info.n_visual)) is not None:
                 self.problems.add(
                     f"{axes['keep_tokens'].label(tokens)}: {problem}, "
-                    f"the visual tokens of model {point.model!r}"
+                    f"the visual tokens of model {point.model!r}",
+                    skippable=True,
                 )
                 return None
         layer, ok = self._layer(point, axes)
@@ -188,7 +190,8 @@ class TrialPlanner:
             overrides = ", ".join(f"{HPARAM_PREFIX}{hp}={show(v)}" for hp, v in point.hparams)
             self.problems.add(
                 f"method {point.preset.preset!r} ({point.preset.shown}) with {overrides} "
-                f"{self.source.in_grid}: {first_line(exc)}"
+                f"{self.source.in_grid}: {first_line(exc)}",
+                skippable=True,
             )
             return None
         reason = method.unsupported(info.family)
@@ -206,15 +209,22 @@ class TrialPlanner:
         if reason is None and isinstance(method, M.TrainedHeadMethod):
             assert guide_config is not None, f"{cls.name}: a trained head needs a guide"
             vib_head, reason = self._head(method, guide_config)
+        mode = None
         if reason is None:
             context = M.PlanContext(
                 info.n_visual, info.n_layers, budget, layer, seed or 0, info.family
             )
             reason = method.plan_problem(context)
+            if reason is None and budget is not None:
+                mode = self._budget_mode(method, point, context)
+                context = dataclasses.replace(context, budget_mode=mode)
+                reason = method.plan_problem(context)
         if reason is not None:
+            where = f" with {axes['budget_mode'].label(mode)}" if mode is not None else ""
             self.problems.add(
                 f"method {point.preset.preset!r} ({point.preset.shown}) on model "
-                f"{point.model!r} (family {info.family}): {reason}"
+                f"{point.model!r} (family {info.family}){where}: {reason}",
+                skippable=True,
             )
             return None
         trial = Trial(
@@ -226,6 +236,7 @@ class TrialPlanner:
             keep_tokens=tokens,
             prune_layer=layer,
             seed=seed,
+            budget_mode=mode,
             model_config=self.groups.models[point.model],
             benchmark_config=self.groups.benchmarks[point.benchmark],
             eval=self._eval(point.benchmark),
@@ -240,6 +251,18 @@ class TrialPlanner:
             benchmark_identity=self.groups.benchmark_ids[point.benchmark],
         )
         return dataclasses.replace(trial, key=key)
+
+    @staticmethod
+    def _budget_mode(method: M.PruningMethod, point: Point, context: M.PlanContext) -> str | None:
+        """The trial's ``budget_mode``: None when it is the method's own, or when both modes
+        give the same plan (a vision stage alone), so equal trials share one key."""
+        mode = point.budget_mode
+        if mode is None or mode == method.own_budget_mode():
+            return None
+        plan = method.plan(context)
+        if not plan.layers and plan.pre_inference is None:
+            return None
+        return mode
 
     def _eval(self, benchmark: str) -> EvalConfig:
         """The eval settings of a trial on ``benchmark``: ``max_new_tokens`` unset means the
@@ -270,7 +293,7 @@ class TrialPlanner:
         if not self.groups.load("method", BASELINE_METHOD, "(the baseline)"):
             return None
         preset = self.groups.presets[BASELINE_METHOD]
-        return self.trial(Point(model, benchmark, preset, None, None, None, None, ()), {})
+        return self.trial(Point(model, benchmark, preset, None, None, None, None, None, ()), {})
 
     # -- the sweep -------------------------------------------------------------------------
     def plan(self, points: Iterable[Point], axes: dict[str, Axis]) -> list[Trial]:

@@ -42,13 +42,19 @@ class SpecError(ValueError):
 
 
 class Problems:
-    """Problem lines in the order found, each once."""
+    """Problem lines in the order found, each once.
+
+    A ``skippable`` problem rejects one grid point alone (a layer or budget a method cannot
+    reach on a model, a hyperparameter combination): ``--skip-invalid`` drops that point and
+    runs the rest. Every other problem (a bad value, an unknown name, a missing axis) stops
+    the sweep.
+    """
 
     def __init__(self) -> None:
-        self._lines: dict[str, None] = {}
+        self._lines: dict[str, bool] = {}  # line -> skippable
 
-    def add(self, line: str) -> None:
-        self._lines[line] = None
+    def add(self, line: str, *, skippable: bool = False) -> None:
+        self._lines[line] = self._lines.get(line, True) and skippable
 
     def __bool__(self) -> bool:
         return bool(self._lines)
@@ -56,9 +62,18 @@ class Problems:
     def lines(self) -> list[str]:
         return list(self._lines)
 
-    def raise_if_any(self) -> None:
+    def skippable(self) -> list[str]:
+        """The problems that reject one grid point each."""
+        return [line for line, skip in self._lines.items() if skip]
+
+    def raise_if_any(self, skip_invalid: bool = False) -> list[str]:
+        """Raise :class:`SpecError` with every problem; with ``skip_invalid``, only when some
+        problem is not skippable, else return the skipped points' problems."""
+        if skip_invalid and all(self._lines.values()):
+            return self.lines()
         if self._lines:
             raise SpecError(self.lines())
+        return []
 
     def fatal(self, line: str) -> NoReturn:
         """Record a problem that stops planning and raise everything found so far."""

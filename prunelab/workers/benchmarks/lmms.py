@@ -65,6 +65,7 @@ __all__ = [
     "DatasetError",
     "MMBench",
     "MMStar",
+    "MissingDataError",
     "OCRBench",
     "ParquetBenchmark",
     "RealWorldQA",
@@ -109,6 +110,10 @@ class DatasetError(ValueError):
     """A benchmark's data file is missing or malformed; the message names the path."""
 
 
+class MissingDataError(DatasetError):
+    """A benchmark's data is not there: no such path, or no file of the split."""
+
+
 class ColumnError(DatasetError):
     """One row lacks a column or holds a value the benchmark cannot read; ``column`` names it.
 
@@ -130,7 +135,7 @@ def resolve_files(path: str | Path, split: str) -> list[Path]:
     if root.is_file():
         return [root]
     if not root.is_dir():
-        raise DatasetError(f"{root}: no such file or directory")
+        raise MissingDataError(f"{root}: no such file or directory")
     patterns = (
         f"{split}-*.parquet",
         f"{split}.parquet",
@@ -142,7 +147,7 @@ def resolve_files(path: str | Path, split: str) -> list[Path]:
         files = sorted(p for p in root.glob(pattern) if p.is_file())
         if files:
             return files
-    raise DatasetError(
+    raise MissingDataError(
         f"{root}: no parquet file of split {split!r} (looked for {', '.join(patterns)})"
     )
 
@@ -283,6 +288,7 @@ class ParquetBenchmark:
     until: tuple[str, ...] = field(default=(FEWSHOT_DELIMITER,), init=False)
 
     kind: ClassVar[str] = ""
+    dataset: ClassVar[str] = ""  # the Hugging Face dataset the files come from
     required: ClassVar[tuple[str, ...]] = ()  # besides the image column
     optional: ClassVar[tuple[str, ...]] = ()
     has_image: ClassVar[bool] = True  # False: images come from elsewhere (GQA)
@@ -296,6 +302,14 @@ class ParquetBenchmark:
             raise ValueError(f"benchmark {self.name!r}: `path` (its parquet file or directory)")
 
     # -- files -------------------------------------------------------------------------------
+    def download_hint(self) -> str:
+        """Where the data comes from and where it goes, for a missing-data message."""
+        return (
+            f"get the Hugging Face dataset {self.dataset} (`huggingface-cli download "
+            f"{self.dataset} --repo-type dataset`) and put its parquet files of split "
+            f"{self.split!r} under {self.path}"
+        )
+
     def files(self) -> list[Path]:
         return resolve_files(self.path, self.split)
 
@@ -384,6 +398,14 @@ class ParquetBenchmark:
 
     def _images(self, indices: list[int], rows: list[dict[str, Any]]) -> list[Any]:
         return _read_rows(self.files(), IMAGE, indices)
+
+    def sample_count(self) -> int | None:
+        """Rows of the split, from the files' footers (None: the data is not there)."""
+        try:
+            files = self.files()
+        except MissingDataError:
+            return None
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
     def samples(self, limit: int | None, seed: int = 0) -> list[Sample]:
         """``limit`` samples (all when None) chosen by ``seed``, in file order; a row the
@@ -501,6 +523,7 @@ class TextVQA(_VQA):
     max_new_tokens: int = field(default=LLAVA_MAX_NEW_TOKENS, init=False)
     until: tuple[str, ...] = field(default=("ASSISTANT:",), init=False)
     kind: ClassVar[str] = "textvqa"
+    dataset: ClassVar[str] = "lmms-lab/textvqa"
     capitalize: ClassVar[bool] = True
 
 
@@ -516,6 +539,7 @@ class VizWiz(_VQA):
     max_new_tokens: int = field(default=LLAVA_MAX_NEW_TOKENS, init=False)
     until: tuple[str, ...] = field(default=("ASSISTANT:",), init=False)
     kind: ClassVar[str] = "vizwiz"
+    dataset: ClassVar[str] = "lmms-lab/VizWiz-VQA"
     capitalize: ClassVar[bool] = True
 
 
@@ -531,6 +555,7 @@ class VQAv2(_VQA):
     category_column: str | None = "answer_type"
     max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "vqav2"
+    dataset: ClassVar[str] = "lmms-lab/VQAv2"
     rules: ClassVar[dict[str, str]] = {"lmms_eval": "punctuation_digits", "official": "if_disagree"}
     by_record: ClassVar[bool] = True
     authors_rule: ClassVar[bool] = True
@@ -551,6 +576,7 @@ class GQA(ParquetBenchmark):
     metric: str = "exact_match"
     max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "gqa"
+    dataset: ClassVar[str] = "lmms-lab/GQA"
     required: ClassVar[tuple[str, ...]] = ("imageId", "question", "answer")
     has_image: ClassVar[bool] = False
 
@@ -617,6 +643,7 @@ class MME(ParquetBenchmark):
     metric: str = "mme_perception"
     max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "mme"
+    dataset: ClassVar[str] = "lmms-lab/MME"
     required: ClassVar[tuple[str, ...]] = ("question_id", "question", "answer", "category")
     authors_rule: ClassVar[bool] = True
 
@@ -669,6 +696,7 @@ class POPE(ParquetBenchmark):
     metric: str = "pope_f1"
     max_new_tokens: int = field(default=128, init=False)
     kind: ClassVar[str] = "pope"
+    dataset: ClassVar[str] = "lmms-lab/POPE"
     required: ClassVar[tuple[str, ...]] = ("question", "answer")
     authors_rule: ClassVar[bool] = True
 
@@ -711,6 +739,7 @@ class ScienceQAImg(ParquetBenchmark):
     category_column: str | None = "subject"
     max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "scienceqa_img"
+    dataset: ClassVar[str] = "lmms-lab/ScienceQA"
     required: ClassVar[tuple[str, ...]] = ("question", "choices", "answer")
     optional: ClassVar[tuple[str, ...]] = ("hint",)
 
@@ -745,6 +774,7 @@ class AI2D(ParquetBenchmark):
     prompt: str = MC_PROMPT
     max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "ai2d"
+    dataset: ClassVar[str] = "lmms-lab/ai2d"
     required: ClassVar[tuple[str, ...]] = ("question", "options", "answer")
 
     def _sample(self, row: Mapping[str, Any]) -> Sample:
@@ -785,6 +815,7 @@ class SeedBench2Plus(ParquetBenchmark):
     max_new_tokens: int = field(default=16, init=False)
     until: tuple[str, ...] = field(default=("ASSISTANT:",), init=False)
     kind: ClassVar[str] = "seedbench2_plus"
+    dataset: ClassVar[str] = "doolayer/SEED-Bench-2-Plus"
     required: ClassVar[tuple[str, ...]] = (
         "question", "choice_A", "choice_B", "choice_C", "choice_D", "answer",
     )  # fmt: skip
@@ -814,6 +845,7 @@ class RealWorldQA(ParquetBenchmark):
 
     max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "realworldqa"
+    dataset: ClassVar[str] = "lmms-lab/RealWorldQA"
     required: ClassVar[tuple[str, ...]] = ("question", "answer")
 
     def _sample(self, row: Mapping[str, Any]) -> Sample:
@@ -856,6 +888,7 @@ class MMBench(ParquetBenchmark):
     max_new_tokens: int = field(default=1024, init=False)
     until: tuple[str, ...] = field(default=("ASSISTANT:",), init=False)
     kind: ClassVar[str] = "mmbench"
+    dataset: ClassVar[str] = "lmms-lab/MMBench"
     required: ClassVar[tuple[str, ...]] = ("index", "question", "answer", "A", "B")
     optional: ClassVar[tuple[str, ...]] = ("C", "D", "E", "hint")
 
@@ -942,6 +975,7 @@ class MMStar(ParquetBenchmark):
     split: str = "val"
     category_column: str | None = "category"
     kind: ClassVar[str] = "mmstar"
+    dataset: ClassVar[str] = "Lin-Chen/MMStar"
     required: ClassVar[tuple[str, ...]] = ("question", "answer", "l2_category")
     authors_rule: ClassVar[bool] = True
 
@@ -987,6 +1021,7 @@ class ChartQA(ParquetBenchmark):
     metric: str = "relaxed_accuracy"
     max_new_tokens: int = field(default=16, init=False)
     kind: ClassVar[str] = "chartqa"
+    dataset: ClassVar[str] = "lmms-lab/ChartQA"
     required: ClassVar[tuple[str, ...]] = ("question", "answer")
 
     def _sample(self, row: Mapping[str, Any]) -> Sample:
@@ -1011,6 +1046,7 @@ class OCRBench(ParquetBenchmark):
     metric: str = "ocrbench_final_score"
     max_new_tokens: int = field(default=128, init=False)
     kind: ClassVar[str] = "ocrbench"
+    dataset: ClassVar[str] = "echo840/OCRBench"
     required: ClassVar[tuple[str, ...]] = ("question", "answer", "dataset")
     authors_rule: ClassVar[bool] = True
 

@@ -123,6 +123,10 @@ class ShapesBenchmark:
             "version": 1,
         }
 
+    def sample_count(self) -> int:
+        """Samples in the split."""
+        return self.size
+
     def _split_seed(self) -> int:
         return {"train": 1, "val": 2, "test": 3}.get(self.split, 4) * 1_000_003
 
