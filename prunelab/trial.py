@@ -85,6 +85,10 @@ class Trial:
     # how the budget counts visual tokens (prunelab.methods.BUDGET_MODES); None: the method's
     # own way, and the only value of a trial whose modes are the same (a vision stage)
     budget_mode: str | None = None
+    # how the LLM numbers a vision stage's kept tokens: "packed" (consecutive, as official
+    # VisionZip) or "original" (their positions in the unpruned sequence); None: the model
+    # family's default, and the only value of a trial without a vision stage
+    vision_positions: str | None = None
     model_config: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     benchmark_config: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     eval: EvalConfig = field(default_factory=EvalConfig, repr=False, compare=False)
@@ -132,6 +136,7 @@ class Trial:
             prune_layer=data.get("prune_layer"),
             seed=data.get("seed"),
             budget_mode=data.get("budget_mode"),
+            vision_positions=data.get("vision_positions"),
             model_config=dict(data.get("model_config") or {}),
             benchmark_config=dict(data.get("benchmark_config") or {}),
             eval=EvalConfig(**settings),
@@ -143,8 +148,8 @@ class Trial:
     # -- views ------------------------------------------------------------------------------
     def axes(self) -> dict[str, Any]:
         """The canonical axes (unused ones None): what ``trial_key`` hashes as ``trial``.
-        ``budget_mode`` is there only when set (not the method's own), so the keys of trials
-        planned before that axis existed stay the same."""
+        ``budget_mode`` and ``vision_positions`` are there only when set (not the method's or
+        the family's own way), so the keys of trials planned before those axes stay the same."""
         axes = {
             "model": self.model,
             "benchmark": self.benchmark,
@@ -157,6 +162,8 @@ class Trial:
         }
         if self.budget_mode is not None:
             axes["budget_mode"] = self.budget_mode
+        if self.vision_positions is not None:
+            axes["vision_positions"] = self.vision_positions
         return axes
 
     def params(self) -> dict[str, Any]:

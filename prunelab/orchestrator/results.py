@@ -292,7 +292,12 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
     """
     trials = read_trials(trials)
     benchmarks = list(dict.fromkeys(trial.benchmark for trial, *_ in trials))
-    axis_of = {"layer": "prune_layer", "seed": "seed", "budget mode": "budget_mode"}
+    axis_of = {
+        "layer": "prune_layer",
+        "seed": "seed",
+        "budget mode": "budget_mode",
+        "vision positions": "vision_positions",
+    }
     variant_columns = [label for label, axis in axis_of.items() if _varies(trials, axis)]
     hparams = _varying_hparams(trials)
     baseline_scores: dict[tuple[str, str], float | None] = {}

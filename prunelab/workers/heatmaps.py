@@ -143,7 +143,8 @@ class Caption:
     method: the method's name; budget: the trial's :class:`Budget` (or its text); layers: the
     layer(s) the method acts at (``trial.prune_layer``, or the plan's layer steps); title: a
     second title line (e.g. the sample id); question, answers (accepted), prediction and its
-    benchmark ``score``.
+    benchmark ``score``; positions: how the LLM numbered a vision stage's kept tokens
+    (``packed`` / ``original``; None: the model family's default, not shown).
     """
 
     method: str | None = None
@@ -154,10 +155,12 @@ class Caption:
     answers: Sequence[str] = field(default_factory=tuple)
     prediction: str | None = None
     score: float | None = None
+    positions: str | None = None
 
     def headline(self) -> str:
-        """``method · budget · layer(s)``, the parts that are given."""
-        parts = [self.method, _budget_text(self.budget), _layers_text(self.layers)]
+        """``method · budget · layer(s) · positions``, the parts that are given."""
+        shown = f"{self.positions} positions" if self.positions else None
+        parts = [self.method, _budget_text(self.budget), _layers_text(self.layers), shown]
         return " · ".join(p for p in parts if p)
 
     def fields(self) -> list[tuple[str, str]]:

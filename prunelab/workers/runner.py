@@ -157,14 +157,17 @@ def run_sample(
     timer: Timer,
     guide: tuple[Adapter, Sample] | None = None,
     diagnostics: bool = False,
+    vision_positions: str | None = None,
 ) -> SampleRun:
     """One sample through ``method``: guidance (if the method has a guide), vision stage (if
     any), pre-inference (if the plan has one: it sets the plan's layers), then generation with
     the layer stages under a pruner built here for the LLM input.
 
     ``diagnostics``: ask the vision stage for its diagnostic curves (the method computes them
-    only when asked). The generation's ``prefill_s`` runs from the start (guidance included) to
-    the first token's logits, its ``decode_s`` from there to the last token.
+    only when asked). ``vision_positions``: how the LLM numbers a vision stage's kept tokens
+    (``packed`` / ``original``; None: the family's default). The generation's ``prefill_s``
+    runs from the start (guidance included) to the first token's logits, its ``decode_s``
+    from there to the last token.
     """
     start = timer.mark()
     guidance = None
@@ -191,7 +194,7 @@ def run_sample(
     tokens, kept = (vision.tokens, vision.kept) if vision is not None else (signals.tokens, None)
     probe = AttentionProbe(modules=adapter.attention_modules)
     with probe_attention(probe):
-        llm_input = adapter.llm_input(prepared, tokens, kept)
+        llm_input = adapter.llm_input(prepared, tokens, kept, vision_positions)
         pruner = adapter.layer_pruner(
             llm_input,
             method=method,
@@ -270,12 +273,13 @@ def run_trial(
                     run_sample(
                         adapter, prepared, method, plan,
                         _sample_generator(trial.seed, sample.id), max_new, timer, guided,
+                        vision_positions=trial.vision_positions,
                     )  # fmt: skip
             want_curves = index < DIAGNOSTIC_SAMPLES
             run = run_sample(
                 adapter, prepared, method, plan,
                 _sample_generator(trial.seed, sample.id), max_new, timer, guided,
-                diagnostics=want_curves,
+                diagnostics=want_curves, vision_positions=trial.vision_positions,
             )  # fmt: skip
             if want_curves and run.diagnostics:
                 curves.append({"sample": sample.id, **run.diagnostics})
@@ -392,7 +396,7 @@ def _importance_heatmaps(
             guided = (guide[1], sample) if guide is not None else None
             run = run_sample(
                 adapter, prepared, method, plan, _sample_generator(trial.seed, sample.id),
-                max_new, timer, guided,
+                max_new, timer, guided, vision_positions=trial.vision_positions,
             )  # fmt: skip
             pruner = run.pruner
             fate = token_fate(
@@ -402,7 +406,7 @@ def _importance_heatmaps(
             final = run.pre_inference.plan if run.pre_inference is not None else plan
             result = results[index] if index < len(results) else None
             caption = Caption(
-                method=trial.method, budget=budget,
+                method=trial.method, budget=budget, positions=trial.vision_positions,
                 layers=tuple(step.layer for step in final.layers), title=sample.id,
                 question=sample.question, answers=sample.answers,
                 prediction=None if result is None else result.prediction,

@@ -48,7 +48,9 @@ __all__ = [
 GROUPS = ("model", "benchmark", "method")
 """Config groups; the grid axes of the same names take their file names as values."""
 BUDGET_AXES = ("keep_ratio", "keep_tokens")
-AXES = (*GROUPS, *BUDGET_AXES, "prune_layer", "seed", "budget_mode")
+AXES = (*GROUPS, *BUDGET_AXES, "prune_layer", "seed", "budget_mode", "vision_positions")
+VISION_POSITIONS = ("packed", "original")
+"""How the LLM numbers a vision stage's kept tokens (the ``vision_positions`` axis)."""
 """Grid axes besides ``method.<hyperparameter>``."""
 HPARAM_PREFIX = "method."
 MAX_AXIS_VALUES = 100_000
@@ -100,6 +102,7 @@ class Point:
     prune_layer: int | None
     seed: int | None
     budget_mode: str | None
+    vision_positions: str | None
     hparams: tuple[tuple[str, Any], ...]  # method.<hp> axis values this method knows
 
 
@@ -252,6 +255,8 @@ class _Grid:
             return None, "must be an integer"
         if name == "budget_mode" and value not in BUDGET_MODES:
             return None, f"must be one of {', '.join(BUDGET_MODES)}"
+        if name == "vision_positions" and value not in VISION_POSITIONS:
+            return None, f"must be one of {', '.join(VISION_POSITIONS)}"
         return value, None  # method.<hp>: checked against the methods that have it
 
 
@@ -315,7 +320,9 @@ def grid_points(axes: dict[str, Axis], presets: dict[str, Preset]) -> Iterator[P
 
     hp_axes = sorted(n for n in axes if n.startswith(HPARAM_PREFIX))
     for combo in itertools.product(*(values(n) for n in AXES), *(axes[n].values for n in hp_axes)):
-        model, benchmark, preset_name, ratio, tokens, layer, seed, mode, *hp_values = combo
+        model, benchmark, preset_name, ratio, tokens, layer, seed, mode, positions, *hp_values = (
+            combo
+        )
         if model is None or benchmark is None or preset_name is None:
             continue
         preset = presets[preset_name]
@@ -325,4 +332,4 @@ def grid_points(axes: dict[str, Axis], presets: dict[str, Preset]) -> Iterator[P
             for n, v in zip(hp_axes, hp_values, strict=True)
             if axes[n].hparam in known
         )
-        yield Point(model, benchmark, preset, ratio, tokens, layer, seed, mode, hparams)  # type: ignore[arg-type]
+        yield Point(model, benchmark, preset, ratio, tokens, layer, seed, mode, positions, hparams)  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from prunelab.orchestrator.spec.groups import ConfigGroups, Preset
 from prunelab.orchestrator.spec.report import Problems, did_you_mean, first_line, show
 from prunelab.orchestrator.vib_stage import STAGE_DEFAULTS, head_spec
 from prunelab.trial import BASELINE_METHOD, Trial, canonical_json, jsonable, trial_key
+from prunelab.workers.adapters import family_module
 
 __all__ = ["DEFAULT_SEED", "TrialPlanner", "canonical_hparams"]
 
@@ -209,7 +210,7 @@ class TrialPlanner:
         if reason is None and isinstance(method, M.TrainedHeadMethod):
             assert guide_config is not None, f"{cls.name}: a trained head needs a guide"
             vib_head, reason = self._head(method, guide_config)
-        mode = None
+        mode = positions = None
         if reason is None:
             context = M.PlanContext(
                 info.n_visual, info.n_layers, budget, layer, seed or 0, info.family
@@ -219,6 +220,8 @@ class TrialPlanner:
                 mode = self._budget_mode(method, point, context)
                 context = dataclasses.replace(context, budget_mode=mode)
                 reason = method.plan_problem(context)
+            if reason is None:
+                positions, reason = self._vision_positions(method, point, context, axes)
         if reason is not None:
             where = f" with {axes['budget_mode'].label(mode)}" if mode is not None else ""
             self.problems.add(
@@ -237,6 +240,7 @@ class TrialPlanner:
             prune_layer=layer,
             seed=seed,
             budget_mode=mode,
+            vision_positions=positions,
             model_config=self.groups.models[point.model],
             benchmark_config=self.groups.benchmarks[point.benchmark],
             eval=self._eval(point.benchmark),
@@ -263,6 +267,25 @@ class TrialPlanner:
         if not plan.layers and plan.pre_inference is None:
             return None
         return mode
+
+    @staticmethod
+    def _vision_positions(
+        method: M.PruningMethod, point: Point, context: M.PlanContext, axes: dict[str, Axis]
+    ) -> tuple[str | None, str | None]:
+        """The trial's ``vision_positions`` (None: the family's default, or a plan without a
+        vision stage, so equal trials share one key) and why it cannot be (None: it can)."""
+        value = point.vision_positions
+        if value is None or not method.uses_budget:
+            return None, None
+        if method.plan_trial(context).vision_keep is None:
+            return None, None
+        supported = family_module(str(context.family)).adapter_class(context.family)
+        if value not in supported.vision_positions:
+            return None, (
+                f"{axes['vision_positions'].label(value)}: not defined for family "
+                f"{context.family}, whose kept tokens keep their M-RoPE positions"
+            )
+        return (None if value == supported.vision_positions[0] else value), None
 
     def _eval(self, benchmark: str) -> EvalConfig:
         """The eval settings of a trial on ``benchmark``: ``max_new_tokens`` unset means the
@@ -293,7 +316,9 @@ class TrialPlanner:
         if not self.groups.load("method", BASELINE_METHOD, "(the baseline)"):
             return None
         preset = self.groups.presets[BASELINE_METHOD]
-        return self.trial(Point(model, benchmark, preset, None, None, None, None, None, ()), {})
+        return self.trial(
+            Point(model, benchmark, preset, None, None, None, None, None, None, ()), {}
+        )
 
     # -- the sweep -------------------------------------------------------------------------
     def plan(self, points: Iterable[Point], axes: dict[str, Axis]) -> list[Trial]:

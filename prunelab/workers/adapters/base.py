@@ -18,6 +18,7 @@ the LLM and of the vision encoder, and decoding.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -115,7 +116,11 @@ class Adapter(Protocol):
     def vision_signals(self, prepared: Prepared, wanted: frozenset[str]) -> VisionSignals: ...
 
     def llm_input(
-        self, prepared: Prepared, visual_tokens: torch.Tensor, kept: torch.Tensor | None = None
+        self,
+        prepared: Prepared,
+        visual_tokens: torch.Tensor,
+        kept: torch.Tensor | None = None,
+        positions: str | None = None,
     ) -> LLMInput: ...
 
     def layer_pruner(
@@ -224,6 +229,37 @@ def greedy_generate(
     return tokens, first_logprobs.cpu(), first_ready
 
 
+def _original_positions(
+    llm_input: LLMInput, prepared: Prepared, kept: torch.Tensor | None, sorted_kept: bool
+) -> LLMInput:
+    """``llm_input`` (a 1-D RoPE layout whose visual tokens fill the image block in ``kept``
+    order, or in increasing ``kept`` with ``sorted_kept``) with 1-D position ids from the
+    unpruned sequence: each visual token at its anchor's position, each other token at its
+    own, the generated tokens after the unpruned length."""
+    if kept is None:
+        return llm_input
+    placeholders = prepared.visual_positions
+    kept = kept.to(placeholders.device)
+    anchors = placeholders[torch.sort(kept).values if sorted_kept else kept]  # (M,)
+    length = prepared.input_ids.shape[1]
+    visual = llm_input.visual_positions
+    # the layout keeps every non-visual token in order: map new index -> original index
+    is_text = torch.ones(length, dtype=torch.bool, device=placeholders.device)
+    is_text[placeholders] = False
+    text_original = is_text.nonzero().squeeze(-1)
+    new_length = llm_input.inputs_embeds.shape[1]
+    is_new_visual = torch.zeros(new_length, dtype=torch.bool, device=placeholders.device)
+    is_new_visual[visual] = True
+    ids = torch.empty(new_length, dtype=torch.long, device=placeholders.device)
+    ids[visual] = anchors
+    ids[~is_new_visual] = text_original
+    return dataclasses.replace(
+        llm_input,
+        position_ids=ids[None],
+        next_position_ids=lambda t: torch.full((1, 1), length + t - 1, device=ids.device),
+    )
+
+
 class VLMAdapter:
     """Shared machinery of the decoder-only families; subclasses fill in the family hooks.
 
@@ -233,6 +269,11 @@ class VLMAdapter:
     """
 
     family: ClassVar[str] = ""
+    # how a vision stage's kept tokens are numbered (the trial axis ``vision_positions``), the
+    # family's default first: ``packed`` (consecutive, as official VisionZip) or ``original``
+    # (each keeps its position in the unpruned sequence)
+    vision_positions: ClassVar[tuple[str, ...]] = ("packed", "original")
+    sorts_kept: ClassVar[bool] = False  # ``_sequence`` lays the kept tokens out in input order
 
     def __init__(self, loaded) -> None:
         self.loaded = loaded
@@ -335,19 +376,33 @@ class VLMAdapter:
             yield probe
 
     def llm_input(
-        self, prepared: Prepared, visual_tokens: torch.Tensor, kept: torch.Tensor | None = None
+        self,
+        prepared: Prepared,
+        visual_tokens: torch.Tensor,
+        kept: torch.Tensor | None = None,
+        positions: str | None = None,
     ) -> LLMInput:
         """The LLM input with ``visual_tokens`` (M, D) in place of the N visual placeholders.
 
         ``kept`` (M,) anchors each of the M tokens on an input token (a vision stage's
-        selection); it may be None only when M == N.
+        selection); it may be None only when M == N. ``positions``: how the M tokens are
+        numbered, one of :attr:`vision_positions` (None: the family's default).
         """
         if kept is None and visual_tokens.shape[0] != prepared.n_visual:
             raise ValueError(
                 f"{visual_tokens.shape[0]} visual tokens for {prepared.n_visual} placeholders "
                 "need `kept` (the input token each one stands for)"
             )
-        return self._sequence(prepared, visual_tokens, kept)
+        positions = positions or self.vision_positions[0]
+        if positions not in self.vision_positions:
+            raise ValueError(
+                f"vision_positions={positions!r}: the {self.family} family numbers a vision "
+                f"stage's tokens {' or '.join(self.vision_positions)}"
+            )
+        llm_input = self._sequence(prepared, visual_tokens, kept)
+        if positions == "original" and self.vision_positions[0] != "original":
+            llm_input = _original_positions(llm_input, prepared, kept, self.sorts_kept)
+        return llm_input
 
     def layer_pruner(
         self,

@@ -246,6 +246,7 @@ def tile_coords(tiles: int, side: int, device: Any = None) -> torch.Tensor:
 
 class InternVLAdapter(VLMAdapter):
     family = "internvl"
+    sorts_kept = True  # ``_sequence`` lays the kept tokens out in input order
 
     def _vision_attention(self) -> list[torch.nn.Module]:
         return [layer.attention for layer in self.model.model.vision_tower.encoder.layer]

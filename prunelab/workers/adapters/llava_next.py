@@ -181,6 +181,7 @@ class LlavaNextAdapter(VLMAdapter):
     """
 
     family = "llava_next"
+    sorts_kept = True  # ``_sequence`` lays the kept tokens out in input order
 
     def _vision_attention(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self.model.model.vision_tower.encoder.layers]

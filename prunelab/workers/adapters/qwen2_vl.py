@@ -331,6 +331,8 @@ def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
 
 class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
+    # M-RoPE: a kept token keeps its 3-D (t, h, w) position; packing has no 1-D meaning here
+    vision_positions: ClassVar[tuple[str, ...]] = ("original",)
     vision_signal_layer: ClassVar[int] = -1  # encoder block of cls_attention / key_metric
 
     def _vision_attention(self) -> list[torch.nn.Module]:
