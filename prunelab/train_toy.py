@@ -95,6 +95,7 @@ class ToyConfig:
 
     seed: int = 0
     threads: int = 1
+    benchmark: str = "shapes"  # the world it learns: `shapes` (36 tokens) or `scenes` (144)
     vision: dict[str, int] = field(
         default_factory=lambda: {
             "hidden_size": 64,
@@ -142,15 +143,18 @@ class ToyConfig:
 # processor and model config
 
 
-def build_processor(vision: dict[str, int]):
-    """The toy ``LlavaProcessor``: CLIP image processor, word-level tokenizer, chat template."""
+def build_processor(vision: dict[str, int], benchmark: str = "shapes"):
+    """The toy ``LlavaProcessor``: CLIP image processor, word-level tokenizer (the words of
+    ``benchmark``; scenes' include shapes'), chat template."""
     from transformers import LlavaProcessor
 
     from prunelab.workers.adapters.llava import _image_processor
+    from prunelab.workers.benchmarks.scenes import scenes_vocabulary
     from prunelab.workers.benchmarks.shapes import shapes_vocabulary
     from prunelab.workers.text import build_word_tokenizer
 
-    tokenizer = build_word_tokenizer(shapes_vocabulary())
+    words = scenes_vocabulary() if benchmark == "scenes" else shapes_vocabulary()
+    tokenizer = build_word_tokenizer(words)
     return LlavaProcessor(
         image_processor=_image_processor(vision["image_size"]),
         tokenizer=tokenizer,
@@ -225,9 +229,11 @@ class ShapesTensors:
     input_ids: torch.Tensor  # (N, L): prompt, answer word, </s>, then <pad>
     attention_mask: torch.Tensor  # (N, L)
     answer_pos: torch.Tensor  # (N, T) position of the answer word of each of T turns
-    patch_labels: torch.Tensor  # (N, P) cell class under each patch
-    colour_counts: torch.Tensor  # (N, 5) shapes of each colour in the image
-    patch_cells: torch.Tensor  # (P,) row-major index of the cell under each patch
+    patch_labels: torch.Tensor  # (N, P) cell / object class under each patch
+    # (N, 5) long: shapes of each colour in the image (shapes); (N, 20) float: multi-hot of the
+    # (colour, shape) objects it holds (scenes): the target of the CLS head
+    colour_counts: torch.Tensor
+    patch_cells: torch.Tensor  # (P,) row-major index of the cell (shapes) / patch (scenes)
     categories: list[str]
     # (N, P, d) layer -2 patch features of the frozen tower (stage 2 reads them, not the pixels)
     features: torch.Tensor | None = None
@@ -251,7 +257,13 @@ class ShapesTensors:
 
 
 def encode(
-    split: str, n: int, processor: Any, vision: dict[str, int], turns: int = 1, chunk: int = 500
+    split: str,
+    n: int,
+    processor: Any,
+    vision: dict[str, int],
+    turns: int = 1,
+    chunk: int = 500,
+    benchmark: str = "shapes",
 ):
     """The first ``n`` samples of ``shapes`` split ``split`` through the real processor.
 
@@ -260,6 +272,8 @@ def encode(
     supervised answers per image for little more compute (the 36 visual tokens dominate the
     sequence). The first turn is the sample itself, in exactly the evaluation prompt.
     """
+    if benchmark == "scenes":
+        return encode_scenes(split, n, processor, vision, turns, chunk)
     from prunelab.workers.benchmarks.shapes import CATEGORIES, COLORS, ShapesBenchmark
 
     bench = ShapesBenchmark(split=split, size=n)
@@ -277,21 +291,11 @@ def encode(
         for i, s in enumerate(samples):
             prompt = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
             cells = s.extra["cells"]
-            ids, positions = list(prompt), []
             qa = [(s.question, s.answers[0])]
             rng = np.random.default_rng([bench._split_seed(), start + i, 7])
             for category in [c for c in CATEGORIES if c != s.category][: turns - 1]:
                 qa.append(bench._question(category, cells, rng))
-            for turn, (question, answer) in enumerate(qa):
-                if turn:
-                    text = f" USER: {question} ASSISTANT:"
-                    ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-                answer_id = tokenizer.convert_tokens_to_ids(answer)
-                if answer_id == tokenizer.unk_token_id:
-                    raise ValueError(f"answer {answer!r} is not in the toy vocabulary")
-                positions.append(len(ids))
-                ids += [answer_id, tokenizer.eos_token_id]
-            rows.append((ids, positions))
+            rows.append(_token_rows(prompt, qa, tokenizer))
             patch_labels.append(
                 cell_labels(cells, s.extra["grid"], vision["image_size"], vision["patch_size"])
             )
@@ -319,6 +323,89 @@ def encode(
     )
 
 
+def _token_rows(
+    prompt: list[int], qa: list[tuple[str, str]], tokenizer: Any
+) -> tuple[list[int], list[int]]:
+    """The training ids of one image's chat: the prompt (first question), then each answer and
+    ``</s>``, further questions as ``USER: q ASSISTANT:`` turns; and each answer's position."""
+    ids, positions = list(prompt), []
+    for turn, (question, answer) in enumerate(qa):
+        if turn:
+            text = f" USER: {question} ASSISTANT:"
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer_id = tokenizer.convert_tokens_to_ids(answer)
+        if answer_id == tokenizer.unk_token_id:
+            raise ValueError(f"answer {answer!r} is not in the toy vocabulary")
+        positions.append(len(ids))
+        ids += [answer_id, tokenizer.eos_token_id]
+    return ids, positions
+
+
+def encode_scenes(
+    split: str, n: int, processor: Any, vision: dict[str, int], turns: int = 1, chunk: int = 500
+) -> ShapesTensors:
+    """As :func:`encode` for ``scenes``: further turns ask the other categories about the same
+    objects (one each, in a seeded order, as many as ``turns`` allows); labels per patch are
+    the object under it (or background) and the patch's own index; the CLS target is the
+    multi-hot set of (colour, shape) objects in the image."""
+    from prunelab.workers.benchmarks.scenes import (
+        CATEGORIES,
+        ScenesBenchmark,
+        object_set,
+        patch_labels,
+    )
+
+    bench = ScenesBenchmark(split=split, size=n, image_size=vision["image_size"])
+    tokenizer = processor.tokenizer
+    pixels, rows, labels, sets, categories = [], [], [], [], []
+    for start in range(0, n, chunk):
+        samples = [bench.sample(i) for i in range(start, min(n, start + chunk))]
+        batch = processor(
+            images=[Image.fromarray(s.image) for s in samples],
+            text=[PROMPT_TEMPLATE.format(question=s.question) for s in samples],
+            padding=True,
+            return_tensors="pt",
+        )
+        pixels.append(batch["pixel_values"].float())
+        for i, s in enumerate(samples):
+            prompt = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+            objects = s.extra["objects"]
+            rng = np.random.default_rng([bench._split_seed(), start + i, 7])
+            qa = [(s.question, s.answers[0])]
+            others = [c for c in CATEGORIES if c != s.category]
+            for category in [others[int(k)] for k in rng.permutation(len(others))]:
+                if len(qa) >= turns:
+                    break
+                extra = bench._question(category, objects, rng, bool(rng.random() < 0.5))
+                if extra is not None:
+                    qa.append(extra)
+            rows.append(_token_rows(prompt, qa, tokenizer))
+            labels.append(patch_labels(objects, vision["image_size"], vision["patch_size"]))
+            sets.append(object_set(objects))
+            categories.append(s.category)
+    length = max(len(ids) for ids, _ in rows)
+    most = max(len(positions) for _, positions in rows)
+    input_ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    answer_pos = torch.zeros((n, most), dtype=torch.long)
+    for i, (ids, positions) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        # an image with fewer askable turns repeats its first answer (same target, same loss)
+        answer_pos[i] = torch.tensor(positions + [positions[0]] * (most - len(positions)))
+    side = vision["image_size"] // vision["patch_size"]
+    return ShapesTensors(
+        pixel_values=torch.cat(pixels),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        answer_pos=answer_pos,
+        patch_labels=torch.tensor(labels, dtype=torch.long),
+        colour_counts=torch.tensor(sets, dtype=torch.float32),
+        patch_cells=torch.arange(side * side),
+        categories=categories,
+    )
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless seeded shuffled index batches over ``n`` items."""
     while True:
@@ -332,14 +419,16 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 
 
 class VisionHeads(nn.Module):
-    """Auxiliary heads on the layer -2 features: per-patch cell class and cell index, and
-    per-colour counts from CLS."""
+    """Auxiliary heads on the layer -2 features: per-patch cell class and cell index, and from
+    CLS a global target: per-colour counts (``shapes``) or the set of objects (``scenes``, a
+    multi-label head: CLS must attend to every object, as CLIP's does)."""
 
-    def __init__(self, hidden: int, n_classes: int, n_cells: int) -> None:
+    def __init__(self, hidden: int, n_classes: int, n_cells: int, objects: bool = False) -> None:
         super().__init__()
         self.patch = nn.Linear(hidden, n_classes)
         self.where = nn.Linear(hidden, n_cells)
-        self.count = nn.Linear(hidden, N_COLOURS * MAX_COUNT)
+        self.objects = objects
+        self.count = nn.Linear(hidden, n_classes - 1 if objects else N_COLOURS * MAX_COUNT)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """Cross-entropy of the three heads, and the per-patch class accuracy."""
@@ -347,14 +436,18 @@ class VisionHeads(nn.Module):
         out = tower(batch["pixel_values"], output_hidden_states=True)
         features = out.hidden_states[model.config.vision_feature_layer]  # (B, 1 + P, d)
         patch_logits = self.patch(features[:, 1:])
-        count_logits = self.count(features[:, 0]).view(-1, N_COLOURS, MAX_COUNT)
         labels = batch["patch_labels"]
         loss = F.cross_entropy(patch_logits.flatten(0, 1), labels.flatten())
         where_logits = self.where(features[:, 1:])  # (B, P, cells)
         loss = loss + F.cross_entropy(
             where_logits.flatten(0, 1), batch["patch_cells"].repeat(labels.shape[0])
         )
-        loss = loss + F.cross_entropy(count_logits.flatten(0, 1), batch["colour_counts"].flatten())
+        cls_logits = self.count(features[:, 0])
+        if self.objects:
+            loss = loss + F.binary_cross_entropy_with_logits(cls_logits, batch["colour_counts"])
+        else:
+            counts = cls_logits.view(-1, N_COLOURS, MAX_COUNT)
+            loss = loss + F.cross_entropy(counts.flatten(0, 1), batch["colour_counts"].flatten())
         accuracy = (patch_logits.argmax(-1) == labels).float().mean().item()
         return loss, accuracy
 
@@ -535,11 +628,13 @@ def train_toy_models(out: Path, cfg: ToyConfig) -> dict[str, Any]:
 
     start_wall, start_cpu = time.perf_counter(), os.times()
     _seed_everything(cfg.seed, cfg.threads)
-    processor = build_processor(cfg.vision)
+    processor = build_processor(cfg.vision, cfg.benchmark)
     tokenizer = processor.tokenizer
 
-    train = encode("train", cfg.train_images, processor, cfg.vision, turns=cfg.turns)
-    val = encode("val", cfg.val_images, processor, cfg.vision)
+    train = encode(
+        "train", cfg.train_images, processor, cfg.vision, turns=cfg.turns, benchmark=cfg.benchmark
+    )
+    val = encode("val", cfg.val_images, processor, cfg.vision, benchmark=cfg.benchmark)
     _log(f"data: {len(train)} train, {len(val)} val samples", start_wall)
 
     config = build_toy_config(cfg.vision, cfg.text, tokenizer)
@@ -548,7 +643,12 @@ def train_toy_models(out: Path, cfg: ToyConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config).train()
     n_classes = 1 + N_COLOURS * 4
-    heads = VisionHeads(cfg.vision["hidden_size"], n_classes, len(train.patch_cells.unique()))
+    heads = VisionHeads(
+        cfg.vision["hidden_size"],
+        n_classes,
+        len(train.patch_cells.unique()),
+        objects=cfg.benchmark == "scenes",
+    )
     patch_accuracy = pretrain_vision(model, heads, train, cfg, start_wall)
     _, val_patch_accuracy = _eval_heads(model, heads, val)
     _log(f"vision val patch acc {val_patch_accuracy:.4f}", start_wall)
@@ -596,11 +696,32 @@ def train_toy_models(out: Path, cfg: ToyConfig) -> dict[str, Any]:
     return record
 
 
+def world_sizes(benchmark: str) -> dict[str, Any]:
+    """The ToyConfig fields a world changes: ``scenes`` images are 96 px (12 x 12 patches of
+    8 px: 144 visual tokens), so prompts are longer."""
+    if benchmark != "scenes":
+        return {"benchmark": benchmark}
+    defaults = ToyConfig()
+    return {
+        "benchmark": benchmark,
+        "vision": {**defaults.vision, "image_size": 96},
+        "text": {**defaults.text, "max_position_embeddings": 512},
+        "small_text": {**defaults.small_text, "max_position_embeddings": 512},
+        "turns": 6,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=MODELS_DIR, help="parent directory")
     parser.add_argument("--seed", type=int, default=ToyConfig.seed)
     parser.add_argument("--threads", type=int, default=ToyConfig.threads)
+    parser.add_argument(
+        "--benchmark",
+        choices=("shapes", "scenes"),
+        default=ToyConfig.benchmark,
+        help="the world: shapes (48 px, 36 tokens) or scenes (96 px, 144 tokens)",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -609,7 +730,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override an integer/float ToyConfig field, e.g. --set vqa_steps=200",
     )
     args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {"seed": args.seed, "threads": args.threads}
+    overrides: dict[str, Any] = {
+        "seed": args.seed,
+        "threads": args.threads,
+        **world_sizes(args.benchmark),
+    }
     defaults = ToyConfig()
     for item in args.set:
         key, _, value = item.partition("=")

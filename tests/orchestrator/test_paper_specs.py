@@ -71,7 +71,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for config in sorted((SWEEPS_DIR / "benchmark").glob("*.yaml")):
             data = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
             assert isinstance(data, dict)
-            if data["kind"] == "shapes":
+            if data["kind"] in ("shapes", "scenes"):  # generated in code, no files
                 continue
             bench = build_benchmark(data)
             columns = [*type(bench).required, *(["image"] if bench.has_image else [])]

@@ -116,7 +116,7 @@ def _cell_owners(labels: np.ndarray, edges: np.ndarray, count: int) -> np.ndarra
     owners = labels[np.ix_(centres, centres)].copy()
     if count:
         area = np.outer(sizes, sizes)
-        onehot = labels[None] == np.arange(1, count + 1)[:, None, None]
+        onehot = (labels[None] == np.arange(1, count + 1)[:, None, None]).astype(np.int64)
         cover = np.add.reduceat(np.add.reduceat(onehot, starts, axis=1), starts, axis=2)
         best = cover.argmax(axis=0)
         majority = 2 * cover.max(axis=0) >= area
@@ -135,8 +135,7 @@ def patch_labels(objects: list[dict[str, Any]], image_size: int, patch_size: int
     edges = np.arange(grid + 1) * patch_size
     owners = _cell_owners(label_map(objects, image_size), edges, len(objects))
     classes = [0] + [
-        1 + list(COLORS).index(o["color"]) * len(SHAPES) + SHAPES.index(o["shape"])
-        for o in objects
+        1 + list(COLORS).index(o["color"]) * len(SHAPES) + SHAPES.index(o["shape"]) for o in objects
     ]
     return [classes[k] for k in owners.ravel().tolist()]
 
@@ -208,7 +207,9 @@ class ScenesBenchmark:
     def __post_init__(self) -> None:
         check_scoring(self.scoring)
         if self.image_size < 2 * REFERENCE_GRID:
-            raise ValueError(f"image_size={self.image_size}: expected at least {2 * REFERENCE_GRID}")
+            raise ValueError(
+                f"image_size={self.image_size}: expected at least {2 * REFERENCE_GRID}"
+            )
         if not 1 <= self.min_objects <= self.max_objects <= min(len(COMBOS), len(NUMBERS) - 1):
             raise ValueError(
                 f"min_objects={self.min_objects}, max_objects={self.max_objects}: expected "
