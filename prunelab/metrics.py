@@ -32,8 +32,10 @@ Rules every entry follows:
 - **Baseline-relative.** A ``relative`` entry is ``own[relative_to] / baseline[relative_to]``
   against the unpruned trial of the same model and benchmark; the orchestrator derives it
   (:func:`relative_metrics`) once both trials are finished. It is left out when either value
-  is missing or the baseline's is zero. It is a fraction (1.0: as good / as costly as
-  unpruned), shown as a percentage.
+  is missing or the baseline's is zero. :func:`relative_metrics` gives a fraction (1.0: as
+  good / as costly as unpruned); MLflow, the database and ``trials.csv`` hold it in its
+  entry's unit (``x scale``): ``score_ratio`` and its bounds in percent, ``flops_ratio`` a
+  fraction.
 - **Intervals.** An entry with a ``bound`` (``low`` / ``high``) is that bound of a 95%
   bootstrap interval (:mod:`prunelab.intervals`) of :data:`REPLICATED`, the one metric whose
   bootstrap replicates a trial carries (``TrialResult.replicates``, ``trials.replicates``). A
@@ -248,20 +250,24 @@ METRICS: tuple[Metric, ...] = (
         value=_score_ci_high, bound="high", fmt=".1f",
     ),
     Metric(
-        "score_ratio", "fraction", "relative",
-        "score / the unpruned trial's score (same model and benchmark)",
-        relative_to="score", column="score ratio", fmt=".1%",
+        "score_ratio", "%", "relative",
+        "100 x score / the unpruned trial's score (same model and benchmark), in percent "
+        "(100: as good as unpruned), as MLflow, the database, trials.csv and the report's "
+        "mean score ratio (%) have it; relative_metrics gives the fraction, the orchestrator "
+        "logs it x scale (prunelab.orchestrator.sweep.in_table_units), its bounds likewise",
+        relative_to="score", scale=100.0, column="score ratio (%)", fmt=".1f",
     ),
     Metric(
-        "score_ratio_ci_low", "fraction", "relative",
+        "score_ratio_ci_low", "%", "relative",
         "lower bound of score_ratio's paired 95% bootstrap interval (replicate-wise score / "
-        "the unpruned trial's score, on the same samples)",
-        relative_to="score", bound="low", fmt=".1%",
+        "the unpruned trial's score, on the same samples), in percent as score_ratio",
+        relative_to="score", bound="low", fmt=".1f",
     ),
     Metric(
-        "score_ratio_ci_high", "fraction", "relative",
-        "upper bound of score_ratio's paired 95% bootstrap interval (see score_ratio_ci_low)",
-        relative_to="score", bound="high", fmt=".1%",
+        "score_ratio_ci_high", "%", "relative",
+        "upper bound of score_ratio's paired 95% bootstrap interval (see score_ratio_ci_low), "
+        "in percent",
+        relative_to="score", bound="high", fmt=".1f",
     ),
     Metric(
         "score.{category}", "%", "mean",

@@ -4,6 +4,14 @@ Order of writes for each trial, so that a crash anywhere leaves a state ``resume
 claim in the database (pending -> running, one orchestrator wins) -> run on a worker -> record
 metrics in the database (finished) -> log the MLflow child run (idempotent per trial key) ->
 record the run id. A finished trial without a run id is logged again on resume.
+
+Every trial of a sweep has a child run under the sweep's parent run (:meth:`Recorder.sync_runs`,
+when the sweep starts and when it ends): a trial it reused (finished by an earlier or another
+sweep) gets a copy of the run that computed it (tag ``prunelab.reused_from``), a trial that
+failed for good a FAILED run with its error and attempts. A trial's run starts and ends when the
+trial did (its last attempt: claimed for a worker, result recorded). Baseline-relative metrics
+are logged, stored and tabulated in the unit of their :data:`prunelab.metrics.METRICS` entry
+(``score_ratio`` in %, see :func:`in_table_units`).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import yaml
@@ -26,12 +35,13 @@ from tqdm import tqdm
 
 from prunelab.db import Trial as TrialRow
 from prunelab.db import init_db, repo, session_factory
-from prunelab.metrics import relative_metrics
+from prunelab.metrics import METRICS, lookup, relative_metrics
 from prunelab.orchestrator.config import WorkersConfig
 from prunelab.orchestrator.results import budget_label, build_report, same_samples
 from prunelab.orchestrator.tables import report_artifacts, report_markdown
 from prunelab.orchestrator.tracking import (
     TAG_RESCORED_FROM,
+    TAG_REUSED_FROM,
     TAG_TRIAL_KEY,
     RunStatus,
     Tracker,
@@ -46,6 +56,7 @@ __all__ = [
     "Stores",
     "close_sweep",
     "execute",
+    "in_table_units",
     "resume_sweep",
     "submit_sweep",
     "sweep_table",
@@ -75,7 +86,7 @@ def submit_sweep(plan: Any, stores: Stores, rerun: bool = False) -> int:
     orchestrator = orchestrator_id()
     with sessions.begin() as session:
         sweep = repo.create_sweep(session, plan.name, plan.spec, plan.spec_yaml, orchestrator)
-        sweep_id = sweep.id
+        sweep_id, created = sweep.id, sweep.created
         rows, already = repo.add_trials(
             session, sweep_id, [(t.key, t.to_dict(), t.is_baseline) for t in plan.trials]
         )
@@ -93,15 +104,18 @@ def submit_sweep(plan: Any, stores: Stores, rerun: bool = False) -> int:
         f"{len(ids) - reused} to run"
     )
     parent = tracker.start_sweep(
-        plan.name, sweep_id, {"spec": plan.spec_yaml[:6000], "trials": len(ids)}
+        plan.name, sweep_id, {"spec": plan.spec_yaml[:6000], "trials": len(ids)}, _ms(created)
     )
     with sessions.begin() as session:
         repo.set_sweep_mlflow_run(session, sweep_id, parent)
     return execute(engine, tracker, sweep_id, plan.workers, orchestrator, stores.ray_address)
 
 
-def resume_sweep(ref: str, stores: Stores) -> int:
-    """Finish a sweep whose orchestrator died: its running trials go back to pending."""
+def resume_sweep(ref: str, stores: Stores, retry_failed: bool = False) -> int:
+    """Finish a sweep whose orchestrator died: its running trials go back to pending, and
+    what is pending runs. Trials that failed for good stay failed (one line says how many)
+    unless ``retry_failed``: then they go back to pending too, with a fresh set of attempts.
+    """
     engine = init_db(stores.db_url)
     tracker = Tracker(stores.tracking_uri, stores.artifact_root)
     sessions = session_factory(engine)
@@ -111,31 +125,44 @@ def resume_sweep(ref: str, stores: Stores) -> int:
         if sweep is None:
             raise LookupError(f"no sweep with id or name {ref!r}")
         sweep_id, workers = sweep.id, _workers_config(sweep.spec)
-        name, spec_yaml = sweep.name, sweep.spec_yaml
+        name, spec_yaml, created = sweep.name, sweep.spec_yaml, sweep.created
         # only the claims of this sweep's dead orchestrator are stale; a trial shared with a
         # sweep whose orchestrator is alive stays with it
         live = repo.running_claims(session, sweep_id) - {sweep.orchestrator}
         reset = repo.recover_stale(session, sweep_id, live)
+        failed = [t.id for t in repo.sweep_trials(session, sweep_id) if t.status == "failed"]
+        if retry_failed and failed:
+            repo.reset_for_rerun(session, failed)
         repo.set_sweep_orchestrator(session, sweep_id, orchestrator)
         repo.set_sweep_status(session, sweep_id, "running")
     print(f"resuming sweep {ref} ({sweep_id}): {reset} interrupted trial(s) back to pending")
-    lost = _restore_tracking(sessions, tracker, sweep_id, name, spec_yaml)
+    if failed and retry_failed:
+        print(f"{len(failed)} failed trial(s) back to pending (--retry-failed)")
+    elif failed:
+        print(
+            f"{len(failed)} failed trial(s), not run again; rerun them with "
+            f"`prunelab resume {ref} --retry-failed`"
+        )
+    lost = _restore_tracking(sessions, tracker, sweep_id, name, spec_yaml, created)
     if lost:
         print(f"{lost} finished trial(s) whose MLflow run is gone will be logged again")
     return execute(engine, tracker, sweep_id, workers, orchestrator, stores.ray_address)
 
 
-def _restore_tracking(sessions, tracker: Tracker, sweep_id: str, name: str, spec_yaml: str) -> int:
+def _restore_tracking(
+    sessions, tracker: Tracker, sweep_id: str, name: str, spec_yaml: str, created: datetime
+) -> int:
     """Bring MLflow back in line with the database before a sweep resumes: the sweep's parent
     run (its id never recorded, by an orchestrator killed in its first seconds, or lost with
-    the store) is found by its tags or created again, and recorded; finished trials whose run
-    no longer exists lose their run id, so that they are logged again. Returns how many."""
+    the store) is found by its tags (keeping its start) or created again (starting when the
+    sweep was ``created``), and recorded; finished trials whose run no longer exists lose
+    their run id, so that they are logged again. Returns how many."""
     from sqlalchemy import update
 
     with sessions() as session:
         trials = repo.sweep_trials(session, sweep_id)
     params = {"spec": spec_yaml[:6000], "trials": len(trials)}
-    parent = tracker.start_sweep(name, sweep_id, params)  # the sweep's run, RUNNING again
+    parent = tracker.start_sweep(name, sweep_id, params, _ms(created))  # RUNNING again
     logged = {t.id: t.mlflow_run_id for t in trials if t.status == "finished" and t.mlflow_run_id}
     missing = tracker.missing_runs(set(logged.values()), name)
     lost = [trial_id for trial_id, run_id in logged.items() if run_id in missing]
@@ -155,6 +182,48 @@ def _workers_config(spec: dict[str, Any]) -> WorkersConfig:
 
 
 TAG_ATTEMPTS = "prunelab.attempts"  # a trial run's tag: how many attempts the trial took
+
+
+def _ms(moment: datetime | None) -> int | None:
+    """A database time as MLflow's (ms since the epoch); None stays None (MLflow: now)."""
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def in_table_units(relative: dict[str, float]) -> dict[str, float]:
+    """Baseline-relative metrics as :func:`prunelab.metrics.relative_metrics` gives them
+    (fractions) in the unit of their :data:`~prunelab.metrics.METRICS` entry, the one
+    MLflow, the database and ``trials.csv`` hold: x the entry's ``scale`` / ``divisor``
+    (``score_ratio``: x 100, %); a bound of an interval in the unit of the ratio it bounds
+    (``score_ratio_ci_low``: %)."""
+    out = {}
+    for name, value in relative.items():
+        entry = lookup(name)
+        if entry is not None and entry.bound is not None:
+            entry = next(
+                (m for m in METRICS if m.relative_to == entry.relative_to and m.bound is None),
+                entry,
+            )
+        out[name] = value if entry is None else value * entry.scale / entry.divisor
+    return out
+
+
+def _run_name(trial: Any) -> str:
+    """A trial run's name: ``<method>-<budget>[-L<layer>]``."""
+    layer = trial.prune_layer
+    return f"{trial.method}-{budget_label(trial)}" + (f"-L{layer}" if layer is not None else "")
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """How a trial ended (:meth:`Recorder._ended`): ``count`` attempts, each of them
+    (``attempts``), its last attempt's ``start`` and ``end`` (ms since the epoch) and its
+    ``error``."""
+
+    count: int
+    attempts: list[dict[str, Any]]
+    start: int | None
+    end: int | None
+    error: str | None
 
 
 class RecordingError(Exception):
@@ -194,6 +263,10 @@ class Recorder:
         # metrics of the trials this orchestrator ran to the end (their baselines' included)
         self.metrics: dict[int, dict[str, Any]] = {}
         self.replicates: dict[int, tuple[float, ...]] = {}  # ... and their score replicates
+        # keys of trials with a run in this sweep that is not FINISHED (the FAILED run of a
+        # trial since put back to pending by --retry-failed): their next run replaces it, so
+        # it is looked for (see sync_runs)
+        self.stale_keys: set[str] = set()
 
     def _trial(self, trial_id: int) -> TrialRow:
         with self.sessions() as session:
@@ -219,7 +292,17 @@ class Recorder:
                 repo.fail_trial(session, dispatch.trial_id, error, kind)
                 status = "failed"
         tqdm.write(f"trial {dispatch.trial_id} attempt failed ({status}): {error}")
+        if status == "failed":
+            self.log_failed(dispatch.trial_id)
         return status == "pending"
+
+    def log_failed(self, trial_id: int) -> None:
+        """Log a trial that failed for good as a FAILED child run now; one whose run cannot
+        be written now (an OSError) gets it from :meth:`sync_runs` when the sweep ends."""
+        try:
+            self._log_failed(trial_id)
+        except RecordingError as exc:
+            tqdm.write(f"trial {trial_id}: its FAILED run is not logged yet: {exc}")
 
     def done(self, dispatch, result: TrialResult) -> None:
         """A trial this orchestrator claimed (pending -> running) finished on a worker."""
@@ -298,9 +381,10 @@ class Recorder:
         self.metrics.pop(trial_id, None)
         self.replicates.pop(trial_id, None)
 
-    def _attempts(self, trial_id: int) -> tuple[int, list[dict[str, Any]]]:
-        """How many attempts a finished trial took, and each of them for ``attempts.json``:
-        the failed ones as recorded, then the one that finished."""
+    def _ended(self, trial_id: int) -> _Ended:
+        """How a trial ended, as its run records it: how many attempts it took and each of
+        them for ``attempts.json`` (the failed ones as recorded, then the one that finished),
+        its last attempt's start and end, and its error."""
         with self.sessions() as session:
             trial = session.get(TrialRow, trial_id)
             assert trial is not None
@@ -316,7 +400,9 @@ class Recorder:
                     "started": _iso(trial.started),
                     "ended": _iso(trial.finished),
                 })  # fmt: skip
-            return trial.attempts, attempts
+            return _Ended(
+                trial.attempts, attempts, _ms(trial.started), _ms(trial.finished), trial.error
+            )
 
     def _unrecorded(self, trial_id: int, ran_here: bool, exc: OSError) -> RecordingError:
         """The error of a trial whose logging raised ``exc``. The run it left unfinished is
@@ -336,59 +422,152 @@ class Recorder:
             self._forget(trial_id)
         return error
 
-    def _log(self, trial_id: int, result: TrialResult | None, baseline: dict | None) -> None:
+    def _log(
+        self,
+        trial_id: int,
+        result: TrialResult | None,
+        baseline: dict | None,
+        reused_from: str | None = None,
+    ) -> None:
         """Log the MLflow child run of a finished trial, then record its id.
 
         A trial in ``self.metrics`` was finished by this process, which logs each trial once:
-        no run can exist for it yet, so the tracker skips its search for one. Any other
-        trial (finished by an orchestrator that died before logging) may have a run left by
-        that crash, and the tracker looks for it.
+        no run can exist for it yet (unless an earlier one failed: ``stale_keys``), so the
+        tracker skips its search for one. Any other trial (finished by an orchestrator that
+        died before logging) may have a run left by that crash, and the tracker looks for it.
+
+        ``reused_from``: the trial was computed by that run, which is gone: its record here
+        is logged again in this sweep, tagged ``prunelab.reused_from``; the trial's run id
+        stays that of the run that computed it.
         """
-        ran_here = trial_id in self.metrics
-        count, attempts = self._attempts(trial_id)
+        ran_here = trial_id in self.metrics and reused_from is None
+        ended = self._ended(trial_id)
+        trial_key, trial = self.identity[trial_id]
         # an attempt whose logging failed may have left a run: replaced, not duplicated
-        new = ran_here and all(a["kind"] != "recording" for a in attempts)
+        new = (
+            ran_here
+            and all(a["kind"] != "recording" for a in ended.attempts)
+            and trial_key not in self.stale_keys
+        )
         own = self._finished_metrics(trial_id) or {}
         replicates = self._paired_replicates(trial_id) if baseline else ((), ())
-        metrics = {**own, **relative_metrics(own, baseline, *replicates)}
-        trial_key, trial = self.identity[trial_id]
+        metrics = {**own, **in_table_units(relative_metrics(own, baseline, *replicates))}
         artifacts: dict[str, str | bytes] = {
             "trial.yaml": yaml.safe_dump(trial.to_dict(), sort_keys=False),
-            "attempts.json": json.dumps(attempts, indent=1) + "\n",
+            "attempts.json": json.dumps(ended.attempts, indent=1) + "\n",
         }
         if result is not None and result.predictions:
             lines = (json.dumps(p) + "\n" for p in result.predictions)
             artifacts["predictions.jsonl"] = "".join(lines)
         if result is not None:  # files the worker made (heatmaps, method diagnostics)
             artifacts.update(result.artifacts)
-        layer = trial.prune_layer
-        run_name = f"{trial.method}-{budget_label(trial)}" + (
-            f"-L{layer}" if layer is not None else ""
-        )
-        params, tags = trial.run_params(), {TAG_ATTEMPTS: str(count)}
+        params, tags = trial.run_params(), {TAG_ATTEMPTS: str(ended.count)}
         if result is not None:  # the model settings and software the worker ran it with
             env = result.environment
             params.update({f"model.{k}": env[k] for k in MODEL_PARAMS if k in env})
             tags.update(environment_tags(env))
             if result.rescored_from:
                 tags[TAG_RESCORED_FROM] = result.rescored_from
+        if reused_from is not None:
+            tags[TAG_REUSED_FROM] = reused_from
         try:
             run_id = self.tracker.log_trial(
                 self.name,
                 self.parent,
                 self.sweep_id,
                 trial_key,
-                run_name,
+                _run_name(trial),
                 params,
                 {k: float(v) for k, v in metrics.items() if v is not None},
                 artifacts,
                 new=new,
                 tags=tags,
+                start_time=ended.start,
+                end_time=ended.end,
             )
         except OSError as exc:
             raise self._unrecorded(trial_id, ran_here, exc) from exc
-        with self.sessions.begin() as session:
-            repo.set_trial_mlflow_run(session, trial_id, run_id, metrics)
+        self.stale_keys.discard(trial_key)
+        if reused_from is None:
+            with self.sessions.begin() as session:
+                repo.set_trial_mlflow_run(session, trial_id, run_id, metrics)
+
+    def _log_reused(self, trial_id: int, source: str) -> None:
+        """Log a trial this sweep reused (finished by another sweep, run ``source``) as a
+        copy of that run; when it is gone, the trial's stored record again."""
+        trial_key = self.identity[trial_id][0]
+        try:
+            copied = self.tracker.log_reused_trial(
+                self.name, self.parent, self.sweep_id, trial_key, source
+            )
+        except OSError as exc:
+            raise self._unrecorded(trial_id, False, exc) from exc
+        if copied is None:
+            baseline_id = self.baseline_of.get(trial_id)
+            baseline = self._finished_metrics(baseline_id) if baseline_id is not None else None
+            self._log(trial_id, None, baseline, reused_from=source)
+        self.stale_keys.discard(trial_key)
+
+    def _log_failed(self, trial_id: int) -> None:
+        """Log a trial that failed for good as a FAILED child run: its params, its error (tag
+        ``prunelab.error``, ``error.txt``), its attempts (``attempts.json``, the tag
+        ``prunelab.attempts``), started and ended as its last attempt did."""
+        trial_key, trial = self.identity[trial_id]
+        ended = self._ended(trial_id)
+        artifacts: dict[str, str | bytes] = {
+            "trial.yaml": yaml.safe_dump(trial.to_dict(), sort_keys=False),
+            "attempts.json": json.dumps(ended.attempts, indent=1) + "\n",
+        }
+        try:
+            self.tracker.log_trial(
+                self.name,
+                self.parent,
+                self.sweep_id,
+                trial_key,
+                _run_name(trial),
+                trial.run_params(),
+                {},
+                artifacts,
+                tags={TAG_ATTEMPTS: str(ended.count)},
+                status="FAILED",
+                start_time=ended.start,
+                end_time=ended.end,
+                error=ended.error or "failed (no error recorded)",
+            )
+        except OSError as exc:
+            raise self._unrecorded(trial_id, False, exc) from exc
+        self.stale_keys.add(trial_key)
+
+    def sync_runs(self) -> None:
+        """Give each trial of the sweep that has ended its one child run under the sweep's
+        parent run, where it has none yet (one search of the sweep's runs):
+
+        - a finished trial never logged (its orchestrator died first, or another one has not
+          logged it yet): logged here, with its baseline's metrics (see :meth:`settle`);
+        - a finished trial computed by another sweep (reused): a copy of that run;
+        - a trial that failed for good: a FAILED run.
+
+        Trials waiting here for their baseline are left to :meth:`flush`."""
+        logged: dict[str, str] = {}  # trial key -> status of its run here (FINISHED wins)
+        for run in self.tracker.trial_runs(self.name, self.sweep_id):
+            key = run.data.tags.get(TAG_TRIAL_KEY)
+            if key is not None and logged.get(key) != "FINISHED":
+                logged[key] = run.info.status
+        self.stale_keys = {key for key, status in logged.items() if status != "FINISHED"}
+        with self.sessions() as session:
+            trials = [
+                (t.id, t.trial_key, t.status, t.mlflow_run_id)
+                for t in repo.sweep_trials(session, self.sweep_id)
+            ]
+        for trial_id, key, status, run_id in trials:
+            if trial_id in self.waiting:
+                continue
+            if status == "finished" and run_id is None:
+                self.settle(trial_id, None)
+            elif status == "finished" and logged.get(key) != "FINISHED":
+                self._log_reused(trial_id, run_id)
+            elif status == "failed" and logged.get(key) not in ("FINISHED", "FAILED"):
+                self._log_failed(trial_id)
 
     max_attempts: int = 3
 
@@ -413,13 +592,13 @@ def execute(
 
     with sessions() as session:
         trials = repo.sweep_trials(session, sweep_id)
-        unlogged = [t.id for t in trials if t.status == "finished" and not t.mlflow_run_id]
         todo = dispatches(trials)
         total, finished = len(trials), sum(t.status == "finished" for t in trials)
         elsewhere = any(t.status == "running" and t.claimed_by != orchestrator for t in trials)
     try:
-        for trial_id in unlogged:  # finished by an orchestrator that died before logging
-            recorder.settle(trial_id, None)
+        # trials finished by an orchestrator that died before logging, reused from other
+        # sweeps, failed for good: their runs under this sweep's parent run, first
+        recorder.sync_runs()
     except RecordingError:
         recorder.abandon()
         _stopped(recorder, "FAILED")
@@ -462,6 +641,8 @@ def execute(
                     heads = ensure_heads(tracker, trials, workers, tqdm.write, untrained)
                     todo, lost = fail_untrained(sessions, orchestrator, todo, untrained)
                     todo = attach_heads(todo, heads)
+                    for dispatch in lost:
+                        recorder.log_failed(dispatch.trial_id)
                     if lost:
                         ended(len(lost), failed=True)
                 if todo:
@@ -530,13 +711,24 @@ def _iso(moment: Any) -> str | None:
 
 
 def close_sweep(recorder: Recorder) -> int:
-    """Log a sweep's table and plot on its parent run, mark it finished (or failed when a
-    trial failed) in both stores, print the table; the exit status (0 / 1)."""
+    """Give every trial of the sweep its child run (:meth:`Recorder.sync_runs`: those
+    finished by other sweeps meanwhile, those failed for good), log the sweep's table and plot
+    on its parent run, mark it finished (or failed when a trial failed) in both stores, print
+    the table; the exit status (0 / 1)."""
+    try:
+        recorder.sync_runs()
+        recorder.flush()
+    except RecordingError:
+        recorder.abandon()
+        _stopped(recorder, "FAILED")
+        raise
     with recorder.sessions() as session:
         trials = repo.sweep_trials(session, recorder.sweep_id)
         all_done = all(t.status == "finished" for t in trials)
     # the paper-style table (md, csv, tex), the Pareto plot and the per-trial metrics
-    artifacts = report_artifacts((t.trial, t.status, t.metrics, t.replicates) for t in trials)
+    artifacts = report_artifacts(
+        (t.trial, t.status, t.metrics, t.replicates, t.error) for t in trials
+    )
     table = str(artifacts["table.md"])
     try:
         recorder.tracker.log_sweep_artifacts(recorder.parent, artifacts)

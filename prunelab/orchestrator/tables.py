@@ -318,12 +318,16 @@ def trials_columns() -> list[tuple[str, str]]:
     return [(metric.name, str(metric.column)) for metric in metric_table.table_columns()]
 
 
-def results_rows(trials: Iterable[TrialTuple]) -> list[dict]:
-    """Rows (trial, status, metrics) -> per-trial rows sorted by model, benchmark, method,
-    budget (largest first), layer."""
+def results_rows(trials: Iterable[TrialTuple | tuple]) -> list[dict]:
+    """Rows (trial, status, metrics[, replicates[, error]]) -> per-trial rows sorted by model,
+    benchmark, method, budget (largest first), layer. A row's ``error`` is the trial's error
+    (``trials.error``) unless it finished (then it is empty: an error there is an earlier
+    attempt's, which the trial's ``attempts.json`` keeps)."""
     columns = trials_columns()
+    given = list(trials)
     rows = []
-    for trial, status, metrics, _ in read_trials(trials):
+    for entry, (trial, status, metrics, _) in zip(given, read_trials(given), strict=True):
+        error = entry[4] if len(entry) > 4 and status != "finished" else None
         row = {
             "model": trial.model,
             "benchmark": trial.benchmark,
@@ -331,6 +335,7 @@ def results_rows(trials: Iterable[TrialTuple]) -> list[dict]:
             "budget": budget_label(trial),
             "layer": "" if trial.prune_layer is None else str(trial.prune_layer),
             "status": status,
+            "error": error or "",
         }
         for key, _ in columns:
             row[key] = metrics.get(key)
@@ -369,9 +374,11 @@ def trials_markdown(rows: Sequence[dict]) -> str:
 
 
 def trials_csv(rows: Sequence[dict]) -> str:
-    """Per-trial rows (:func:`results_rows`) as CSV with raw metric values."""
+    """Per-trial rows (:func:`results_rows`) as CSV with raw metric values (in the unit of
+    their :data:`prunelab.metrics.METRICS` entry, as MLflow has them: ``score_ratio`` in %)
+    and, after ``status``, the ``error`` of a trial that did not finish."""
     buffer = io.StringIO()
-    fields = ["model", "benchmark", "method", "budget", "layer", "status"] + [
+    fields = ["model", "benchmark", "method", "budget", "layer", "status", "error"] + [
         key for key, _ in trials_columns()
     ]
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
@@ -383,15 +390,16 @@ def trials_csv(rows: Sequence[dict]) -> str:
 def report_artifacts(trials: Iterable[TrialTuple]) -> dict[str, str | bytes]:
     """The files of a sweep's parent run: ``table.md``, ``table.csv``, ``table.tex`` (the
     report), ``pareto.png`` (score ratio vs TFLOPs per model) and ``trials.csv`` (every
-    trial's cost and quality metrics)."""
+    trial's cost and quality metrics; the error of each that did not finish: the trials are
+    given as (trial, status, metrics, replicates, error))."""
     from prunelab.orchestrator.plots import pareto_png  # matplotlib only when plotting
 
-    trials = read_trials(trials)
-    report = build_report(trials)
+    given = list(trials)  # (trial, status, metrics[, replicates[, error]])
+    report = build_report(read_trials(given))
     return {
         "table.md": report_markdown(report),
         "table.csv": report_csv(report),
         "table.tex": report_latex(report),
         "pareto.png": pareto_png(report),
-        "trials.csv": trials_csv(results_rows(trials)),
+        "trials.csv": trials_csv(results_rows(given)),
     }

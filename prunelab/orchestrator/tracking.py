@@ -1,7 +1,11 @@
 """MLflow tracking of sweeps and trials (the only prunelab module that imports mlflow).
 
-One experiment per sweep name, one parent run per sweep and one child run per finished
-trial, with the tags of DESIGN.md ("MLflow conventions"). Everything goes through an
+One experiment per sweep name, one parent run per sweep and one child run per trial of the
+sweep (FINISHED, or FAILED with its error; a trial reused from an earlier sweep gets a copy of
+the run that computed it, tagged ``prunelab.reused_from``), with the tags of DESIGN.md
+("MLflow conventions"). A child run's start and end are the trial's own (ms since the epoch,
+given by the caller). Experiments are tagged ``mlflow.experimentKind`` so that MLflow 3's UI
+opens them on their runs table. Everything goes through an
 `MlflowClient` bound to one tracking URI, never through mlflow's global fluent API, so a
 process may drive several sweeps and stores at once.
 """
@@ -13,6 +17,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -21,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final, Literal, cast
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param, Run, ViewType
+from mlflow.entities import Experiment, Metric, Param, Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -50,6 +55,20 @@ TAG_SWEEP_ID: Final = "prunelab.sweep_id"
 TAG_TRIAL_KEY: Final = "prunelab.trial_key"
 TAG_PARENT: Final = "mlflow.parentRunId"
 TAG_RESCORED_FROM: Final = "prunelab.rescored_from"  # the run whose predictions were rescored
+TAG_REUSED_FROM: Final = "prunelab.reused_from"  # a reused trial's copy: the run that computed it
+TAG_ERROR: Final = "prunelab.error"  # a FAILED trial run: its error (the whole text: error.txt)
+
+# MLflow 3's UI opens an experiment on the page of its kind (the runs table, or GenAI traces
+# when the tag is missing and it guesses); the value the UI's "machine learning" kind has
+TAG_EXPERIMENT_KIND: Final = "mlflow.experimentKind"
+EXPERIMENT_KIND: Final = "custom_model_development"
+
+# tags a reused trial's copy does not take from the original: the copy's own place (sweep,
+# parent, role, key) and MLflow's own (run name, user, source: ``mlflow.*``, but for the
+# run's description, `_NOTE`), which MLflow sets on every run
+_OWN_TAGS: Final = frozenset({TAG_ROLE, TAG_SWEEP_ID, TAG_TRIAL_KEY, TAG_PARENT})
+_NOTE: Final = "mlflow.note.content"  # a run's description: copied with the run
+_ERROR_TAG_CHARS: Final = 4000  # MLflow caps tag values (8000 characters in MLflow 3)
 
 # MLflow's SQLAlchemy store on PostgreSQL: at most 5 + 5 connections per process
 _MLFLOW_PG_POOL: Final = {
@@ -100,6 +119,7 @@ def environment_tags(environment: Mapping[str, str]) -> dict[str, str]:
 
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+TrialStatus = Literal["FINISHED", "FAILED"]
 
 
 def default_tracking_uri() -> str:
@@ -276,7 +296,8 @@ class Tracker:
         return (Path(root).expanduser().resolve() / name).as_uri()
 
     def experiment_id(self, name: str) -> str:
-        """Id of the experiment ``name``, created (or restored if deleted) when needed."""
+        """Id of the experiment ``name``, created (or restored if deleted) when needed, and
+        tagged ``mlflow.experimentKind`` (`EXPERIMENT_KIND`) unless it has a kind already."""
         cached = self._experiment_ids.get(name)
         if cached is not None:
             return cached
@@ -284,7 +305,9 @@ class Tracker:
         if experiment is None:
             try:
                 experiment_id = self.client.create_experiment(
-                    name, artifact_location=self._artifact_location(name)
+                    name,
+                    artifact_location=self._artifact_location(name),
+                    tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND},
                 )
             except MlflowException:
                 # Another process created it between our lookup and create.
@@ -292,12 +315,22 @@ class Tracker:
                 if experiment is None:
                     raise
                 experiment_id = experiment.experiment_id
+                self._ensure_kind(experiment)
         else:
             experiment_id = experiment.experiment_id
             if experiment.lifecycle_stage == "deleted":
                 self.client.restore_experiment(experiment_id)
+            self._ensure_kind(experiment)
         self._experiment_ids[name] = experiment_id
         return experiment_id
+
+    def _ensure_kind(self, experiment: Experiment) -> None:
+        """Tag an experiment made before prunelab set its kind (or by someone else) with
+        `EXPERIMENT_KIND`; a kind already chosen (in the UI, by a user) is kept."""
+        if TAG_EXPERIMENT_KIND not in (experiment.tags or {}):
+            self.client.set_experiment_tag(
+                experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND
+            )
 
     def _resolve_experiment(self, experiment: str) -> str:
         """An experiment id from an experiment name or id; a name that names no experiment
@@ -308,9 +341,13 @@ class Tracker:
             return experiment
         if self.client.get_experiment_by_name(experiment) is None:
             try:
-                return self.client.get_experiment(experiment).experiment_id
+                found = self.client.get_experiment(experiment)
             except MlflowException:
                 pass  # neither a name nor an id: a name of an experiment to create
+            else:
+                self._ensure_kind(found)
+                self._experiment_ids[found.name] = found.experiment_id
+                return found.experiment_id
         return self.experiment_id(experiment)
 
     def _search(self, experiment_id: str, filter_string: str) -> list[Run]:
@@ -333,11 +370,17 @@ class Tracker:
     # ----------------------------------------------------------------- logging
 
     def _log_batch(
-        self, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]
+        self,
+        run_id: str,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, float],
+        timestamp: int | None = None,
     ) -> None:
-        """Params (stringified, None omitted) and metrics (as float) in one ``log_batch``
-        call, which splits them into as many requests as MLflow's batch limits need."""
-        timestamp = int(time.time() * 1000)
+        """Params (stringified, None omitted) and metrics (as float, at ``timestamp``, ms;
+        None: now) in one ``log_batch`` call, which splits them into as many requests as
+        MLflow's batch limits need."""
+        if timestamp is None:
+            timestamp = int(time.time() * 1000)
         param_list = [Param(k, str(v)) for k, v in params.items() if v is not None]
         metric_list = [Metric(k, float(v), timestamp, 0) for k, v in metrics.items()]
         if param_list or metric_list:
@@ -359,11 +402,15 @@ class Tracker:
             _write_artifacts(Path(tmp), artifacts)
             repository.log_artifacts(tmp)
 
-    def start_sweep(self, name: str, sweep_id: str, params: Mapping[str, Any]) -> str:
+    def start_sweep(
+        self, name: str, sweep_id: str, params: Mapping[str, Any], start_time: int | None = None
+    ) -> str:
         """Start the parent run of a sweep in experiment ``name``; return its run id.
 
         If the sweep already has a parent run (a resumed sweep, or a crash before its id
-        was saved), that run is set RUNNING again and returned instead of a new one.
+        was saved), that run is set RUNNING again and returned instead of a new one: it keeps
+        its start time. ``start_time`` (ms since the epoch; None: now): when the sweep was
+        created, the start of a new parent run (one made again after its store was lost too).
         """
         experiment_id = self.experiment_id(name)
         sweep_id = _check_tag_value("sweep id", sweep_id)
@@ -379,6 +426,7 @@ class Tracker:
             return run.info.run_id
         run = self.client.create_run(
             experiment_id,
+            start_time=start_time,
             tags={TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, **code_tags()},
             run_name=f"{name}-{sweep_id}",
         )
@@ -397,23 +445,110 @@ class Tracker:
         artifacts: Artifacts,
         new: bool = False,
         tags: Mapping[str, str] | None = None,
+        *,
+        status: TrialStatus = "FINISHED",
+        start_time: int | None = None,
+        end_time: int | None = None,
+        error: str | None = None,
     ) -> str:
-        """Log a finished trial as a FINISHED child run of ``parent_run_id``; return its id.
+        """Log a trial as a child run of ``parent_run_id``; return its id.
+
+        ``status``: FINISHED (a trial with its result), or FAILED (a trial that failed for
+        good: ``error`` says why, in the tag ``prunelab.error`` and the artifact
+        ``error.txt``). ``start_time`` / ``end_time`` (ms since the epoch; None: now): the
+        trial's own start and end (its metrics are stamped with its end).
 
         Tags: prunelab's (role, sweep id, trial key, parent), :func:`code_tags`, and ``tags``
         (e.g. :func:`environment_tags` of the worker that ran it).
 
         ``experiment`` is an experiment name or id. Idempotent per (sweep, trial_key): if
         the sweep already has a FINISHED run for this key, its id is returned and nothing
-        is logged; unfinished runs for the key (left by a crash) are deleted first.
-        ``new=True``: the caller knows the sweep has no run for this key (it finished the
-        trial itself and logs each trial once), so the search for one is skipped.
+        is logged; its other runs for the key (left by a crash, or a failure before the
+        trial ran again) are deleted first. ``new=True``: the caller knows the sweep has no
+        run for this key (it finished the trial itself and logs each trial once), so the
+        search for one is skipped.
         """
+        if status not in ("FINISHED", "FAILED"):
+            raise ValueError(f"invalid trial run status {status!r}")
+        for name in artifacts:
+            _artifact_parts(name)
+        artifacts = dict(artifacts)
+        tags = dict(tags or {})
+        if error is not None:
+            artifacts["error.txt"] = error if error.endswith("\n") else error + "\n"
+            tags[TAG_ERROR] = error[:_ERROR_TAG_CHARS]
+
+        def fill(run: Run) -> None:
+            self._log_batch(run.info.run_id, params, metrics, end_time)
+            self._log_artifacts(run.info.run_id, artifacts, run.info.artifact_uri)
+
+        tags = {**code_tags(), **tags}
+        return self._trial_run(
+            experiment, parent_run_id, sweep_id, trial_key, run_name, tags, fill,
+            new=new, status=status, start_time=start_time, end_time=end_time,
+        )  # fmt: skip
+
+    def log_reused_trial(
+        self,
+        experiment: str,
+        parent_run_id: str,
+        sweep_id: str,
+        trial_key: str,
+        source_run_id: str,
+    ) -> str | None:
+        """Give a trial reused from an earlier sweep its child run in this sweep: a copy of
+        run ``source_run_id`` (the run that computed it) with its name, params, metrics,
+        tags, artifacts, start and end, tagged ``prunelab.reused_from`` with the source's id
+        (the source's own ``prunelab.reused_from`` if it is a copy itself). Idempotent per
+        (sweep, trial_key), as :meth:`log_trial`. Returns the copy's id; None when the source
+        run is gone (deleted, or its store lost), nothing logged.
+        """
+        try:
+            source = self.client.get_run(source_run_id)
+        except MlflowException as exc:
+            if not _not_found(exc):
+                raise
+            return None
+        if source.info.lifecycle_stage == "deleted":
+            return None
+        tags = {
+            key: value
+            for key, value in source.data.tags.items()
+            if key not in _OWN_TAGS and (key == _NOTE or not key.startswith("mlflow."))
+        }
+        tags[TAG_REUSED_FROM] = source.data.tags.get(TAG_REUSED_FROM, source_run_id)
+        end_time = source.info.end_time
+
+        def fill(run: Run) -> None:
+            self._log_batch(run.info.run_id, source.data.params, source.data.metrics, end_time)
+            self._copy_artifacts(source.info.artifact_uri, run.info.artifact_uri)
+
+        return self._trial_run(
+            experiment, parent_run_id, sweep_id, trial_key, source.info.run_name, tags, fill,
+            new=False, status="FINISHED", start_time=source.info.start_time, end_time=end_time,
+        )  # fmt: skip
+
+    def _trial_run(
+        self,
+        experiment: str,
+        parent_run_id: str,
+        sweep_id: str,
+        trial_key: str,
+        run_name: str,
+        tags: Mapping[str, str],
+        fill: Callable[[Run], None],
+        *,
+        new: bool,
+        status: TrialStatus,
+        start_time: int | None,
+        end_time: int | None,
+    ) -> str:
+        """The child run of a trial, made once per (sweep, trial_key) (see
+        :meth:`log_trial`): created with prunelab's tags and ``tags``, filled by ``fill``,
+        ended ``status`` at ``end_time``; a run whose filling fails is ended FAILED."""
         experiment_id = self._resolve_experiment(experiment)
         sweep_id = _check_tag_value("sweep id", sweep_id)
         trial_key = _check_tag_value("trial key", trial_key)
-        for name in artifacts:
-            _artifact_parts(name)
         previous = (
             []
             if new
@@ -429,26 +564,46 @@ class Tracker:
             self.client.delete_run(run.info.run_id)
         run = self.client.create_run(
             experiment_id,
+            start_time=start_time,
             tags={
+                **tags,
                 TAG_PARENT: parent_run_id,
                 TAG_ROLE: "trial",
                 TAG_TRIAL_KEY: trial_key,
                 TAG_SWEEP_ID: sweep_id,
-                **code_tags(),
-                **(tags or {}),
             },
             run_name=run_name,
         )
         run_id = run.info.run_id
         try:
-            self._log_batch(run_id, params, metrics)
-            self._log_artifacts(run_id, artifacts, run.info.artifact_uri)
+            fill(run)
         except BaseException:
             with contextlib.suppress(Exception):  # keep the original error
                 self.client.set_terminated(run_id, "FAILED")
             raise
-        self.client.set_terminated(run_id, "FINISHED")
+        self.client.set_terminated(run_id, status, end_time=end_time)
         return run_id
+
+    def _copy_artifacts(self, source_uri: str, target_uri: str) -> None:
+        """Copy every artifact under ``source_uri`` (a run's artifact location) to
+        ``target_uri``: file to file between local locations, else through a temporary
+        directory and the locations' artifact repositories."""
+        source = get_artifact_repository(source_uri, tracking_uri=self.tracking_uri)
+        target = get_artifact_repository(target_uri, tracking_uri=self.tracking_uri)
+        if isinstance(source, LocalArtifactRepository):
+            directory = Path(source.artifact_dir)
+            if not directory.is_dir() or not any(directory.iterdir()):
+                return
+            if isinstance(target, LocalArtifactRepository):
+                shutil.copytree(directory, target.artifact_dir, dirs_exist_ok=True)
+                return
+            target.log_artifacts(str(directory))
+            return
+        if not source.list_artifacts():
+            return
+        with tempfile.TemporaryDirectory(prefix="prunelab-artifacts-") as tmp:
+            source.download_artifacts("", dst_path=tmp)
+            target.log_artifacts(tmp)
 
     def read_artifact(self, run_id: str, name: str) -> str | None:
         """The text of run ``run_id``'s artifact ``name``; None when the run or file is gone."""

@@ -272,7 +272,7 @@ PER_TRIAL = [
     (
         trial("m", "gqa", "fastv", 45.0, keep_tokens=64, prune_layer=3)[0],
         "finished",
-        {"score": 45.0, "score_ratio": 0.75, "avg_visual_tokens": 40.5, "tflops": 1.2345,
+        {"score": 45.0, "score_ratio": 75.0, "avg_visual_tokens": 40.5, "tflops": 1.2345,
          "flops_ratio": 0.25, "prefill_ms": 12.34, "fidelity_top1": 0.875, "samples": 8.0},
     ),
     trial("m", "gqa", "none", 60.0, tflops=3.95),
@@ -282,19 +282,19 @@ PER_TRIAL = [
 def test_per_trial_table_exact():
     rows = results_rows(PER_TRIAL)
     assert trials_markdown(rows) == (
-        "| model | benchmark | method | budget | layer | score | score ratio | avg tokens "
+        "| model | benchmark | method | budget | layer | score | score ratio (%) | avg tokens "
         "| TFLOPs | FLOPs ratio | prefill ms | top-1 agree |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         "| m | gqa | none | all |  | 60.0 | - | - | 3.95 | - | - | - |\n"
-        "| m | gqa | fastv | 64 | 3 | 45.0 | 75.0% | 40.5 | 1.23 | 25.0% | 12.3 | 87.5% |\n"
+        "| m | gqa | fastv | 64 | 3 | 45.0 | 75.0 | 40.5 | 1.23 | 25.0% | 12.3 | 87.5% |\n"
         "| m | gqa | fastv | 25.0% | 2 | failed |  |  |  |  |  |  |\n"
     )
     assert trials_csv(rows) == (
-        "model,benchmark,method,budget,layer,status,score,score_ratio,avg_visual_tokens,"
+        "model,benchmark,method,budget,layer,status,error,score,score_ratio,avg_visual_tokens,"
         "tflops,flops_ratio,prefill_ms,fidelity_top1\n"
-        "m,gqa,none,all,,finished,60.0,,,3.95,,,\n"
-        "m,gqa,fastv,64,3,finished,45.0,0.75,40.5,1.2345,0.25,12.34,0.875\n"
-        "m,gqa,fastv,25.0%,2,failed,,,,,,,\n"
+        "m,gqa,none,all,,finished,,60.0,,,3.95,,,\n"
+        "m,gqa,fastv,64,3,finished,,45.0,75.0,40.5,1.2345,0.25,12.34,0.875\n"
+        "m,gqa,fastv,25.0%,2,failed,,,,,,,,\n"
     )
 
 

@@ -149,7 +149,7 @@ class _Tracker:
     logged: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def log_trial(self, name, parent, sweep_id, key, run_name, params, metrics, artifacts,
-                  new, tags=None):  # fmt: skip
+                  new=False, tags=None, **times):  # fmt: skip
         self.logged[key] = metrics
         return f"run-{key}"
 
@@ -193,9 +193,9 @@ def test_sweep_stores_replicates_and_logs_the_ratio_interval(engine):
     assert tracker.logged == {}
     _finish(recorder, base_id, 80.0, BASE)
     logged = tracker.logged["pruned"]
-    assert logged["score_ratio"] == 0.75
+    assert logged["score_ratio"] == 75.0  # in %
     assert (logged["score_ratio_ci_low"], logged["score_ratio_ci_high"]) == pytest.approx(
-        ((60 - 5.7) / 80, (60 + 5.7) / 80)
+        (100 * (60 - 5.7) / 80, 100 * (60 + 5.7) / 80)
     )
     with session_factory(engine)() as session:
         row = session.get(TrialRow, pruned_id)
@@ -211,7 +211,7 @@ def test_sweep_reads_the_baselines_replicates_from_the_database(engine):
     tracker = _Tracker()
     later = Recorder(engine, tracker, sweep_id, "me")
     _finish(later, pruned_id, 60.0, A)
-    assert tracker.logged["pruned"]["score_ratio_ci_high"] == pytest.approx(65.7 / 80)
+    assert tracker.logged["pruned"]["score_ratio_ci_high"] == pytest.approx(100 * 65.7 / 80)
 
 
 def test_sweep_pairs_only_trials_on_the_same_samples(engine):
@@ -220,5 +220,5 @@ def test_sweep_pairs_only_trials_on_the_same_samples(engine):
     recorder = Recorder(engine, tracker, sweep_id, "me")
     _finish(recorder, base_id, 80.0, BASE)
     _finish(recorder, pruned_id, 60.0, A)
-    assert tracker.logged["pruned"]["score_ratio"] == 0.75
+    assert tracker.logged["pruned"]["score_ratio"] == 75.0
     assert "score_ratio_ci_low" not in tracker.logged["pruned"]

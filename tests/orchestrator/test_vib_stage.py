@@ -188,8 +188,12 @@ def test_a_head_that_fails_to_train_fails_only_its_trials(
         )
         children = [r for r in sweep_runs if r.data.tags["prunelab.role"] == "trial"]
         logged = sorted(r.data.tags["prunelab.trial_key"] for r in children)
-        assert logged == sorted(t.trial_key for t in others)  # each finished trial once
-        assert all(r.info.status == "FINISHED" for r in children)
+        assert logged == sorted(by_key)  # every trial once, the failed one included
+        status = {r.data.tags["prunelab.trial_key"]: r.info.status for r in children}
+        assert all(status[t.trial_key] == "FINISHED" for t in others)
+        assert status[broken.key] == "FAILED"  # with its error, to act on it in MLflow
+        (failed_run,) = [r for r in children if r.info.status == "FAILED"]
+        assert failed_run.data.tags["prunelab.error"] == error
         (parent,) = [r for r in sweep_runs if r.data.tags["prunelab.role"] == "sweep"]
         assert parent.info.status == "FAILED"
         # the good head was trained and logged; nothing at all for the broken one

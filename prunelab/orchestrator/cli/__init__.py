@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", parents=[common], help="finish an interrupted sweep")
     p.add_argument("sweep", help="sweep id or name")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="run the sweep's failed trials again too (a fresh set of attempts each)",
+    )
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("status", parents=[common], help="sweeps, or one sweep's trials")
