@@ -595,11 +595,45 @@ def test_all_problems_are_reported_together() -> None:
     ]
 
 
-def test_yaml_list_is_not_a_sweep(write_spec: SpecWriter) -> None:
-    path = write_spec(spec_body("model: tiny-llava\nbenchmark: shapes\nmethod: [none, fastv]"))
+def test_yaml_list_is_a_choice_list(write_spec: SpecWriter) -> None:
+    """In a spec's grid, a YAML list of a core axis is its choices (the natural YAML form)."""
+    as_list = write_spec(
+        spec_body("model: tiny-llava\nbenchmark: shapes\nmethod: [none, fastv, fastv]\n"
+                  "keep_ratio: [0.5, 0.25]"),
+        name="listed",
+    )  # fmt: skip
+    as_text = write_spec(
+        spec_body("model: tiny-llava\nbenchmark: shapes\nmethod: none,fastv\n"
+                  "keep_ratio: 0.5,0.25"),
+        name="texted",
+    )  # fmt: skip
+    listed, texted = load_sweep(str(as_list)), load_sweep(str(as_text))
+    assert [t.key for t in listed.trials] == [t.key for t in texted.trials]
+    assert len(listed.trials) == 3
+
+
+def test_a_list_inside_a_list_or_on_the_command_line_is_one_value(
+    write_spec: SpecWriter,
+) -> None:
+    path = write_spec(spec_body("model: tiny-llava\nbenchmark: shapes\nmethod: [[none, fastv]]"))
     assert problems_of(path) == [
         f'method=["none", "fastv"] in {path} grid: a list is one value in override grammar; '
         "to sweep, write a choice list: method=none,fastv"
+    ]
+    assert problems_of(path, ["method=[none,fastv]"]) == [
+        'method=["none", "fastv"] from the command line: a list is one value in override '
+        "grammar; to sweep, write a choice list: method=none,fastv"
+    ]
+
+
+def test_a_yml_spec_is_read_like_a_yaml_one(write_spec: SpecWriter) -> None:
+    path = write_spec(spec_body("model: tiny-llava\nbenchmark: shapes\nmethod: none"))
+    yml = path.with_suffix(".yml")
+    path.rename(yml)
+    plan = load_sweep(str(yml), ["eval.limit=3"])
+    assert plan.name == "mine" and plan.eval.limit == 3 and len(plan.trials) == 1
+    assert problems_of(str(yml.with_suffix(".json"))) == [
+        f"spec file {yml.with_suffix('.json')} not found"
     ]
 
 

@@ -45,9 +45,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(sweeps, indent=2))
             else:
+                width = max([len(str(s["id"])) for s in sweeps] + [2])
+                print(f"{'id':{width}}  {'name':20} {'created':19}  {'status':11} trials")
                 for s in sweeps:
                     counts = ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items()))
-                    print(f"{s['id']}  {s['name']:20} {s['created']}  {s['status']:11} {counts}")
+                    print(
+                        f"{s['id']:{width}}  {s['name']:20} {s['created']}  {s['status']:11} "
+                        f"{counts}"
+                    )
             return 0
         sweep = repo.get_sweep(session, args.sweep)
         if sweep is None:

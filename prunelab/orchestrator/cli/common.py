@@ -44,6 +44,30 @@ def stores_from_args(args: argparse.Namespace):
     )
 
 
+def stores_line(stores) -> str:
+    """Where a sweep's records go, on one line (passwords hidden): printed as a sweep starts,
+    since the default stores are relative to the working directory."""
+    from sqlalchemy.engine import make_url
+
+    def shown(url: str) -> str:
+        try:
+            parsed = make_url(url)
+        except Exception:  # not a SQLAlchemy URL (an MLflow server, a file: URI)
+            return url
+        if parsed.drivername.startswith("sqlite") and parsed.database not in (None, ":memory:"):
+            parsed = parsed.set(database=str(Path(parsed.database).resolve()))  # cwd-relative
+        return parsed.render_as_string(hide_password=True)
+
+    artifacts = stores.artifact_root or "kept by the MLflow server"
+    if stores.artifact_root and "://" not in stores.artifact_root:
+        artifacts = str(Path(stores.artifact_root).resolve())
+    ray = stores.ray_address or "a local Ray started for this sweep"
+    return (
+        f"prunelab: stores: database {shown(stores.db_url)}; MLflow "
+        f"{shown(stores.tracking_uri)}; artifacts {artifacts}; Ray {ray}"
+    )
+
+
 def check_stores(stores) -> None:
     """Reject unusable stores before anything runs or is written: a bad URL, a PostgreSQL
     server that does not answer or lacks the database, a SQLite file that is no intact

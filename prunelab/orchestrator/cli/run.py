@@ -15,6 +15,7 @@ from prunelab.orchestrator.cli.common import (
     check_stores,
     engine_if_exists,
     stores_from_args,
+    stores_line,
 )
 
 __all__ = ["Running", "cmd_resume", "cmd_sweep", "progress_line"]
@@ -50,6 +51,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return _dry_run(plan, stores)
     from prunelab.orchestrator.sweep import submit_sweep
 
+    print(stores_line(stores), file=sys.stderr)
     if args.rerun or _unfinished(plan, stores):
         _check_local_placement(plan.workers, plan.origins, stores)
     args.running = Running(stores, plan.name, sweep_ids(stores, plan.name))
@@ -213,7 +215,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         _check_local_placement(_workers_config(recorded), origins, stores)
     args.running = Running(stores, args.sweep, known=None)
     try:
-        return resume_sweep(args.sweep, stores)
+        return resume_sweep(args.sweep, stores, retry_failed=args.retry_failed)
     except LookupError as exc:
         raise UsageError([str(exc.args[0])]) from None
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +67,8 @@ __all__ = [
 
 _HYDRA_LOCK = threading.Lock()  # Hydra's global state is process-wide
 
+SPEC_SUFFIXES = (".yaml", ".yml")
+"""What a spec file may end in (Hydra reads ``.yaml``; a ``.yml`` one is composed from a copy)."""
 MAX_YAML_BYTES = 1 << 20
 """Largest spec or config file read (1 MiB; the shipped ones are under 4 KiB)."""
 MAX_YAML_DEPTH = 64
@@ -140,8 +144,8 @@ def locate_spec(spec: str) -> SpecSource:
                 f"{did_you_mean(spec, shipped)} (shipped: {', '.join(shipped) or 'none'})"
             ]
         )
-    if path.suffix != ".yaml":
-        raise SpecError([f"spec file {spec}: Hydra reads only files ending in .yaml"])
+    if path.suffix not in SPEC_SUFFIXES:
+        raise SpecError([f"spec file {spec}: a spec is a YAML file ending in .yaml or .yml"])
     resolved = path.resolve()
     if resolved.parent == SWEEPS_DIR:
         return SpecSource(resolved, spec, package_groups)
@@ -306,17 +310,30 @@ def defaults_problem(source: SpecSource) -> str | None:
     return walk(source.path, source.shown, "", [(source.path, source.shown)])
 
 
+def _search_path(*directories: Path) -> str:
+    """A ``hydra.searchpath`` override naming ``directories``."""
+    quoted = [f"file://{d}".replace("\\", "\\\\").replace("'", "\\'") for d in directories]
+    return "hydra.searchpath=[" + ",".join(f"'{q}'" for q in quoted) + "]"
+
+
 def _hydra_compose(source: SpecSource, overrides: Sequence[str]) -> DictConfig:
     """Compose the spec with Hydra (``base`` is in the ConfigStore; the package's sweeps dir is
-    on the search path of a spec elsewhere, for the shipped configs its defaults may name)."""
-    extra: list[str] = []
+    on the search path of a spec elsewhere, for the shipped configs its defaults may name).
+    Hydra reads only ``.yaml`` files: a ``.yml`` spec is composed from a ``.yaml`` copy, with
+    its own directory on the search path (for the sibling configs its defaults may name)."""
+    search: list[Path] = []
     if source.path.parent != SWEEPS_DIR:
-        quoted = f"file://{SWEEPS_DIR}".replace("\\", "\\\\").replace("'", "\\'")
-        extra.append(f"hydra.searchpath=['{quoted}']")
-    with _HYDRA_LOCK:
+        search.append(SWEEPS_DIR)
+    with _HYDRA_LOCK, tempfile.TemporaryDirectory(prefix="prunelab-spec-") as scratch:
+        config_dir = source.path.parent
+        if source.path.suffix != ".yaml":
+            config_dir = Path(scratch)
+            shutil.copyfile(source.path, config_dir / f"{source.path.stem}.yaml")
+            search.insert(0, source.path.parent)
+        extra = [_search_path(*search)] if search else []
         GlobalHydra.instance().clear()
         try:
-            with initialize_config_dir(config_dir=str(source.path.parent), version_base=None):
+            with initialize_config_dir(config_dir=str(config_dir), version_base=None):
                 return compose(config_name=source.path.stem, overrides=[*extra, *overrides])
         finally:
             GlobalHydra.instance().clear()

@@ -168,6 +168,19 @@ class _Grid:
         return {n: axes[n] for n in [*AXES, *sorted(axes)] if n in axes}  # groups first
 
     def yaml_axis(self, name: str, value: Any) -> Axis | None:
+        """One axis of the spec's grid: a scalar in override grammar (``fastv,pdrop``,
+        ``range(1,4)``); a YAML list of a core axis is its choices (``[fastv, pdrop]``); any
+        other list or mapping is one value (a list-valued hyperparameter)."""
+        if isinstance(value, list) and name in AXES:
+            if not value:
+                self.problems.add(f"{name}=[] {self.in_grid}: selects no value")
+                return None
+            axis = Axis(name, ",".join(show(v) for v in value), value, self.in_grid, None)
+            unique: dict[str, Any] = {}
+            for v in value:
+                unique.setdefault(canonical_json(jsonable(v)), v)
+            axis.values = list(unique.values())
+            return axis
         if isinstance(value, (list, dict)):
             return Axis(name, show(value), value, self.in_grid, None, [value])
         text = _scalar_text(value)
