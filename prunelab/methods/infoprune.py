@@ -1,5 +1,5 @@
 """InfoPrune ("InfoPrune: Revisiting Visual Token Pruning from an Information-Theoretic
-Perspective", anonymous ICLR 2026 submission; ``seeds/infoprune.txt``).
+Perspective", anonymous ICLR 2026 submission, no arXiv id).
 
 Two stages. Stage 1 (vision side, Algorithm 1) keeps T_1 of the N visual tokens x_i (D,) by
 an attention prior and the marginal information each token adds, then merges the dropped ones
@@ -300,7 +300,10 @@ class InfoPrune(PruningMethod):
     name: ClassVar[str] = "infoprune"
     stages: ClassVar[str] = "vision (attention prior + greedy residual + merge), layer 15 of 32"
     budget_is_average: ClassVar[bool] = True
-    paper: ClassVar[str] = "InfoPrune, ICLR 2026 submission (seeds/infoprune.txt)"
+    paper: ClassVar[str] = (
+        "InfoPrune: Revisiting Visual Token Pruning from an Information-Theoretic "
+        "Perspective (anonymous ICLR 2026 submission)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,6 +1,6 @@
 """PGP / IF-Prune: posterior-guided visual token pruning (anonymous ICLR submission "Posterior-
-Guided Visual Token Pruning in Vision-Language Models"; published as IF-Prune, CVPR 2026;
-``seeds/pgp-posterior-guided-pruning.txt``).
+Guided Visual Token Pruning in Vision-Language Models"; published as IF-Prune: Information-Flow
+Guided Token Pruning for Efficient Vision-Language Models, CVPR 2026).
 
 A small VLM of the same family reads the sample once (a single prefill, no generation). Its
 visual hidden states V' (N, d) at ``guide_layer`` (default: the last hidden states, §3.3) go
@@ -208,7 +208,10 @@ class PGP(PruningMethod):
     guidance_signal: ClassVar[str] = "hidden"
     default_prune_layer: ClassVar[int | None] = 0
     min_prune_layer: ClassVar[int] = 0
-    paper: ClassVar[str] = "IF-Prune / PGP, CVPR 2026 (seeds/pgp-posterior-guided-pruning.txt)"
+    paper: ClassVar[str] = (
+        "IF-Prune: Information-Flow Guided Token Pruning for Efficient Vision-Language "
+        "Models (posterior-guided pruning, PGP), CVPR 2026; code: github.com/snap-research/EVLM"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,5 +1,5 @@
 """Polymorphic ("Polymorphic: Plug-and-Play Visual Token Compression for Scalable VLMs",
-anonymous ICLR 2026 submission; ``seeds/polymorphic.txt``).
+anonymous ICLR 2026 submission, no arXiv id).
 
 Two stages: the visual tokens are first consolidated on the encoder side (the tokens the CLS
 attends to most are retained, the others merged by density-peak clustering), then pruned inside
@@ -196,7 +196,10 @@ class Polymorphic(PruningMethod):
         "vision (DPC merge to 2x budget) + layers 3,7,16 of 32 (raters, re-merge)"
     )
     budget_is_average: ClassVar[bool] = True
-    paper: ClassVar[str] = "Polymorphic, ICLR 2026 submission (seeds/polymorphic.txt)"
+    paper: ClassVar[str] = (
+        "Polymorphic: Plug-and-Play Visual Token Compression for Scalable VLMs "
+        "(anonymous ICLR 2026 submission)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

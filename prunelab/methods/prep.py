@@ -1,4 +1,4 @@
-"""PREP: pre-inference guided token pruning (seeds/prep.txt, "PREP: Pre-inference Guided Token
+"""PREP: pre-inference guided token pruning (anonymous submission, "PREP: Pre-inference Guided Token
 Pruning for Efficient Vision-Language Models").
 
 Stage 1, pre-inference (§3.2). The visual tokens are average-pooled into r patch-level tokens
@@ -293,7 +293,10 @@ class PREP(PruningMethod):
 
     name: ClassVar[str] = "prep"
     stages: ClassVar[str] = "pre-inference (pooled tokens, EKL over layers 6-15) + layer k*"
-    paper: ClassVar[str] = "PREP: Pre-inference Guided Token Pruning (seeds/prep.txt)"
+    paper: ClassVar[str] = (
+        "PREP: Pre-inference Guided Token Pruning for Efficient Vision-Language Models "
+        "(anonymous submission)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,5 +1,5 @@
 """The paper sweep specs (paper_*.yaml) validate on their papers' 7B-shaped models and expand to
-the grids of the papers' main tables (``../shared/seeds/*.txt``).
+the grids of the papers' main tables (the seed papers, cited in the README).
 
 As in ``test_baselines_spec.py``, each spec is validated as a copy in a temporary directory next
 to copies of its model configs whose ``path`` is a local ``config.json`` with the checkpoint's
