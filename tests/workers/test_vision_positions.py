@@ -24,7 +24,7 @@ def _clock() -> float:
 
 @pytest.fixture(scope="module", params=ONE_D_FAMILIES)
 def family(request):
-    loaded, adapter = load_tiny(request.param)
+    _loaded, adapter = load_tiny(request.param)
     prepared = adapter.prepare(ShapesBenchmark().sample(3))
     tokens = adapter.vision_signals(prepared, frozenset()).tokens
     return request.param, adapter, prepared, tokens
