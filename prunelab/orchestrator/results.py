@@ -188,6 +188,10 @@ class ReportRow:
     samples: dict[str, tuple] = field(default_factory=dict, repr=False)
     mean_replicates: np.ndarray | None = field(default=None, repr=False)
     mean_interval: tuple[float, float] | None = None
+    # cost columns (``Report.columns``): metric -> benchmark -> the finished trial's value
+    extra_values: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    # metric -> mean over the row's finished benchmarks (None: none has it)
+    extras: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -203,6 +207,10 @@ class Report:
     rows: list[ReportRow]
     variant_columns: list[str]
     ratio_benchmarks: list[str]
+    # metrics printed after the mean ratio, each the row's mean over its benchmarks
+    columns: list[str] = field(default_factory=list)
+    # models with random weights (``source: tiny``): their scores say nothing about a method
+    random_models: list[str] = field(default_factory=list)
 
     @property
     def models(self) -> list[str]:
@@ -280,9 +288,29 @@ def _mean_of(vectors: Sequence[np.ndarray | None]) -> np.ndarray | None:
     return np.stack(arrays).mean(axis=0)
 
 
-def build_report(trials: Iterable[TrialTuple]) -> Report:
+DEFAULT_COLUMNS = ("tflops",)
+"""Cost columns of the report by default (``prunelab report --columns`` picks others)."""
+
+
+def column_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a report column (None: it can): a per-trial metric of
+    :data:`prunelab.metrics.METRICS` that is not a family, a score or an interval bound."""
+    from prunelab.metrics import METRICS
+
+    allowed = [
+        m.name for m in METRICS
+        if "{" not in m.name and m.bound is None and m.name not in ("score", "score_ratio")
+    ]  # fmt: skip
+    if name in allowed:
+        return None
+    return f"unknown report column {name!r} (one of {', '.join(allowed)})"
+
+
+def build_report(trials: Iterable[TrialTuple], columns: Sequence[str] = ()) -> Report:
     """The paper-style report of a sweep's trials, each given as (trial, status, metrics) or
-    (trial, status, metrics, replicates).
+    (trial, status, metrics, replicates). ``columns``: per-trial metrics printed after the
+    mean ratio, each the row's mean over its finished benchmarks (the ``report`` command and
+    the sweep's table artifacts use :data:`DEFAULT_COLUMNS`).
 
     Score ratios are recomputed here from each trial's score and its (model, benchmark)
     unpruned score, so they are right even for trials logged before their baseline finished.
@@ -340,6 +368,9 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
         row.ratios[benchmark] = ratio(score, baseline_scores.get((trial.model, benchmark)))
         row.tflops[benchmark] = _number(metrics.get(TFLOPS)) if finished else None
         row.visual[benchmark] = _number(metrics.get(AVG_VISUAL)) if finished else None
+        for column in columns:
+            value = _number(metrics.get(column)) if finished else None
+            row.extra_values.setdefault(column, {})[benchmark] = value
         _add_intervals(row, trial, metrics if finished else {}, replicates, baselines)
 
     ratio_benchmarks = [
@@ -358,10 +389,22 @@ def build_report(trials: Iterable[TrialTuple]) -> Report:
         row.mean_tflops = statistics.fmean(costs) if costs else None
         visual = [v for v in row.visual.values() if v is not None]
         row.mean_visual = statistics.fmean(visual) if visual else None
+        for column in columns:
+            known = [v for v in row.extra_values.get(column, {}).values() if v is not None]
+            row.extras[column] = statistics.fmean(known) if known else None
 
     models = _models(trials)
     ordered = sorted(rows.values(), key=lambda r: (models.index(r.model), r.order))
-    return Report(benchmarks, ordered, variant_columns, ratio_benchmarks)
+    random = [m for m in models if _random_weights(trials, m)]
+    return Report(benchmarks, ordered, variant_columns, ratio_benchmarks, list(columns), random)
+
+
+def _random_weights(trials: _Trials, model: str) -> bool:
+    """Whether ``model`` is built with random weights (a ``source: tiny`` config)."""
+    return any(
+        trial.model == model and trial.model_config.get("source") == "tiny"
+        for trial, *_ in trials
+    )
 
 
 def _add_intervals(

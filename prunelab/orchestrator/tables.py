@@ -22,6 +22,7 @@ from prunelab import intervals
 from prunelab import metrics as metric_table
 from prunelab.orchestrator.results import (
     CI_SUFFIXES,
+    DEFAULT_COLUMNS,
     MEAN_RATIO_HEADER,
     MISSING,
     Report,
@@ -107,6 +108,9 @@ def _cell_values(row: ReportRow, report: Report) -> list[_Cell]:
                                   row.mean_replicates, samples))  # fmt: skip
     else:
         cells.append(_Cell(MISSING))
+    for column in report.columns:  # cost columns: never bold
+        shown = metric_table.format_value(metric_table.lookup(column), row.extras.get(column))
+        cells.append(_Cell(MISSING if shown is None else shown))
     return cells
 
 
@@ -207,7 +211,29 @@ def _render_rows(report: Report, style: _Style) -> list[tuple[str, list[str]]]:
 
 
 def _header(report: Report) -> list[str]:
-    return ["method", "budget", *report.variant_columns, *report.benchmarks, MEAN_RATIO_HEADER]
+    extras = [_column_header(name) for name in report.columns]
+    return [
+        "method", "budget", *report.variant_columns, *report.benchmarks, MEAN_RATIO_HEADER,
+        *extras,
+    ]  # fmt: skip
+
+
+def _column_header(name: str) -> str:
+    """A cost column's header: its metric's column name (``TFLOPs``), else its name."""
+    metric = metric_table.lookup(name)
+    return metric.column if metric is not None and metric.column else name
+
+
+def random_weights_note(report: Report) -> str | None:
+    """The line printed under a report with random-weight models (``source: tiny``): their
+    scores are meaningless; fidelity to the unpruned model is what they measure."""
+    if not report.random_models:
+        return None
+    return (
+        f"note: {', '.join(report.random_models)} has random weights (a tiny config): its "
+        "scores say nothing about a method; compare fidelity to the unpruned model "
+        "(--columns fidelity_top1,fidelity_kl)"
+    )
 
 
 def _markdown_escape(text: str) -> str:
@@ -224,6 +250,9 @@ def report_markdown(report: Report) -> str:
     ]
     for model, cells in _render_rows(report, _MARKDOWN):
         lines.append("| " + " | ".join(_markdown_escape(c) for c in [model, *cells]) + " |")
+    note = random_weights_note(report)
+    if note is not None:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +261,7 @@ def report_csv(report: Report) -> str:
     column some row has an interval in is followed by ``<column>_ci_low`` and
     ``<column>_ci_high`` (the printed bounds; empty where a row has none)."""
     header = _header(report)
-    labels = len(header) - len(report.benchmarks) - 1
+    labels = len(header) - len(report.benchmarks) - 1 - len(report.columns)
     rows = [(row.model, _label_cells(row, report), _cell_values(row, report))
             for row in report.rows]  # fmt: skip
     with_ci = {column for _, _, cells in rows for column, cell in enumerate(cells)
@@ -395,7 +424,7 @@ def report_artifacts(trials: Iterable[TrialTuple]) -> dict[str, str | bytes]:
     from prunelab.orchestrator.plots import pareto_png  # matplotlib only when plotting
 
     given = list(trials)  # (trial, status, metrics[, replicates[, error]])
-    report = build_report(read_trials(given))
+    report = build_report(read_trials(given), DEFAULT_COLUMNS)
     return {
         "table.md": report_markdown(report),
         "table.csv": report_csv(report),

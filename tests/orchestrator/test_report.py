@@ -25,7 +25,12 @@ from prunelab.orchestrator.estimate import (
     measured_throughput,
 )
 from prunelab.orchestrator.plots import pareto_png, pareto_points
-from prunelab.orchestrator.results import budget_label, build_report, trial_params
+from prunelab.orchestrator.results import (
+    DEFAULT_COLUMNS,
+    budget_label,
+    build_report,
+    trial_params,
+)
 from prunelab.orchestrator.spec import load_sweep
 from prunelab.orchestrator.tables import (
     latex_escape,
@@ -245,7 +250,11 @@ def test_pareto_points_and_png():
 def test_report_artifacts_bundle():
     files = report_artifacts(TRIALS)
     assert set(files) == {"table.md", "table.csv", "table.tex", "pareto.png", "trials.csv"}
-    assert files["table.md"] == MARKDOWN and files["table.tex"] == LATEX
+    # the sweep's tables have the default cost column (TFLOPs) after the mean ratio
+    with_cost = build_report(TRIALS, DEFAULT_COLUMNS)
+    assert files["table.md"] == report_markdown(with_cost)
+    assert files["table.tex"] == report_latex(with_cost)
+    assert files["table.md"].splitlines()[0].endswith("| mean score ratio (%) | TFLOPs |")
     assert (
         isinstance(files["pareto.png"], bytes) and files["pareto.png"][:8] == b"\x89PNG\r\n\x1a\n"
     )
@@ -256,7 +265,7 @@ def test_trials_may_be_given_as_trial_objects():
     typed = [(Trial.from_dict(config), status, metrics) for config, status, metrics in TRIALS]
     assert report_markdown(build_report(typed)) == MARKDOWN
     mixed = report_artifacts([typed[0], *TRIALS[1:]])
-    assert mixed["table.tex"] == LATEX
+    assert mixed["table.tex"] == report_artifacts(TRIALS)["table.tex"]
     assert mixed["trials.csv"] == report_artifacts(TRIALS)["trials.csv"]
     config = TRIALS[2][0]
     assert trial_params(config) == trial_params(Trial.from_dict(config)) == {
@@ -394,7 +403,8 @@ def test_status_shows_progress_of_a_running_sweep(tmp_path, capsys):
 def test_report_command_on_a_partial_sweep(tmp_path, capsys):
     url, _ = _fake_db(tmp_path, ["finished", "finished", "running", "pending", "failed"])
     pareto = tmp_path / "pareto.png"
-    assert main(["report", "quickstart", "--db-url", url, "--pareto", str(pareto)]) == 0
+    args = ["report", "quickstart", "--db-url", url, "--pareto", str(pareto), "--columns", ""]
+    assert main(args) == 0
     # the quickstart's trials in sweep order: none, random 11.1%, random 33.3%, fastv 11.1%,
     # fastv 33.3%; unfinished ones show their status, and nothing competes with them for bold
     assert capsys.readouterr().out.splitlines() == [
@@ -407,10 +417,14 @@ def test_report_command_on_a_partial_sweep(tmp_path, capsys):
         "| toy-llava | random | 11.1% | **50.0** | **100.0** |",
     ]
     Image.open(pareto).verify()
+    assert main(["report", "quickstart", "--db-url", url]) == 0  # the default cost column
+    assert capsys.readouterr().out.splitlines()[0].endswith("| mean score ratio (%) | TFLOPs |")
+    assert main(["report", "quickstart", "--db-url", url, "--columns", "latency_ms,nope"]) == 2
+    assert "--columns unknown report column 'nope'" in capsys.readouterr().err
     out = tmp_path / "t.tex"
     assert main(["report", "quickstart", "--db-url", url, "--format", "latex",
                  "--out", str(out)]) == 0  # fmt: skip
-    assert out.read_text().startswith("\\begin{tabular}{llrr}")
+    assert out.read_text().startswith("\\begin{tabular}{llrrr}")
 
 
 def test_report_of_unknown_sweep_is_bad_input(tmp_path):

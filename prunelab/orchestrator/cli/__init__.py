@@ -29,6 +29,7 @@ from prunelab.orchestrator.cli.browse import (
     cmd_status,
 )
 from prunelab.orchestrator.cli.common import SCORING, UsageError
+from prunelab.orchestrator.cli.manage import cmd_delete
 from prunelab.orchestrator.cli.run import cmd_resume, cmd_sweep, progress_line
 from prunelab.orchestrator.cli.tools import cmd_train_vib, cmd_ui
 
@@ -56,10 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--db-url", help="prunelab database (env PRUNELAB_DB_URL)")
     common.add_argument("--artifact-root", help="MLflow artifacts (env PRUNELAB_ARTIFACT_ROOT)")
     common.add_argument("--ray-address", help="Ray cluster to join (env RAY_ADDRESS)")
+    verbose = (
+        "Ray's, MLflow's, transformers' and the workers' output on the console (default: "
+        "the sweep's log file, next to the stores)"
+    )
+    common.add_argument(  # after the command too: `prunelab sweep SPEC -v`
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose
+    )
 
     parser = argparse.ArgumentParser(
         prog="prunelab", description="Ablation sweeps of visual-token pruning on VLMs."
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sweep", parents=[common], help="submit and run a sweep")
@@ -69,12 +78,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="number of Ray workers (workers.count)")
     p.add_argument("--rerun", action="store_true", help="run finished trials again")
     p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new sweep under the spec's name (default: a sweep of that name is "
+        "extended with the spec's trials); the earlier one stays, by its id",
+    )
+    p.add_argument(
         "--skip-invalid",
         action="store_true",
         help="drop the grid points validation rejects (a layer or budget a method cannot "
         "reach on a model), listing each and why, and run the rest",
     )
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("delete", parents=[common], help="delete a sweep (asks nothing)")
+    p.add_argument("sweep", help="sweep id, or name (the newest sweep of that name)")
+    p.add_argument(
+        "--runs",
+        action="store_true",
+        help="delete its MLflow runs too (its parent and trial runs; other sweeps' runs, "
+        "copies of shared trials included, are not touched)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="delete it even if it is marked running by an orchestrator that may be alive",
+    )
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("resume", parents=[common], help="finish an interrupted sweep")
     p.add_argument("sweep", help="sweep id or name")
@@ -93,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", parents=[common], help="baseline-relative results table")
     p.add_argument("sweep")
     p.add_argument("--format", choices=("md", "csv", "latex"), default="md")
+    p.add_argument(
+        "--columns",
+        default="tflops",
+        help="cost columns after the mean ratio, comma-separated metrics (default tflops; "
+        "e.g. tflops,latency_ms,kv_cache_mb,fidelity_top1; '' for none)",
+    )
     p.add_argument("--out", help="write the table to this file instead of stdout")
     p.add_argument(
         "--pareto",
@@ -248,3 +284,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not joined:
             _stop_ray()  # the workers and a local Ray's processes end with the command
+        console = getattr(args, "console", None)  # a sweep's (cli.run): its loggers back
+        if console is not None:
+            console.close()

@@ -121,9 +121,13 @@ def _progress(statuses: Iterable[str]) -> dict[str, int]:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from prunelab.db import repo, session_factory
-    from prunelab.orchestrator.results import build_report
+    from prunelab.orchestrator.results import build_report, column_problem
     from prunelab.orchestrator.tables import report_csv, report_latex, report_markdown
 
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    problems = [f"--columns {p}" for c in columns if (p := column_problem(c)) is not None]
+    if problems:
+        raise UsageError(problems)
     figure_type = None
     if args.pareto:  # a bad extension is found before anything is printed or written
         from prunelab.orchestrator.plots import figure_format
@@ -141,9 +145,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         if sweep is None:
             raise UsageError([f"no sweep with id or name {args.sweep!r}"])
         report = build_report(
-            (t.trial, t.status, t.metrics, t.replicates)
-            for t in repo.sweep_trials(session, sweep.id)
-        )
+            ((t.trial, t.status, t.metrics, t.replicates)
+             for t in repo.sweep_trials(session, sweep.id)),
+            columns,
+        )  # fmt: skip
     render = {"md": report_markdown, "csv": report_csv, "latex": report_latex}[args.format]
     text = render(report)
     if args.out:
