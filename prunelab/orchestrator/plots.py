@@ -41,7 +41,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from prunelab.orchestrator.results import Report, ReportRow
+from prunelab.orchestrator.results import FIDELITY, Report, ReportRow
 
 __all__ = [
     "DOUBLE_COLUMN",
@@ -115,14 +115,24 @@ def pareto_points(
     baseline: tuple[float, float] | None = None
     lines: dict[str, list[tuple[float, float]]] = {}
     for row in report.rows:
-        if row.model != model or row.mean_ratio is None or row.mean_tflops is None:
+        y = _y(row, report)
+        if row.model != model or y is None or row.mean_tflops is None:
             continue
-        point = (row.mean_tflops, 100.0 * row.mean_ratio)
+        point = (row.mean_tflops, y)
         if row.is_baseline:
             baseline = point
         else:
             lines.setdefault(_line_label(row, report), []).append(point)
     return baseline, {label: sorted(points) for label, points in lines.items()}
+
+
+def _y(row: ReportRow, report: Report) -> float | None:
+    """A row's height in %: its mean score ratio, or for a random-weight model (whose scores
+    mean nothing) its mean top-1 agreement with the unpruned model."""
+    if row.model in report.random_models:
+        agree = 1.0 if row.is_baseline else row.extras.get(FIDELITY)
+        return None if agree is None else 100.0 * agree
+    return None if row.mean_ratio is None else 100.0 * row.mean_ratio
 
 
 def pareto_intervals(
@@ -133,6 +143,8 @@ def pareto_intervals(
     lines: dict[str, list[tuple[float, float, float, float]]] = {}
     for row in report.rows:
         if row.model != model or row.is_baseline or row.mean_tflops is None:
+            continue
+        if model in report.random_models:  # fidelity is plotted, without an interval
             continue
         if row.mean_ratio is None or row.mean_interval is None:
             continue
@@ -147,11 +159,10 @@ def _budget_labels(report: Report, model: str) -> dict[str, dict[tuple[float, fl
     report prints it, without `` tokens``: ``64``, ``22.2%``."""
     labels: dict[str, dict[tuple[float, float], str]] = {}
     for row in report.rows:
-        if row.model != model or row.is_baseline:
+        y = _y(row, report)
+        if row.model != model or row.is_baseline or y is None or row.mean_tflops is None:
             continue
-        if row.mean_ratio is None or row.mean_tflops is None:
-            continue
-        point = (row.mean_tflops, 100.0 * row.mean_ratio)
+        point = (row.mean_tflops, y)
         budget = row.budget.removesuffix(" tokens")
         labels.setdefault(_line_label(row, report), {})[point] = budget
     return labels
@@ -267,9 +278,10 @@ def _draw_panel(ax, report: Report, model: str, styles: Mapping[str, SeriesStyle
     if not lines and baseline is None:
         ax.text(0.5, 0.5, "no score ratios to plot", ha="center", va="center",
                 transform=ax.transAxes)  # fmt: skip
-    ax.set_title(model)
+    random = model in report.random_models
+    ax.set_title(f"{model} (random weights)" if random else model)
     ax.set_xlabel("TFLOPs per sample")
-    ax.set_ylabel("mean score ratio (%)")
+    ax.set_ylabel("top-1 agreement with unpruned (%)" if random else "mean score ratio (%)")
     ax.grid(True, linewidth=0.3, alpha=0.5)
     ax.margins(x=0.08, y=0.08)
 

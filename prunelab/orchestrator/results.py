@@ -74,6 +74,7 @@ _Trials = list[_Read]  # read: metrics {} when there are none, replicates None w
 
 # metric names the paper-style report reads
 SCORE, TFLOPS, AVG_VISUAL = "score", "tflops", "avg_visual_tokens"
+FIDELITY = "fidelity_top1"  # what a random-weight model's plot shows instead of its scores
 SCORE_CI = ("score_ci_low", "score_ci_high")
 CI_SUFFIXES = ("_ci_low", "_ci_high")  # the CSV's interval columns: <column><suffix>
 
@@ -319,6 +320,7 @@ def build_report(trials: Iterable[TrialTuple], columns: Sequence[str] = ()) -> R
     needs every one of them paired with its baseline.
     """
     trials = read_trials(trials)
+    collected = list(dict.fromkeys([*columns, FIDELITY]))  # fidelity: random-weight plots
     benchmarks = list(dict.fromkeys(trial.benchmark for trial, *_ in trials))
     axis_of = {
         "layer": "prune_layer",
@@ -368,7 +370,7 @@ def build_report(trials: Iterable[TrialTuple], columns: Sequence[str] = ()) -> R
         row.ratios[benchmark] = ratio(score, baseline_scores.get((trial.model, benchmark)))
         row.tflops[benchmark] = _number(metrics.get(TFLOPS)) if finished else None
         row.visual[benchmark] = _number(metrics.get(AVG_VISUAL)) if finished else None
-        for column in columns:
+        for column in collected:
             value = _number(metrics.get(column)) if finished else None
             row.extra_values.setdefault(column, {})[benchmark] = value
         _add_intervals(row, trial, metrics if finished else {}, replicates, baselines)
@@ -389,7 +391,7 @@ def build_report(trials: Iterable[TrialTuple], columns: Sequence[str] = ()) -> R
         row.mean_tflops = statistics.fmean(costs) if costs else None
         visual = [v for v in row.visual.values() if v is not None]
         row.mean_visual = statistics.fmean(visual) if visual else None
-        for column in columns:
+        for column in collected:
             known = [v for v in row.extra_values.get(column, {}).values() if v is not None]
             row.extras[column] = statistics.fmean(known) if known else None
 
@@ -402,8 +404,7 @@ def build_report(trials: Iterable[TrialTuple], columns: Sequence[str] = ()) -> R
 def _random_weights(trials: _Trials, model: str) -> bool:
     """Whether ``model`` is built with random weights (a ``source: tiny`` config)."""
     return any(
-        trial.model == model and trial.model_config.get("source") == "tiny"
-        for trial, *_ in trials
+        trial.model == model and trial.model_config.get("source") == "tiny" for trial, *_ in trials
     )
 
 

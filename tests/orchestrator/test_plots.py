@@ -311,3 +311,30 @@ def test_report_writes_the_format_its_file_names(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"prunelab: error: --pareto {target}: cannot write: No such file or directory"
     ]
+
+
+def test_a_random_weight_model_plots_fidelity_not_scores() -> None:
+    """A tiny (random-weight) model's scores mean nothing: its panel shows the top-1 agreement
+    with the unpruned model, titled so, and the table says it under the rows."""
+    from prunelab.orchestrator.plots import pareto_points
+    from prunelab.orchestrator.tables import report_markdown
+
+    def entry(method: str, ratio: float | None, score: float, agree: float | None):
+        config = {"model": "tiny", "benchmark": "b", "method": method, "hparams": {},
+                  "keep_ratio": ratio, "model_config": {"source": "tiny"}}  # fmt: skip
+        metrics = {"score": score, "tflops": 1.0 if ratio is None else ratio}
+        if agree is not None:
+            metrics["fidelity_top1"] = agree
+        return config, "finished", metrics
+
+    report = build_report([entry("none", None, 0.0, None), entry("fastv", 0.5, 0.0, 0.75)])
+    assert report.random_models == ["tiny"]
+    baseline, lines = pareto_points(report, "tiny")
+    assert baseline == (1.0, 100.0) and lines == {"fastv": [(0.5, 75.0)]}
+    svg = pareto_figure(report, "svg").decode()
+    assert "tiny (random weights)" in svg and "top-1 agreement with unpruned (%)" in svg
+    assert (
+        report_markdown(report)
+        .splitlines()[-1]
+        .startswith("note: tiny has random weights (a tiny config): its scores say nothing")
+    )
