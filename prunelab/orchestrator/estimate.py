@@ -26,7 +26,9 @@ from prunelab.workers.runner import build_method
 
 __all__ = [
     "ASSUMED_TEXT_TOKENS",
+    "FixedCosts",
     "Throughput",
+    "earlier_fixed_costs",
     "earlier_throughput",
     "estimate_tflops",
     "measured_seconds",
@@ -135,3 +137,57 @@ def earlier_throughput(session: Session, models: Iterable[str]) -> dict[str, Thr
         if trial.model in wanted:
             rows.append((trial, metrics))
     return measured_throughput(rows)
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    """What a sweep costs besides model time, measured on earlier sweeps of this database:
+    ``startup_s`` from submitting a sweep to its first trial starting (Ray, workers, the first
+    model load), the median over ``sweeps``; ``per_trial_s`` a trial's wall time on its worker
+    beyond its measured model time (model loads, warm-up, the unpruned reference passes,
+    recording), the median over ``trials``."""
+
+    startup_s: float | None
+    per_trial_s: float | None
+    sweeps: int
+    trials: int
+
+    def seconds(self, trials: int, workers: int) -> float:
+        """Fixed cost of a sweep of ``trials`` on ``workers`` workers."""
+        startup = self.startup_s or 0.0
+        return startup + (self.per_trial_s or 0.0) * trials / max(1, workers)
+
+
+def earlier_fixed_costs(session: Session) -> FixedCosts:
+    """:class:`FixedCosts` of the finished trials and the sweeps in the database."""
+    import statistics
+
+    from prunelab.db import Sweep, SweepTrial
+
+    overheads = []
+    query = select(TrialRow.metrics, TrialRow.started, TrialRow.finished).where(
+        TrialRow.status == "finished"
+    )
+    for metrics, started, finished in session.execute(query).tuples():
+        model = measured_seconds(metrics)
+        if started is None or finished is None or model is None:
+            continue
+        overheads.append(max(0.0, (finished - started).total_seconds() - model))
+    first = (
+        select(Sweep.created, TrialRow.started)
+        .join(SweepTrial, SweepTrial.sweep_id == Sweep.id)
+        .join(TrialRow, TrialRow.id == SweepTrial.trial_id)
+        .where(TrialRow.started.is_not(None))
+    )
+    starts: dict[Any, Any] = {}
+    for created, started in session.execute(first).tuples():
+        if started >= created and (created not in starts or started < starts[created]):
+            starts[created] = started  # the sweep's first trial it ran itself
+    startups = [(started - created).total_seconds() for created, started in starts.items()]
+    return FixedCosts(
+        statistics.median(startups) if startups else None,
+        statistics.median(overheads) if overheads else None,
+        len(startups),
+        len(overheads),
+    )
+

@@ -372,6 +372,41 @@ def test_dry_run_estimates_time_from_earlier_trials(tmp_path, capsys):
         assert earlier_throughput(session, ["tiny-qwen2-vl"]) == {}
 
 
+def test_dry_run_estimate_adds_the_fixed_costs_of_earlier_sweeps(tmp_path, capsys):
+    """Start-up (submission to the first trial) and per-trial overhead (a trial's wall time
+    beyond its model time: loads, warm-up, references) measured on earlier sweeps."""
+    from datetime import datetime, timedelta, timezone
+
+    from prunelab.db import Sweep
+    from prunelab.db import Trial as TrialRow
+    from prunelab.orchestrator.estimate import earlier_fixed_costs
+
+    url, plan = _fake_db(
+        tmp_path, ["finished"] * 2 + ["pending"] * 3, {"latency_ms": 500.0, "samples": 4.0}
+    )
+    t0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    with session_factory(init_db(url)).begin() as session:
+        session.query(Sweep).update({"created": t0})
+        finished = session.query(TrialRow).filter(TrialRow.status == "finished").all()
+        for row, (start, end) in zip(finished, [(30, 40), (40, 52)], strict=True):
+            row.started, row.finished = t0 + timedelta(seconds=start), t0 + timedelta(seconds=end)
+    with session_factory(init_db(url))() as session:
+        fixed = earlier_fixed_costs(session)
+    # model time 0.5 s x 4 samples = 2 s: overheads 8 s and 10 s; the first trial at 30 s
+    assert (fixed.startup_s, fixed.per_trial_s, fixed.sweeps, fixed.trials) == (30.0, 9.0, 1, 2)
+    assert fixed.seconds(trials=3, workers=2) == 30.0 + 9.0 * 3 / 2
+    args = ["sweep", "quickstart", "keep_ratio=0.111,0.333", "eval.limit=4", "--dry-run",
+            "--db-url", url, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fixed costs measured on 1 earlier sweep(s) and 2 trial(s): start-up ~30 s" in out
+    assert "~9 s per trial beyond model time" in out
+    rate = sum(estimate_tflops(t) for t in plan.trials[:2]) / 4.0
+    model = sum(estimate_tflops(t) for t in plan.trials[2:]) / rate
+    total = 30.0 + 9.0 * 3 / 2 + model / 2
+    assert f"estimate: ~{total:.0f} s on 2 worker(s)" in out
+
+
 def test_dry_run_without_earlier_trials_says_so(tmp_path, capsys):
     args = ["sweep", "quickstart", "eval.limit=4", "--dry-run",
             "--db-url", f"sqlite:///{tmp_path}/none.db",

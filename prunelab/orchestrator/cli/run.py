@@ -17,6 +17,7 @@ from prunelab.orchestrator.cli.common import (
     stores_from_args,
     stores_line,
 )
+from prunelab.orchestrator.console import open_console
 
 __all__ = ["Running", "cmd_resume", "cmd_sweep", "progress_line"]
 
@@ -49,13 +50,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_stores(stores)
     if args.dry_run:
         return _dry_run(plan, stores)
-    from prunelab.orchestrator.sweep import submit_sweep
+    from prunelab.orchestrator.sweep import SweepBusy, extension_state, submit_sweep
 
+    # a sweep of that name is extended (unless --fresh): not while it may be running
+    engine = None if args.fresh else engine_if_exists(stores.db_url)
+    busy, earlier_unfinished = (
+        (None, False) if engine is None else extension_state(engine, plan.name)
+    )
+    if busy is not None:
+        raise UsageError([busy])
     print(stores_line(stores), file=sys.stderr)
-    if args.rerun or _unfinished(plan, stores):
+    args.console = open_console(stores, plan.name, getattr(args, "verbose", False))
+    if args.rerun or earlier_unfinished or _unfinished(plan, stores):
         _check_local_placement(plan.workers, plan.origins, stores)
-    args.running = Running(stores, plan.name, sweep_ids(stores, plan.name))
-    return submit_sweep(plan, stores, rerun=args.rerun)
+    # extending: the sweep of that name is the one run; --fresh: a sweep not known before
+    known = sweep_ids(stores, plan.name) if args.fresh else None
+    args.running = Running(stores, plan.name, known)
+    try:
+        return submit_sweep(plan, stores, rerun=args.rerun, fresh=args.fresh)
+    except SweepBusy as exc:
+        raise UsageError([str(exc)]) from None
 
 
 def _unfinished(plan: Any, stores) -> bool:
@@ -103,17 +117,23 @@ def _check_local_placement(workers: Any, origins: dict[str, str], stores) -> Non
 
 def _dry_run(plan: Any, stores) -> int:
     from prunelab.db import repo, session_factory
-    from prunelab.orchestrator.estimate import earlier_throughput, estimate_tflops
+    from prunelab.orchestrator.estimate import (
+        earlier_fixed_costs,
+        earlier_throughput,
+        estimate_tflops,
+    )
     from prunelab.orchestrator.results import budget_label
 
     done: set[str] = set()
     throughput: dict[str, Any] = {}  # model -> Throughput of its earlier finished trials
+    fixed = None  # FixedCosts measured on earlier sweeps
     engine = engine_if_exists(stores.db_url)
     if engine is not None:
         with session_factory(engine)() as session:
             found = repo.trials_by_keys(session, [t.key for t in plan.trials])
             done = {k for k, t in found.items() if t.status == "finished"}
             throughput = earlier_throughput(session, {t.model for t in plan.trials})
+            fixed = earlier_fixed_costs(session)
     print(f"sweep {plan.name}: {len(plan.trials)} trials, {len(done)} already finished")
     print(
         f"{'key':10}  {'model':16} {'benchmark':10} {'method':12} {'budget':7} {'mode':7} "
@@ -152,16 +172,32 @@ def _dry_run(plan: Any, stores) -> int:
             f"here to count) for: {', '.join(sorted(unknown))}"
         )
     workers = max(1, plan.workers.count)
+    model_seconds, unmeasured = 0.0, []
     for model, tflops in model_tflops.items():
         measured = throughput.get(model)
         if measured is None:
+            unmeasured.append(model)
             print(f"  {model}: no finished trials of this model yet, no measured time estimate")
             continue
         seconds = measured.seconds(tflops)
+        model_seconds += seconds
         print(
             f"  {model}: about {_duration(seconds)} of model time at the throughput of "
             f"{measured.trials} earlier trial(s) ({measured.tflops_per_s:.3g} TFLOPs/s), "
             f"~{_duration(seconds / workers)} on {workers} worker(s)"
+        )
+    if fixed is not None and (fixed.startup_s is not None or fixed.per_trial_s is not None):
+        overhead = fixed.seconds(len(todo), workers)
+        print(
+            f"  fixed costs measured on {fixed.sweeps} earlier sweep(s) and {fixed.trials} "
+            f"trial(s): start-up ~{_duration(fixed.startup_s or 0.0)}, "
+            f"~{_duration(fixed.per_trial_s or 0.0)} per trial beyond model time (model "
+            "loads, warm-up, unpruned references, recording)"
+        )
+        partial = " (without the models not measured yet)" if unmeasured else ""
+        print(
+            f"  estimate: ~{_duration(overhead + model_seconds / workers)} on {workers} "
+            f"worker(s){partial}"
         )
     return 0
 
@@ -210,7 +246,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if engine_if_exists(stores.db_url) is None:
         raise UsageError([f"no prunelab database at {stores.db_url}"])
     recorded = _recorded_workers(stores, args.sweep)
-    if recorded is not None:
+    if recorded is not None:  # the sweep exists (else: one line says so, nothing logged)
+        args.console = open_console(stores, args.sweep, getattr(args, "verbose", False))
         origins = {f"workers.{k}": f"(recorded with sweep {args.sweep})" for k in recorded}
         _check_local_placement(_workers_config(recorded), origins, stores)
     args.running = Running(stores, args.sweep, known=None)
