@@ -1,5 +1,5 @@
-"""SQLAlchemy models of prunelab's own tables: sweeps, trials, their association and the
-trials' failed attempts.
+"""SQLAlchemy models of prunelab's own tables: sweeps, their submissions, trials, their
+association and the trials' failed attempts.
 
 MLflow keeps its own schema; these tables hold what the orchestrator needs to schedule,
 deduplicate and resume trials. Every change here needs an Alembic migration in
@@ -35,6 +35,7 @@ __all__ = [
     "TRIAL_STATUSES",
     "Base",
     "Sweep",
+    "SweepSubmission",
     "SweepTrial",
     "Trial",
     "TrialAttempt",
@@ -111,7 +112,9 @@ class Base(DeclarativeBase):
 
 
 class Sweep(Base):
-    """One submission of a sweep spec."""
+    """A sweep: the trials of every submission of a spec under its name (`SweepSubmission`);
+    ``spec`` / ``spec_yaml`` are the latest submission's. Several sweeps may share a name
+    (``prunelab sweep --fresh``): the name then means the newest (by ``created``)."""
 
     __tablename__ = "sweeps"
     __table_args__ = (_status_check(SWEEP_STATUSES),)
@@ -129,8 +132,26 @@ class Sweep(Base):
         return f"Sweep(id={self.id!r}, name={self.name!r}, status={self.status!r})"
 
 
+class SweepSubmission(Base):
+    """One submission of a spec to a sweep (the first creates it, each later one with the same
+    name extends it): the spec as submitted, when and by which orchestrator."""
+
+    __tablename__ = "sweep_submissions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    submitted: Mapped[datetime] = mapped_column(default=utcnow)
+    spec: Mapped[dict[str, Any]]
+    spec_yaml: Mapped[str] = mapped_column(Text)
+    orchestrator: Mapped[str | None] = mapped_column(String(255))
+
+    def __repr__(self) -> str:
+        return f"SweepSubmission(sweep_id={self.sweep_id!r}, submitted={self.submitted!r})"
+
+
 class Trial(Base):
-    """One trial, unique by ``trial_key`` across all sweeps."""
+    """One trial, unique by ``trial_key`` across all sweeps; ``sweep_id`` is the sweep that
+    created it (another sweep it belongs to, once that one is deleted)."""
 
     __tablename__ = "trials"
     __table_args__ = (_status_check(TRIAL_STATUSES),)

@@ -5,6 +5,11 @@ Every function takes a `Session` and never commits: the caller owns the transact
 ``UPDATE`` statements, so they are atomic across processes and orchestrators; the ORM
 objects of the session are expired after each one so they never show stale values.
 
+A sweep is its name: `create_sweep` makes one (with its first submission), `extend_sweep`
+records each later submission of a spec under that name, `delete_sweep` removes one (its
+trials too, unless another sweep has them). `get_sweep` finds a sweep by id, else the newest of
+a name.
+
 Trial life cycle: ``pending -> running`` (`claim_trial`) ``-> finished`` (`finish_trial`) or
 ``-> pending | failed`` (`release_trial`, `fail_trial`, `recover_stale`); ``finished ->
 pending`` when its result could not be recorded (`return_unrecorded`). ``claimed_by`` is set
@@ -17,6 +22,8 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import (
@@ -29,6 +36,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -38,6 +46,7 @@ from prunelab.db.models import (
     ATTEMPT_KINDS,
     SWEEP_STATUSES,
     Sweep,
+    SweepSubmission,
     SweepTrial,
     Trial,
     TrialAttempt,
@@ -46,16 +55,22 @@ from prunelab.db.models import (
 )
 
 __all__ = [
+    "DeletedSweep",
     "add_trials",
     "claim_trial",
     "create_sweep",
+    "delete_sweep",
+    "extend_sweep",
     "fail_trial",
     "finish_trial",
     "finite_metrics",
     "finite_replicates",
     "get_sweep",
     "list_sweeps",
+    "lock_sweep_name",
+    "named_sweep_ids",
     "new_sweep_id",
+    "newest_sweep",
     "recover_stale",
     "release_trial",
     "reset_for_rerun",
@@ -65,6 +80,8 @@ __all__ = [
     "set_sweep_orchestrator",
     "set_sweep_status",
     "set_trial_mlflow_run",
+    "shared_trials",
+    "sweep_submissions",
     "sweep_trials",
     "trial_attempts",
     "trial_status_counts",
@@ -92,19 +109,95 @@ def new_sweep_id() -> str:
 def create_sweep(
     session: Session, name: str, spec: dict[str, Any], spec_yaml: str, orchestrator: str
 ) -> Sweep:
-    """Insert a ``running`` sweep driven by ``orchestrator`` (host:pid) and return it."""
+    """Insert a ``running`` sweep driven by ``orchestrator`` (host:pid), with its first
+    submission (``spec``), and return it."""
+    now = utcnow()
     sweep = Sweep(
         id=new_sweep_id(),
         name=name,
         spec=spec,
         spec_yaml=spec_yaml,
-        created=utcnow(),
+        created=now,
         status="running",
         orchestrator=orchestrator,
     )
     session.add(sweep)
     session.flush()
+    _add_submission(session, sweep.id, spec, spec_yaml, orchestrator, now)
     return sweep
+
+
+def _add_submission(
+    session: Session,
+    sweep_id: str,
+    spec: dict[str, Any],
+    spec_yaml: str,
+    orchestrator: str,
+    submitted: datetime,
+) -> None:
+    session.execute(
+        insert(SweepSubmission).values(
+            sweep_id=sweep_id,
+            submitted=submitted,
+            spec=spec,
+            spec_yaml=spec_yaml,
+            orchestrator=orchestrator,
+        )
+    )
+
+
+def extend_sweep(
+    session: Session, sweep_id: str, spec: dict[str, Any], spec_yaml: str, orchestrator: str
+) -> int:
+    """Record another submission of a spec to an existing sweep (same name): its spec becomes
+    the sweep's (``spec``, ``spec_yaml``; the earlier ones stay in `sweep_submissions`), the
+    sweep is ``running`` again, driven by ``orchestrator``. Returns the sweep's number of
+    submissions, this one included."""
+    _update_sweep(
+        session,
+        sweep_id,
+        spec=spec,
+        spec_yaml=spec_yaml,
+        orchestrator=orchestrator,
+        status="running",
+    )
+    _add_submission(session, sweep_id, spec, spec_yaml, orchestrator, utcnow())
+    return len(sweep_submissions(session, sweep_id))
+
+
+def sweep_submissions(session: Session, sweep_id: str) -> list[SweepSubmission]:
+    """The submissions of a sweep, oldest first."""
+    query = (
+        select(SweepSubmission)
+        .where(SweepSubmission.sweep_id == sweep_id)
+        .order_by(SweepSubmission.submitted, SweepSubmission.id)
+    )
+    return list(session.scalars(query))
+
+
+_NAME_LOCK_CLASS: Final = 0x70726E  # pg_advisory_xact_lock(class, hashtext(name)): "prn"
+
+
+def lock_sweep_name(session: Session, name: str) -> None:
+    """Serialize the transactions that look up a sweep by name and then create or extend it,
+    until the session's transaction ends: two submissions of one name at once make one sweep.
+    PostgreSQL: an advisory lock of the name; SQLite: the database's write lock, taken now."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:cls, hashtext(:name))"),
+            {"cls": _NAME_LOCK_CLASS, "name": name},
+        )
+    elif dialect == "sqlite":
+        # a write that changes nothing: the transaction holds the write lock from here on,
+        # so what it reads next is the latest state, and no other write comes in between
+        session.execute(update(Sweep).where(literal(False)).values(name=Sweep.name))
+
+
+def newest_sweep(session: Session, name: str) -> Sweep | None:
+    """The most recent sweep named ``name`` (by name only, never by id), or None."""
+    query = select(Sweep).where(Sweep.name == name).order_by(Sweep.created.desc(), Sweep.id)
+    return session.scalars(query.limit(1)).first()
 
 
 def get_sweep(session: Session, ref: str) -> Sweep | None:
@@ -112,8 +205,17 @@ def get_sweep(session: Session, ref: str) -> Sweep | None:
     sweep = session.get(Sweep, ref)
     if sweep is not None:
         return sweep
-    query = select(Sweep).where(Sweep.name == ref).order_by(Sweep.created.desc(), Sweep.id).limit(1)
-    return session.scalars(query).first()
+    return newest_sweep(session, ref)
+
+
+def named_sweep_ids(session: Session) -> set[str]:
+    """Ids of the sweeps their name refers to (the newest of each name): a sweep not in it is
+    reachable by its id only."""
+    query = select(Sweep.name, Sweep.id).order_by(Sweep.name, Sweep.created.desc(), Sweep.id)
+    found: dict[str, str] = {}
+    for name, sweep_id in session.execute(query).tuples():
+        found.setdefault(name, sweep_id)
+    return set(found.values())
 
 
 def list_sweeps(session: Session) -> list[Sweep]:
@@ -173,7 +275,9 @@ def add_trials(
     Keys not yet in the database become ``pending`` trials created by this sweep; every
     trial, new or existing, is linked to the sweep. Safe when several processes add the
     same keys at once (``ON CONFLICT DO NOTHING``). A key repeated in ``trials`` counts
-    once. Returns the sweep's trial rows in input order and how many are already finished.
+    once. Trials the sweep already has keep their place; new ones come after them (a
+    sweep extended by another submission), in input order. Returns the given trials' rows
+    in input order and how many are already finished.
     """
     unique: dict[str, tuple[dict[str, Any], bool]] = {}
     for key, config, is_baseline in trials:
@@ -192,8 +296,12 @@ def add_trials(
     _insert_ignoring_conflicts(session, Trial.__table__, new_rows, ["trial_key"])
     by_key = trials_by_keys(session, unique)
     ordered = [by_key[key] for key in unique]
+    last = session.scalar(
+        select(func.max(SweepTrial.position)).where(SweepTrial.sweep_id == sweep_id)
+    )
+    start = 0 if last is None else last + 1
     links = [
-        {"sweep_id": sweep_id, "trial_id": trial.id, "position": position}
+        {"sweep_id": sweep_id, "trial_id": trial.id, "position": start + position}
         for position, trial in enumerate(ordered)
     ]
     _insert_ignoring_conflicts(session, SweepTrial.__table__, links, ["sweep_id", "trial_id"])
@@ -491,3 +599,87 @@ def trial_attempts(session: Session, trial_ids: Iterable[int]) -> dict[int, list
         for attempt in session.scalars(query):
             found.setdefault(attempt.trial_id, []).append(attempt)
     return found
+
+
+# --------------------------------------------------------------------------- deleting
+
+
+@dataclass(frozen=True)
+class DeletedSweep:
+    """What `delete_sweep` removed: the sweep's ``memberships`` (its trials), the
+    ``trials`` that belonged to it alone (with their ``attempts`` rows), its ``submissions``;
+    ``kept``: its trials that other sweeps have too, left in place."""
+
+    memberships: int
+    trials: int
+    attempts: int
+    submissions: int
+    kept: int
+
+
+def shared_trials(session: Session, sweep_id: str) -> dict[int, list[str]]:
+    """The sweep's trials that other sweeps have too: trial id -> those sweeps' ids, oldest
+    sweep first."""
+    members = select(SweepTrial.trial_id).where(SweepTrial.sweep_id == sweep_id)
+    query = (
+        select(SweepTrial.trial_id, SweepTrial.sweep_id)
+        .join(Sweep, Sweep.id == SweepTrial.sweep_id)
+        .where(SweepTrial.trial_id.in_(members), SweepTrial.sweep_id != sweep_id)
+        .order_by(SweepTrial.trial_id, Sweep.created, Sweep.id)
+    )
+    found: dict[int, list[str]] = {}
+    for trial_id, other in session.execute(query).tuples():
+        found.setdefault(trial_id, []).append(other)
+    return found
+
+
+def delete_sweep(session: Session, sweep_id: str) -> DeletedSweep:
+    """Delete a sweep: its row, its submissions, its memberships, and the trials that no
+    other sweep has (their attempts too). A trial another sweep has stays, as it is; one this
+    sweep created is from now on the creation of the oldest other sweep that has it.
+    LookupError when there is no such sweep."""
+    if session.get(Sweep, sweep_id) is None:
+        raise LookupError(f"no sweep with id {sweep_id!r}")
+    members = set(
+        session.scalars(select(SweepTrial.trial_id).where(SweepTrial.sweep_id == sweep_id))
+    )
+    created = set(session.scalars(select(Trial.id).where(Trial.sweep_id == sweep_id)))
+    candidates = sorted(members | created)
+    elsewhere: set[int] = set()
+    for chunk in _chunks(candidates):
+        query = select(SweepTrial.trial_id).where(
+            SweepTrial.trial_id.in_(chunk), SweepTrial.sweep_id != sweep_id
+        )
+        elsewhere.update(session.scalars(query))
+    doomed = [trial_id for trial_id in candidates if trial_id not in elsewhere]
+    # the trials it created that stay: created by the oldest other sweep that has them
+    heir = (
+        select(SweepTrial.sweep_id)
+        .join(Sweep, Sweep.id == SweepTrial.sweep_id)
+        .where(SweepTrial.trial_id == Trial.id, SweepTrial.sweep_id != sweep_id)
+        .order_by(Sweep.created, Sweep.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    for chunk in _chunks(sorted(created & elsewhere)):
+        _update_trials(session, [Trial.id.in_(chunk)], sweep_id=heir)
+    attempts = 0
+    for chunk in _chunks(doomed):
+        gone = session.execute(delete(TrialAttempt).where(TrialAttempt.trial_id.in_(chunk)))
+        attempts += gone.rowcount
+    memberships = session.execute(delete(SweepTrial).where(SweepTrial.sweep_id == sweep_id))
+    for chunk in _chunks(doomed):
+        session.execute(delete(Trial).where(Trial.id.in_(chunk)))
+    submissions = session.execute(
+        delete(SweepSubmission).where(SweepSubmission.sweep_id == sweep_id)
+    )
+    session.execute(delete(Sweep).where(Sweep.id == sweep_id))
+    for model in (Sweep, Trial, SweepTrial, SweepSubmission, TrialAttempt):
+        _expire(session, model)
+    return DeletedSweep(
+        memberships=memberships.rowcount,
+        trials=len(doomed),
+        attempts=attempts,
+        submissions=submissions.rowcount,
+        kept=len(members & elsewhere),
+    )

@@ -12,6 +12,12 @@ failed for good a FAILED run with its error and attempts. A trial's run starts a
 trial did (its last attempt: claimed for a worker, result recorded). Baseline-relative metrics
 are logged, stored and tabulated in the unit of their :data:`prunelab.metrics.METRICS` entry
 (``score_ratio`` in %, see :func:`in_table_units`).
+
+A sweep is its name: submitting a spec whose name has a sweep extends that sweep (its row, its
+MLflow parent run; the new trials join the earlier ones, each submission's spec is kept in
+``sweep_submissions`` and as ``specs/<n>.yaml`` on the parent run, the latest as ``spec.yaml``);
+``--fresh`` starts another sweep of that name, which the name then means. A sweep whose
+orchestrator may still be running it is neither extended nor deleted (:class:`SweepBusy`).
 """
 
 from __future__ import annotations
@@ -31,31 +37,38 @@ from typing import Any
 
 import yaml
 from sqlalchemy import Engine
-from tqdm import tqdm
 
 from prunelab.db import Trial as TrialRow
 from prunelab.db import init_db, repo, session_factory
 from prunelab.metrics import METRICS, lookup, relative_metrics
 from prunelab.orchestrator.config import WorkersConfig
+from prunelab.orchestrator.console import Progress
+from prunelab.orchestrator.console import write as console_write
 from prunelab.orchestrator.results import budget_label, build_report, same_samples
 from prunelab.orchestrator.tables import report_artifacts, report_markdown
 from prunelab.orchestrator.tracking import (
+    TAG_PARENT,
     TAG_RESCORED_FROM,
     TAG_REUSED_FROM,
+    TAG_ROLE,
+    TAG_SWEEP_ID,
     TAG_TRIAL_KEY,
     RunStatus,
     Tracker,
     environment_tags,
 )
-from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads, fail_untrained
 from prunelab.trial import TrialResult
 
 __all__ = [
     "Recorder",
     "RecordingError",
     "Stores",
+    "SweepBusy",
+    "busy_reason",
     "close_sweep",
+    "delete_sweep",
     "execute",
+    "extension_state",
     "in_table_units",
     "resume_sweep",
     "submit_sweep",
@@ -78,18 +91,104 @@ def orchestrator_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def submit_sweep(plan: Any, stores: Stores, rerun: bool = False) -> int:
-    """Record a validated :class:`SweepPlan` and run what is not finished. Returns exit status."""
+class SweepBusy(Exception):
+    """The sweep a command would extend or delete is ``running`` under an orchestrator that
+    may still be alive (see :func:`busy_reason`); nothing was changed."""
+
+
+TAG_SUBMISSIONS = "prunelab.submissions"  # a parent run's tag: how many submissions it has
+
+
+def orchestrator_alive(orchestrator: str | None) -> bool | None:
+    """Whether the orchestrator ``host:pid:tag`` (:func:`orchestrator_id`) still runs: its
+    process, when it ran on this host; None when it ran elsewhere (nothing to tell by)."""
+    if not orchestrator:
+        return False
+    host, _, rest = orchestrator.partition(":")
+    pid = rest.split(":", 1)[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    except OSError:
+        return None
+    return True
+
+
+def busy_reason(sweep: Any, action: str = "extended") -> str | None:
+    """Why ``sweep`` cannot be ``action`` now: it is ``running`` and its orchestrator is alive
+    or on another host (None: it can be; a ``running`` sweep whose orchestrator on this host
+    is gone was killed)."""
+    if sweep.status != "running":
+        return None
+    alive = orchestrator_alive(sweep.orchestrator)
+    if alive is False:
+        return None
+    how = "is running" if alive else "is marked running"
+    line = f"sweep {sweep.name} ({sweep.id}) {how} (orchestrator {sweep.orchestrator}); "
+    if alive is None:
+        line += f"if that orchestrator has stopped, finish it first: `prunelab resume {sweep.id}`"
+    else:
+        line += "wait for it to end"
+    return line + f", so that it can be {action}"
+
+
+def extension_state(engine: Engine, name: str) -> tuple[str | None, bool]:
+    """Before ``prunelab sweep NAME`` extends a sweep (read only): why the newest sweep named
+    ``name`` cannot be extended now (None: it can, or there is none; see :func:`busy_reason`),
+    and whether it has trials that are not finished (pending ones run with the new ones)."""
+    with session_factory(engine)() as session:
+        sweep = repo.newest_sweep(session, name)
+        if sweep is None:
+            return None, False
+        reason = busy_reason(sweep)
+        if reason is not None:
+            reason += " (or start another sweep of that name with --fresh)"
+        counts = repo.trial_status_counts(session, sweep.id)
+    return reason, any(counts.get(s) for s in ("pending", "running"))
+
+
+def submit_sweep(plan: Any, stores: Stores, rerun: bool = False, fresh: bool = False) -> int:
+    """Record a validated :class:`SweepPlan` and run what is not finished. Returns exit status.
+
+    A sweep of that name (the newest) is extended: the plan's trials join its own, the plan's
+    spec becomes its spec (the earlier ones kept as its submissions), its MLflow parent run is
+    the same, and what the sweep has that is not finished runs. ``fresh``, or no sweep of that
+    name: a new sweep. :class:`SweepBusy` when that sweep's orchestrator may be running it.
+    """
     engine = init_db(stores.db_url)
     tracker = Tracker(stores.tracking_uri, stores.artifact_root)
     sessions = session_factory(engine)
     orchestrator = orchestrator_id()
+    trials = [(t.key, t.to_dict(), t.is_baseline) for t in plan.trials]
     with sessions.begin() as session:
-        sweep = repo.create_sweep(session, plan.name, plan.spec, plan.spec_yaml, orchestrator)
+        repo.lock_sweep_name(session, plan.name)  # one sweep per name, also at once
+        earlier = [s.id for s in repo.list_sweeps(session) if s.name == plan.name]
+        sweep = None if fresh else repo.newest_sweep(session, plan.name)
+        extending, recovered = sweep is not None, 0
+        if sweep is None:
+            sweep = repo.create_sweep(session, plan.name, plan.spec, plan.spec_yaml, orchestrator)
+            before: set[int] = set()
+            submission = 1
+        else:
+            reason = busy_reason(sweep)
+            if reason is not None:
+                raise SweepBusy(reason + " (or start another sweep of that name with --fresh)")
+            # a sweep whose orchestrator on this host was killed: its claims are stale
+            dead = sweep.orchestrator if sweep.status == "running" else None
+            before = {t.id for t in repo.sweep_trials(session, sweep.id)}
+            submission = repo.extend_sweep(
+                session, sweep.id, plan.spec, plan.spec_yaml, orchestrator
+            )
+            if dead is not None:
+                live = repo.running_claims(session, sweep.id) - {dead}
+                recovered = repo.recover_stale(session, sweep.id, live)
         sweep_id, created = sweep.id, sweep.created
-        rows, already = repo.add_trials(
-            session, sweep_id, [(t.key, t.to_dict(), t.is_baseline) for t in plan.trials]
-        )
+        rows, _ = repo.add_trials(session, sweep_id, trials)
         ids = [row.id for row in rows]
         if rerun:
             repo.reset_for_rerun(session, ids)
@@ -98,17 +197,61 @@ def submit_sweep(plan: Any, stores: Stores, rerun: bool = False) -> int:
             failed = [row.id for row in rows if row.status == "failed"]
             if failed:
                 repo.reset_for_rerun(session, failed)
-    reused = 0 if rerun else already
-    print(
-        f"sweep {plan.name} ({sweep_id}): {len(ids)} trials, {reused} already finished, "
-        f"{len(ids) - reused} to run"
+        counts = repo.trial_status_counts(session, sweep_id)
+        new = len(set(ids) - before)
+    total, finished = sum(counts.values()), counts.get("finished", 0)
+    failed_left = counts.get("failed", 0)  # earlier trials of the sweep, not in this plan
+    if extending:
+        print(
+            f"sweep {plan.name} ({sweep_id}): submission {submission}, {new} new trial(s) "
+            f"added to its {len(before)}"
+        )
+    elif fresh and earlier:
+        print(
+            f"sweep {plan.name} ({sweep_id}): a new sweep of that name (--fresh); the earlier "
+            f"one(s) stay, by id: {', '.join(earlier)}"
+        )
+    if recovered:
+        print(f"{recovered} trial(s) of its killed orchestrator back to pending")
+    line = (
+        f"sweep {plan.name} ({sweep_id}): {total} trials, {finished} already finished, "
+        f"{total - finished - failed_left} to run"
     )
-    parent = tracker.start_sweep(
-        plan.name, sweep_id, {"spec": plan.spec_yaml[:6000], "trials": len(ids)}, _ms(created)
-    )
-    with sessions.begin() as session:
-        repo.set_sweep_mlflow_run(session, sweep_id, parent)
+    if failed_left:
+        line += (
+            f", {failed_left} failed (not run again; `prunelab resume {plan.name} "
+            "--retry-failed` reruns them)"
+        )
+    print(line)
+    if not extending:
+        params = {"spec": plan.spec_yaml[:6000], "trials": len(ids)}
+        parent = tracker.start_sweep(plan.name, sweep_id, params, _ms(created))
+        with sessions.begin() as session:
+            repo.set_sweep_mlflow_run(session, sweep_id, parent)
+    else:  # the sweep's own parent run (found again, or made again if it was lost)
+        lost = _restore_tracking(sessions, tracker, sweep_id, plan.name, plan.spec_yaml, created)
+        if lost:
+            print(f"{lost} finished trial(s) whose MLflow run is gone will be logged again")
+        with sessions() as session:
+            parent = repo.get_sweep(session, sweep_id).mlflow_run_id
+    _log_submission(tracker, parent, plan.spec_yaml, submission)
     return execute(engine, tracker, sweep_id, plan.workers, orchestrator, stores.ray_address)
+
+
+def _log_submission(tracker: Tracker, parent: str, spec_yaml: str, submission: int) -> None:
+    """The spec of a sweep's ``submission``-th submission on its parent run: ``spec.yaml``
+    (the latest) and ``specs/<submission>.yaml``, and the tag ``prunelab.submissions``. A
+    store that cannot take them is a warning: the database has every submission's spec."""
+    artifacts = {"spec.yaml": spec_yaml, f"specs/{submission}.yaml": spec_yaml}
+    try:
+        tracker.log_sweep_artifacts(parent, artifacts)
+        tracker.client.set_tag(parent, TAG_SUBMISSIONS, str(submission))
+    except OSError as exc:
+        print(
+            f"prunelab: warning: the spec of submission {submission} is not on the sweep's "
+            f"MLflow run ({exc.strerror or exc}); the database has it",
+            file=sys.stderr,
+        )
 
 
 def resume_sweep(ref: str, stores: Stores, retry_failed: bool = False) -> int:
@@ -291,7 +434,7 @@ class Recorder:
             else:  # its own error, out of memory: the same config would fail the same way
                 repo.fail_trial(session, dispatch.trial_id, error, kind)
                 status = "failed"
-        tqdm.write(f"trial {dispatch.trial_id} attempt failed ({status}): {error}")
+        console_write(f"trial {dispatch.trial_id} attempt failed ({status}): {error}")
         if status == "failed":
             self.log_failed(dispatch.trial_id)
         return status == "pending"
@@ -302,7 +445,7 @@ class Recorder:
         try:
             self._log_failed(trial_id)
         except RecordingError as exc:
-            tqdm.write(f"trial {trial_id}: its FAILED run is not logged yet: {exc}")
+            console_write(f"trial {trial_id}: its FAILED run is not logged yet: {exc}")
 
     def done(self, dispatch, result: TrialResult) -> None:
         """A trial this orchestrator claimed (pending -> running) finished on a worker."""
@@ -582,6 +725,7 @@ def execute(
 ) -> int:
     """Run the sweep's unfinished trials on Ray workers; log everything; print the table."""
     from prunelab.orchestrator.scheduler import Dispatch, WorkerPool, start_ray
+    from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads, fail_untrained
 
     recorder = Recorder(engine, tracker, sweep_id, orchestrator)
     recorder.max_attempts = workers.max_attempts
@@ -607,28 +751,29 @@ def execute(
     status = "finished"
     if todo or elsewhere:
         start_ray(ray_address)
-        bar = tqdm(total=total, initial=finished, desc=f"sweep {recorder.name}", unit="trial")
-        failures = [0]  # trials failed for good so far (shown on the bar)
+        bar = Progress(recorder.name, total, finished)  # done / running / failed / ETA
         loads: dict[str, int] = {}  # worker -> models it loaded
         pool: WorkerPool | None = None
         waited = False
         run_status: RunStatus = "KILLED"  # the parent run's, if the sweep stops early
 
-        def ended(count: int, failed: bool) -> None:
-            """``count`` more trials ended: finished, or failed for good."""
-            failures[0] += count if failed else 0
-            bar.update(count)
-            bar.set_postfix(failed=failures[0])
+        def claim(dispatch, worker: str) -> bool:
+            claimed = recorder.claim(dispatch, worker)
+            if claimed:
+                bar.started(dispatch.trial_id, worker)
+            return claimed
 
         def done(dispatch, result: TrialResult):
             loads[result.worker] = result.model_loads
             recorder.done(dispatch, result)
-            ended(1, failed=False)
+            bar.finished(dispatch.trial_id)
 
         def failed(dispatch, error, retryable):
             retry = recorder.failed(dispatch, error, retryable)
-            if not retry:
-                ended(1, failed=True)
+            if retry:
+                bar.released(dispatch.trial_id)
+            else:
+                bar.failed(dispatch.trial_id)
             return retry
 
         try:
@@ -638,13 +783,13 @@ def execute(
                     # that fails to train fails only the trials that need it
                     untrained: dict[str, str] = {}  # head key -> why it failed to train
                     trials = [d.trial for d in todo]
-                    heads = ensure_heads(tracker, trials, workers, tqdm.write, untrained)
+                    heads = ensure_heads(tracker, trials, workers, console_write, untrained)
                     todo, lost = fail_untrained(sessions, orchestrator, todo, untrained)
                     todo = attach_heads(todo, heads)
                     for dispatch in lost:
                         recorder.log_failed(dispatch.trial_id)
                     if lost:
-                        ended(len(lost), failed=True)
+                        bar.failed(count=len(lost))
                 if todo:
                     if pool is None:
                         pool = WorkerPool(
@@ -653,7 +798,7 @@ def execute(
                             gpus=workers.gpus_per_worker,
                             trial_timeout_s=workers.trial_timeout_s,
                         )
-                    pool.run(todo, recorder.claim, done, failed)
+                    pool.run(todo, claim, done, failed)
                 # trials of this sweep claimed by another orchestrator (a shared trial_key):
                 # wait for them; run them here if that orchestrator gives them back
                 todo, elsewhere = _others_claims(sessions, sweep_id, orchestrator, dispatches)
@@ -661,12 +806,12 @@ def execute(
                     break
                 if not todo:
                     if not waited:
-                        tqdm.write(
+                        console_write(
                             f"waiting for {elsewhere} trial(s) that another orchestrator is "
                             "running (if it died: stop this one, `prunelab resume` its sweep)"
                         )
                         waited = True
-                    bar.set_postfix(elsewhere=elsewhere)
+                    bar.waiting(elsewhere)
                     time.sleep(_POLL_S)
         except (KeyboardInterrupt, RecordingError) as exc:
             # stopped (Ctrl-C, SIGTERM) or a result that cannot be recorded: this
@@ -764,3 +909,156 @@ def sweep_table(engine: Engine, ref: str) -> str:
         trials = repo.sweep_trials(session, sweep.id)
         rows = ((t.trial, t.status, t.metrics, t.replicates) for t in trials)
         return report_markdown(build_report(rows))
+
+
+# --------------------------------------------------------------------------- deleting
+
+
+def _sweep_runs(tracker: Tracker, name: str, sweep_id: str, parent: str | None) -> dict[str, Any]:
+    """The active MLflow runs of a sweep, by id: its parent run(s) and its trial runs (tagged
+    with its id, or children of its parent run). A run tagged with another sweep's id is
+    never one of them."""
+    found: dict[str, Any] = {}
+    experiment = tracker.client.get_experiment_by_name(name)
+    filters = [f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}'"]
+    if parent is not None:
+        filters.append(f"tags.`{TAG_PARENT}` = '{parent}'")
+    if experiment is not None:
+        for filter_string in filters:
+            page_token = None
+            while True:
+                page = tracker.client.search_runs(
+                    [experiment.experiment_id],
+                    filter_string=filter_string,
+                    max_results=1000,
+                    page_token=page_token,
+                )
+                for run in page:
+                    if run.data.tags.get(TAG_SWEEP_ID, sweep_id) == sweep_id:
+                        found[run.info.run_id] = run
+                page_token = page.token
+                if not page_token:
+                    break
+    if parent is not None and parent not in found:
+        with contextlib.suppress(Exception):  # gone with its store, or never made
+            run = tracker.client.get_run(parent)
+            if (
+                run.info.lifecycle_stage == "active"
+                and run.data.tags.get(TAG_SWEEP_ID, sweep_id) == sweep_id
+            ):
+                found[parent] = run
+    return found
+
+
+def _rehome(
+    tracker: Tracker,
+    trial_key: str,
+    run_id: str,
+    holders: list[tuple[str, str, str | None]],
+    finished_runs: dict[str, dict[str, str]],
+) -> str | None:
+    """A run for a trial whose run (``run_id``, in a sweep being deleted) goes: the trial's run
+    in another sweep that has it (``holders``: (id, name, parent run), oldest first), or a copy
+    of ``run_id`` made under the first of them that has a parent run; None when none has.
+    ``finished_runs``: sweep id -> trial key -> FINISHED run, filled as sweeps are looked at."""
+    for sweep_id, name, _ in holders:
+        if sweep_id not in finished_runs:
+            finished_runs[sweep_id] = {
+                run.data.tags[TAG_TRIAL_KEY]: run.info.run_id
+                for run in tracker.trial_runs(name, sweep_id)
+                if run.info.status == "FINISHED" and TAG_TRIAL_KEY in run.data.tags
+            }
+        if trial_key in finished_runs[sweep_id]:
+            return finished_runs[sweep_id][trial_key]
+    for sweep_id, name, parent in holders:
+        if parent is not None:
+            copy = tracker.log_reused_trial(name, parent, sweep_id, trial_key, run_id)
+            if copy is not None:
+                finished_runs[sweep_id][trial_key] = copy
+                return copy
+    return None
+
+
+def delete_sweep(ref: str, stores: Stores, runs: bool = False, force: bool = False) -> int:
+    """Delete sweep ``ref`` (an id, or a name: the newest sweep of that name) from the
+    database: its row, its submissions, its memberships and the trials no other sweep has
+    (`repo.delete_sweep`); with ``runs`` its MLflow runs too (its parent run and its trial
+    runs: those of another sweep are never touched; a trial another sweep has, whose run was
+    this sweep's, gets that sweep's copy of it, made now when missing). Prints what it
+    removed; 0. LookupError: no such sweep; :class:`SweepBusy`: its orchestrator may be
+    running it (unless ``force``)."""
+    from sqlalchemy import update
+
+    engine = init_db(stores.db_url)
+    sessions = session_factory(engine)
+    with sessions() as session:
+        sweep = repo.get_sweep(session, ref)
+        if sweep is None:
+            raise LookupError(f"no sweep with id or name {ref!r}")
+        reason = None if force else busy_reason(sweep, "deleted")
+        if reason is not None:
+            raise SweepBusy(reason + " (or delete it anyway with --force)")
+        sweep_id, name, parent = sweep.id, sweep.name, sweep.mlflow_run_id
+        shared = repo.shared_trials(session, sweep_id)
+        kept = {
+            t.id: (t.trial_key, t.mlflow_run_id)
+            for t in repo.sweep_trials(session, sweep_id)
+            if t.id in shared
+        }
+        holders = {
+            s.id: (s.id, s.name, s.mlflow_run_id)
+            for s in repo.list_sweeps(session)
+            if any(s.id in others for others in shared.values())
+        }
+    removed: dict[str, Any] = {}
+    moved: dict[int, str | None] = {}  # kept trial -> its run from now on
+    if runs:
+        tracker = Tracker(stores.tracking_uri, stores.artifact_root)
+        removed = _sweep_runs(tracker, name, sweep_id, parent)
+        finished_runs: dict[str, dict[str, str]] = {}
+        for trial_id, (key, run_id) in kept.items():
+            if run_id is not None and run_id in removed:
+                others = [holders[other] for other in shared[trial_id]]
+                moved[trial_id] = _rehome(tracker, key, run_id, others, finished_runs)
+        # the kept trials point to their run in another sweep before this sweep's go (a
+        # delete stopped half-way leaves no trial pointing to a deleted run)
+        with sessions.begin() as session:
+            for trial_id, run_id in moved.items():
+                session.execute(
+                    update(TrialRow).where(TrialRow.id == trial_id).values(mlflow_run_id=run_id)
+                )
+        # trial runs first: a parent never goes while its children stay
+        ordered = sorted(removed.values(), key=lambda r: r.data.tags.get(TAG_ROLE) == "sweep")
+        for run in ordered:
+            tracker.client.delete_run(run.info.run_id)
+    with sessions.begin() as session:
+        deleted = repo.delete_sweep(session, sweep_id)
+        remaining = [s.id for s in repo.list_sweeps(session) if s.name == name]
+    total = deleted.trials + deleted.kept
+    print(
+        f"deleted sweep {name} ({sweep_id}): {deleted.submissions} submission(s), "
+        f"{total} trial(s): {deleted.trials} deleted, {deleted.kept} kept (other sweeps have them)"
+    )
+    if runs:
+        parents = sum(r.data.tags.get(TAG_ROLE) == "sweep" for r in removed.values())
+        print(
+            f"deleted its {len(removed)} MLflow run(s) in experiment {name}: {parents} parent, "
+            f"{len(removed) - parents} trial run(s) (`mlflow gc` frees their artifacts)"
+        )
+        if moved:
+            unlogged = sum(run_id is None for run_id in moved.values())
+            print(
+                f"{len(moved)} kept trial(s) computed in it now point to their run in another "
+                f"sweep"
+                + (f" ({unlogged} have none yet: logged when it resumes)" if unlogged else "")
+            )
+    elif parent is not None:
+        print(
+            f"its MLflow runs stay (parent run {parent} and its trial runs in experiment "
+            f"{name}; --runs deletes them with the sweep)"
+        )
+    if remaining:
+        print(f"{name} now means sweep {remaining[0]}" + (
+            f" (others by id: {', '.join(remaining[1:])})" if remaining[1:] else ""
+        ))  # fmt: skip
+    return 0

@@ -12,10 +12,10 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
-from prunelab.db import Base, init_db, make_engine
+from prunelab.db import Base, init_db, make_engine, repo, session_factory
 from prunelab.db.engine import VERSION_TABLE, alembic_config
 
-TABLES = {"sweeps", "trials", "sweep_trials", "trial_attempts"}
+TABLES = {"sweeps", "sweep_submissions", "trials", "sweep_trials", "trial_attempts"}
 
 
 def _schema_diff(url: str) -> list[object]:
@@ -129,6 +129,53 @@ def test_replicates_column_added_to_existing_rows(db_url: str) -> None:
         assert "replicates" not in columns and "metrics" in columns
         with engine.connect() as connection:
             assert connection.execute(text("SELECT count(*) FROM sweep_trials")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_submissions_added_for_existing_sweeps(db_url: str) -> None:
+    """A database at revision 0003 with two sweeps of one name (as re-running a spec made
+    them): after the upgrade each has one submission, its own spec at its creation; the
+    sweeps, trials and memberships are kept; a downgrade drops only the new table."""
+    config = alembic_config(db_url)
+    command.upgrade(config, "0003")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            for sweep_id, created in (("s1", "2026-01-01 10:00:00"), ("s2", "2026-01-02 10:00:00")):
+                connection.execute(
+                    text(
+                        "INSERT INTO sweeps (id, name, spec, spec_yaml, created, status, "
+                        "orchestrator) VALUES (:id, 'quickstart', :spec, :yaml, :created, "
+                        "'finished', 'host:1')"
+                    ),
+                    {"id": sweep_id, "spec": f'{{"name": "{sweep_id}"}}',
+                     "yaml": f"name: {sweep_id}\n", "created": created},
+                )  # fmt: skip
+            connection.execute(text(
+                "INSERT INTO trials (sweep_id, trial_key, config, status, attempts, "
+                "is_baseline) VALUES ('s1', 'k1', '{}', 'finished', 1, true)"
+            ))  # fmt: skip
+            connection.execute(text(
+                "INSERT INTO sweep_trials (sweep_id, trial_id, position) "
+                "SELECT s.id, t.id, 0 FROM trials t, sweeps s"
+            ))  # fmt: skip
+        command.upgrade(config, "head")
+        sessions = session_factory(engine)
+        with sessions() as session:
+            for sweep_id in ("s1", "s2"):
+                (submission,) = repo.sweep_submissions(session, sweep_id)
+                assert submission.spec == {"name": sweep_id}
+                assert submission.spec_yaml == f"name: {sweep_id}\n"
+                assert submission.orchestrator == "host:1"
+                assert submission.submitted == repo.get_sweep(session, sweep_id).created
+            assert repo.get_sweep(session, "quickstart").id == "s2"  # the newest
+            assert len(repo.sweep_trials(session, "s1")) == 1
+        command.downgrade(config, "0003")
+        assert "sweep_submissions" not in inspect(engine).get_table_names()
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM sweeps")).scalar() == 2
+            assert connection.execute(text("SELECT count(*) FROM sweep_trials")).scalar() == 2
     finally:
         engine.dispose()
 
