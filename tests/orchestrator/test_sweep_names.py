@@ -271,6 +271,15 @@ def test_fresh_starts_a_second_sweep_of_the_name(
 
     assert parse(["sweep", "quickstart", "--fresh"]).fresh is True
     assert parse(["sweep", "quickstart"]).fresh is False
+    # status: a header; the older sweep of the name marked as reachable by id only
+    capsys.readouterr()
+    assert main(["status", "--db-url", stores.db_url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["id", "name", "created", "status", "trials"]
+    (current,) = [line for line in lines if line.startswith(new.id)]
+    (earlier,) = [line for line in lines if line.startswith(old.id)]
+    assert current.split()[1] == "s" and earlier.split()[1] == "(s)"
+    assert lines[-1] == "(name): an earlier sweep of that name, reachable by its id"
 
 
 def test_a_sweep_its_orchestrator_may_be_running_is_not_extended(

@@ -32,10 +32,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     with session_factory(engine)() as session:
         if not args.sweep:
+            named = repo.named_sweep_ids(session)  # what each name refers to (its newest)
             sweeps = [
                 {
                     "id": s.id,
                     "name": s.name,
+                    "by_name": s.id in named,
                     "created": s.created.isoformat(timespec="seconds"),
                     "status": s.status,
                     "trials": repo.trial_status_counts(session, s.id),
@@ -49,10 +51,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"{'id':{width}}  {'name':20} {'created':19}  {'status':11} trials")
                 for s in sweeps:
                     counts = ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items()))
+                    # a sweep its name no longer means (an earlier --fresh one): by id only
+                    name = s["name"] if s["by_name"] else f"({s['name']})"
                     print(
-                        f"{s['id']:{width}}  {s['name']:20} {s['created']}  {s['status']:11} "
+                        f"{s['id']:{width}}  {name:20} {s['created']}  {s['status']:11} "
                         f"{counts}"
                     )
+                if not all(s["by_name"] for s in sweeps):
+                    print("(name): an earlier sweep of that name, reachable by its id")
             return 0
         sweep = repo.get_sweep(session, args.sweep)
         if sweep is None:
