@@ -50,8 +50,9 @@ from ray.exceptions import (
 from ray.exceptions import OutOfMemoryError as RayOutOfMemoryError
 
 from prunelab.orchestrator.config import WorkersConfig
+from prunelab.orchestrator.console import log_to_driver, worker_log
 from prunelab.trial import Trial, TrialResult
-from prunelab.workers.actor import TrialFailure, Worker
+from prunelab.workers.actor import WORKER_LOG_ENV, TrialFailure, Worker
 
 __all__ = [
     "AttemptError",
@@ -109,17 +110,29 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     ``auto`` joins a cluster started on this machine with ``ray start``), else start a new
     local Ray of this process's own: never silently join another driver's local cluster.
 
+    The workers' output comes to this process's console only when no quiet console runs
+    (:func:`prunelab.orchestrator.console.log_to_driver`).
+
+    A local Ray starts without what a sweep does not use, each a process competing with the
+    sweep's start on a small machine: no dashboard, and no idle workers started ahead (Ray
+    starts one per CPU when the driver connects; the pool's actors, started with an
+    environment of their own, cannot take them over). ``bench/cli_latency.py --ray`` times it.
+
     ``ray.init`` replaces the process's SIGTERM handler with an immediate exit; a handler the
     caller installed (the CLI's, which stops the sweep as Ctrl-C does) is put back.
     """
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    # a quiet console: the workers write their output to its log file, not to this console
+    kwargs["log_to_driver"] = log_to_driver()
     main_thread = threading.current_thread() is threading.main_thread()
     caller = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         if is_local(address):
-            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+            # a cluster's own settings are fixed when it starts: only a new local Ray takes these
+            system = {"prestart_worker_first_driver": False}
+            ray.init(address="local", num_cpus=num_cpus, _system_config=system, **kwargs)
         else:
             ray.init(address=address, **kwargs)
     finally:
@@ -331,12 +344,17 @@ class WorkerPool:
 
     def _start(self) -> _Slot:
         name = next(self._names)
+        options: dict[str, Any] = {}
+        env = _worker_env()
+        if env:
+            options["runtime_env"] = {"env_vars": env}
         actor = self._remote.options(
             num_cpus=self.cpus,
             num_gpus=self.gpus,
             scheduling_strategy="SPREAD",
             max_restarts=0,
             max_task_retries=0,
+            **options,
         ).remote(name, threads=max(1, int(self.cpus)))
         return _Slot(name=name, actor=actor, ready_ref=actor.identity.remote())
 
@@ -499,6 +517,20 @@ class WorkerPool:
         remaining = Counter(t.model for t in pending)
         busiest = max(remaining, key=lambda model: remaining[model] / holders[model])
         return next(t for t in pending if t.model == busiest)
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment variables of a new worker process: where it sends its logs, warnings and
+    output (:func:`prunelab.orchestrator.console.worker_log`, read by the worker), and, when
+    that is the log file, no download progress bars of the hub (read when it is imported);
+    none when no console runs (a test's pool)."""
+    target = worker_log()
+    if target is None:
+        return {}
+    env = {WORKER_LOG_ENV: target}
+    if target != "-":
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    return env
 
 
 def _first_line(exc: BaseException) -> str:

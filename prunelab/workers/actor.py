@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,15 +27,63 @@ from prunelab.workers.faults import inject as inject_faults
 from prunelab.workers.models import ModelSpec, load_model
 from prunelab.workers.runner import ReferenceCache, run_trial
 
-__all__ = ["TrialFailure", "Worker"]
+__all__ = ["WORKER_LOG_ENV", "TrialFailure", "Worker", "route_output"]
+
+# set by the orchestrator on the worker processes it starts: where they send their logs,
+# warnings and output (prunelab.orchestrator.console.worker_log)
+WORKER_LOG_ENV = "PRUNELAB_WORKER_LOG"
+
+log = logging.getLogger(__name__)
 
 
 class TrialFailure(RuntimeError):
     """A trial failed for a reason worth recording (e.g. out of memory); the worker is fine."""
 
 
+def route_output(worker_id: str, target: str | None = None) -> None:
+    """Send this worker process's logs, warnings and output where ``target`` (default
+    ``$PRUNELAB_WORKER_LOG``) says; unset: leave them as they are (a worker in a test).
+
+    ``-``: its stderr at INFO, which Ray brings to the console of a verbose sweep. A path: the
+    sweep's log file (a quiet sweep), one line per record naming the worker: prunelab's logs at
+    INFO, Python's warnings, transformers' logging (no progress bars: ``Loading weights``, the
+    hub's downloads) and whatever the trial's code prints. A path whose directory is not on
+    this machine (a worker on another node of a cluster): left in Ray's own worker logs there.
+    """
+    target = os.environ.get(WORKER_LOG_ENV) if target is None else target
+    if not target:
+        return
+    form = logging.Formatter(
+        f"%(asctime)s {worker_id} pid={os.getpid()} %(levelname)s %(name)s: %(message)s"
+    )
+    own = logging.getLogger("prunelab")
+    own.setLevel(logging.INFO)
+    if target == "-":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(form)
+        own.addHandler(handler)
+        own.propagate = False
+        return
+    if not os.path.isdir(os.path.dirname(target)):
+        return
+    stream = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (the process's)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(form)
+    logging.getLogger().addHandler(handler)  # prunelab's, py.warnings, transformers' records
+    logging.captureWarnings(True)
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    sys.stdout = sys.stderr = stream  # what the trial's code prints, tqdm bars included
+
+
 class Worker:
     def __init__(self, worker_id: str, threads: int | None = None) -> None:
+        route_output(worker_id)
         self.worker_id = worker_id
         if threads:
             torch.set_num_threads(threads)
@@ -43,6 +93,7 @@ class Worker:
         self.model_loads = 0
         self.references = ReferenceCache()
         self.guides: dict[str, tuple[Any, Any]] = {}  # guidance models, kept like the model
+        log.info("started on %s, %d thread(s)", socket.gethostname(), torch.get_num_threads())
 
     def identity(self) -> dict[str, Any]:
         return {"worker": self.worker_id, "node": socket.gethostname(), "pid": os.getpid()}
@@ -79,7 +130,9 @@ class Worker:
         self.adapter = adapter_for(self.loaded)
         self.model_key = model_name
         self.model_loads += 1
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        log.info("loaded model %s in %.1f s", model_name, seconds)
+        return seconds
 
     def _ensure_guide(self, guide_config: Mapping[str, Any] | None) -> tuple[Any, float]:
         """The guidance model of a trial (loaded once, kept with the model), and load time."""
@@ -109,7 +162,15 @@ class Worker:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            log.error("trial %s (%s): out of memory: %s", trial.key[:10], trial.method, exc)
             raise TrialFailure(f"out of memory: {exc}") from None
+        except Exception:
+            log.exception("trial %s (%s) failed", trial.key[:10], trial.method)
+            raise
+        log.info(
+            "trial %s (%s) ran in %.1f s",
+            trial.key[:10], trial.method, time.perf_counter() - start,
+        )  # fmt: skip
         return dataclasses.replace(
             result,
             run_s=time.perf_counter() - start,
