@@ -247,7 +247,10 @@ def test_the_cli_says_one_line_and_exits_75(
     args = ["sweep", "quickstart", *ARGS, "workers.gpus_per_worker=1"]
     assert main([*args, "--ray-address", connected.address]) == NOT_PLACED
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("prunelab:")]
-    assert lines == [
+    # the sweep started (where its stores and its log are), then stopped with one error line
+    assert lines[0].startswith("prunelab: stores: database sqlite:///")
+    assert lines[1].startswith("prunelab: log: ")
+    assert lines[2:] == [
         "prunelab: error: no worker could be placed in 5 s (workers.placement_timeout_s): "
         "2 worker(s) wait for 1 CPU and 1 GPU each (workers.cpus_per_worker, "
         "workers.gpus_per_worker); the Ray cluster has 1 node: 2 CPU, 0 GPU; stopped after "

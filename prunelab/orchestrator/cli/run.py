@@ -59,10 +59,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     if busy is not None:
         raise UsageError([busy])
-    print(stores_line(stores), file=sys.stderr)
     args.console = open_console(stores, plan.name, getattr(args, "verbose", False))
     if args.rerun or earlier_unfinished or _unfinished(plan, stores):
         _check_local_placement(plan.workers, plan.origins, stores)
+    print(stores_line(stores), file=sys.stderr)  # the input is good: the sweep starts
     # extending: the sweep of that name is the one run; --fresh: a sweep not known before
     known = sweep_ids(stores, plan.name) if args.fresh else None
     args.running = Running(stores, plan.name, known)
