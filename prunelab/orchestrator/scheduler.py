@@ -263,6 +263,7 @@ class _Slot:
     model: str | None = None
     ready: bool = False
     pid: int | None = None
+    node: str | None = None  # the host it runs on, once started
     since: float = field(default_factory=time.monotonic)
 
 
@@ -341,6 +342,10 @@ class WorkerPool:
             f"{self.gpus:g} GPU each (workers.cpus_per_worker, workers.gpus_per_worker); the "
             f"Ray cluster has {cluster_capacity().describe()}"
         )
+
+    def node_of(self, worker: str) -> str | None:
+        """The host ``worker`` runs on (None: not started yet, or not one of this pool's)."""
+        return next((s.node for s in self.slots if s.name == worker), None)
 
     def _start(self) -> _Slot:
         name = next(self._names)
@@ -467,7 +472,8 @@ class WorkerPool:
             if ref in starting:
                 slot = starting.pop(ref)
                 try:
-                    slot.pid = ray.get(ref)["pid"]
+                    identity = ray.get(ref)
+                    slot.pid, slot.node = identity["pid"], identity.get("node")
                 except _DEATH as exc:
                     log.warning("%s died while starting: %s", slot.name, _first_line(exc))
                     start_deaths += 1

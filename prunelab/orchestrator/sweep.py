@@ -418,9 +418,10 @@ class Recorder:
             session.expunge(trial)
             return trial
 
-    def claim(self, dispatch, worker: str) -> bool:
+    def claim(self, dispatch, worker: str, node: str | None = None) -> bool:
+        """Mark the trial running on ``worker`` (on host ``node``) unless someone has it."""
         with self.sessions.begin() as session:
-            return repo.claim_trial(session, dispatch.trial_id, self.orchestrator, worker, None)
+            return repo.claim_trial(session, dispatch.trial_id, self.orchestrator, worker, node)
 
     def failed(self, dispatch, error: str, retryable: bool) -> bool:
         """Record a failed attempt (its kind: ``error.kind`` when the pool gave one); True when
@@ -758,7 +759,8 @@ def execute(
         run_status: RunStatus = "KILLED"  # the parent run's, if the sweep stops early
 
         def claim(dispatch, worker: str) -> bool:
-            claimed = recorder.claim(dispatch, worker)
+            node = pool.node_of(worker) if pool is not None else None
+            claimed = recorder.claim(dispatch, worker, node)
             if claimed:
                 bar.started(dispatch.trial_id, worker)
             return claimed

@@ -165,16 +165,18 @@ def test_a_worker_gets_its_next_trial_before_the_last_result_is_recorded(
             self.name = name
 
         def identity(self) -> dict[str, Any]:
-            return {"pid": os.getpid()}
+            return {"pid": os.getpid(), "node": "node-of-" + self.name}
 
         def run(self, trial: Trial) -> TrialResult:
             return TrialResult(metrics={}, worker=self.name)
 
     events: list[tuple[str, int]] = []
+    nodes: set[str | None] = set()  # where each claimed trial runs, known at its claim
     log = Log()
 
     def claim(dispatch: Dispatch, worker: str) -> bool:
         events.append(("claim", dispatch.trial_id))
+        nodes.add(pool.node_of(worker))
         return log.claim(dispatch, worker)
 
     def done(dispatch: Dispatch, result: TrialResult) -> None:
@@ -192,6 +194,8 @@ def test_a_worker_gets_its_next_trial_before_the_last_result_is_recorded(
     assert [i for kind, i in events if kind == "done"] == list(range(5))
     for i in range(4):  # trial i+1 was on the worker before trial i was recorded
         assert events.index(("claim", i + 1)) < events.index(("done", i))
+    (name,) = {name for _, name in log.claims}
+    assert nodes == {f"node-of-{name}"}  # a running trial's node is recorded at its claim
 
 
 def test_workers_that_cannot_start_stop_the_pool_with_their_error(local_ray: Path) -> None:
