@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/prunelab sweep quickstart
 	@echo
-	@echo "Browse the runs:  $(BIN)/prunelab ui   (then open http://127.0.0.1:5000)"
+	@echo "Browse the runs:  $(BIN)/prunelab ui   (then open the link it prints for the sweep's runs table)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

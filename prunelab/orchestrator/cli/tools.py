@@ -126,6 +126,28 @@ def ui_command(stores, host: str, port: int) -> list[str]:
     return command
 
 
+WORKFLOW = "workflowType=machine_learning"
+"""MLflow 3's UI opens an experiment on its GenAI pages (traces) unless the link asks for the
+model-training view, whatever the experiment's ``mlflow.experimentKind`` tag says (3.17)."""
+
+
+def ui_links(tracking_uri: str, host: str, port: int) -> list[tuple[str, str]]:
+    """(experiment name, link to its runs table in the UI) of each experiment of the store
+    (none when the store cannot be read yet)."""
+    from prunelab.orchestrator.tracking import Tracker
+
+    try:
+        experiments = Tracker(tracking_uri).client.search_experiments()
+    except Exception:  # an empty or unreadable store: the UI shows that itself
+        return []
+    base = f"http://{host}:{port}/#/experiments"
+    return [
+        (e.name, f"{base}/{e.experiment_id}?{WORKFLOW}")
+        for e in sorted(experiments, key=lambda e: e.name)
+        if e.name != "Default"
+    ]
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     stores = stores_from_args(args)
     if stores.tracking_uri.startswith(("http://", "https://")):
@@ -133,6 +155,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     command = ui_command(stores, args.host, args.port)
     print(f"MLflow UI on http://{args.host}:{args.port} (store {stores.tracking_uri})")
+    for name, link in ui_links(stores.tracking_uri, args.host, args.port):
+        print(f"  {name}: {link}")
     sys.stdout.flush()
     os.execv(sys.executable, command)
     return 0  # not reached
