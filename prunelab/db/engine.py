@@ -8,10 +8,8 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import (
     URL,
     Column,
@@ -31,6 +29,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 __all__ = [
     "DB_URL_ENV",
@@ -208,6 +209,8 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def alembic_config(url: str | URL | None = None) -> Config:
     """An Alembic config for the packaged migrations, independent of the working directory."""
+    from alembic.config import Config  # alembic only where the schema is set up
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("path_separator", "os")
@@ -301,6 +304,8 @@ def init_db(url: str | URL) -> Engine:
     Safe to call from several processes at once, and on a database MLflow shares (prunelab's
     revision is kept in `VERSION_TABLE`). Returns an engine from `make_engine`.
     """
+    from alembic import command
+
     parsed = normalize_db_url(url)
     check_db_url(parsed)
     migrator = _migration_engine(parsed)

@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 __all__ = [
@@ -190,10 +189,11 @@ def base_config() -> dict[str, Any]:
 
 def register_schema() -> None:
     """Store :class:`SweepConfig` in Hydra's ConfigStore as ``sweep_schema``, and its defaults
-    as ``base`` (a plain mapping, so that compose merges overrides into it; idempotent)."""
+    as ``base`` (a plain mapping, so that compose merges overrides into it; idempotent).
+    Called by :mod:`prunelab.orchestrator.spec.compose`, the one user of Hydra: the commands
+    that read stored trials (``status``, ``report``) do not import Hydra."""
+    from hydra.core.config_store import ConfigStore
+
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=SweepConfig)
     store.store(name=BASE_NAME, node=base_config())
-
-
-register_schema()

@@ -23,19 +23,20 @@ import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Final, Literal, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 from urllib.parse import urlparse
 
-from mlflow.entities import Experiment, Metric, Param, Run, ViewType
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
-from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import DBAPIError
 
 import prunelab
 from prunelab.db.engine import normalize_db_url, schema_lock
+
+# mlflow is imported where it is used: the commands that only read prunelab's database
+# (status, report) take the store defaults from here without paying for mlflow's import
+if TYPE_CHECKING:
+    from mlflow.entities import Experiment, Run
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
 __all__ = [
     "ARTIFACT_ROOT_ENV",
@@ -245,6 +246,8 @@ def _retried(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _not_found(exc: MlflowException) -> bool:
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
     return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 
 
@@ -260,6 +263,8 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str, artifact_root: str | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
         self.tracking_uri = _normalize_tracking_uri(tracking_uri)
         postgres = urlparse(self.tracking_uri).scheme.startswith("postgresql")
         if postgres:
@@ -298,6 +303,8 @@ class Tracker:
     def experiment_id(self, name: str) -> str:
         """Id of the experiment ``name``, created (or restored if deleted) when needed, and
         tagged ``mlflow.experimentKind`` (`EXPERIMENT_KIND`) unless it has a kind already."""
+        from mlflow.exceptions import MlflowException
+
         cached = self._experiment_ids.get(name)
         if cached is not None:
             return cached
@@ -335,6 +342,8 @@ class Tracker:
     def _resolve_experiment(self, experiment: str) -> str:
         """An experiment id from an experiment name or id; a name that names no experiment
         (e.g. in a store that was lost and started anew) gets one, as `experiment_id`."""
+        from mlflow.exceptions import MlflowException
+
         if experiment in self._experiment_ids:
             return self._experiment_ids[experiment]
         if experiment in self._experiment_ids.values():
@@ -352,6 +361,8 @@ class Tracker:
 
     def _search(self, experiment_id: str, filter_string: str) -> list[Run]:
         """All active runs of an experiment matching ``filter_string`` (every page)."""
+        from mlflow.entities import ViewType
+
         runs: list[Run] = []
         page_token: str | None = None
         while True:
@@ -379,6 +390,8 @@ class Tracker:
         """Params (stringified, None omitted) and metrics (as float, at ``timestamp``, ms;
         None: now) in one ``log_batch`` call, which splits them into as many requests as
         MLflow's batch limits need."""
+        from mlflow.entities import Metric, Param
+
         if timestamp is None:
             timestamp = int(time.time() * 1000)
         param_list = [Param(k, str(v)) for k, v in params.items() if v is not None]
@@ -390,6 +403,9 @@ class Tracker:
         """Store ``artifacts`` in the run's artifact location (``uri``: the run's
         ``artifact_uri`` when the caller has it, which saves looking the run up). A local
         location is written in place; any other goes through its artifact repository."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
         if not artifacts:
             return
         if uri is None:
@@ -503,6 +519,8 @@ class Tracker:
         (sweep, trial_key), as :meth:`log_trial`. Returns the copy's id; None when the source
         run is gone (deleted, or its store lost), nothing logged.
         """
+        from mlflow.exceptions import MlflowException
+
         try:
             source = self.client.get_run(source_run_id)
         except MlflowException as exc:
@@ -588,6 +606,9 @@ class Tracker:
         """Copy every artifact under ``source_uri`` (a run's artifact location) to
         ``target_uri``: file to file between local locations, else through a temporary
         directory and the locations' artifact repositories."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
         source = get_artifact_repository(source_uri, tracking_uri=self.tracking_uri)
         target = get_artifact_repository(target_uri, tracking_uri=self.tracking_uri)
         if isinstance(source, LocalArtifactRepository):
@@ -607,6 +628,8 @@ class Tracker:
 
     def read_artifact(self, run_id: str, name: str) -> str | None:
         """The text of run ``run_id``'s artifact ``name``; None when the run or file is gone."""
+        from mlflow.exceptions import MlflowException
+
         _artifact_parts(name)
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -635,6 +658,8 @@ class Tracker:
         """The ids among ``run_ids`` of runs that no longer exist, or were deleted (e.g. a
         store lost and started anew). ``experiment``: the name of the experiment that most of
         them belong to, searched at once; the others are looked up one by one."""
+        from mlflow.exceptions import MlflowException
+
         active: set[str] = set()
         if experiment is not None and run_ids:
             found = self.client.get_experiment_by_name(experiment)

@@ -34,7 +34,13 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from prunelab.orchestrator.config import EvalConfig, SweepConfig, WorkersConfig, range_problems
+from prunelab.orchestrator.config import (
+    EvalConfig,
+    SweepConfig,
+    WorkersConfig,
+    range_problems,
+    register_schema,
+)
 from prunelab.orchestrator.spec.grid import AXES, axis_name, is_axis_key
 from prunelab.orchestrator.spec.report import (
     COMMAND_LINE,
@@ -66,6 +72,8 @@ __all__ = [
 ]
 
 _HYDRA_LOCK = threading.Lock()  # Hydra's global state is process-wide
+
+register_schema()  # the schema and ``base`` in Hydra's ConfigStore, before any spec composes
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 """What a spec file may end in (Hydra reads ``.yaml``; a ``.yml`` one is composed from a copy)."""

@@ -1,0 +1,131 @@
+"""What the quick commands import (issue 18): ``status`` and ``report`` read prunelab's database
+only, so they import no torch, transformers, Ray or MLflow (nor matplotlib without
+``--pareto``) and stay quick enough for ``watch prunelab status``; ``methods`` needs torch (the
+methods) but no transformers, Ray or MLflow, and a dry run plans without Ray or MLflow.
+
+Each command runs in a fresh interpreter, as the ``prunelab`` command does, with the
+``PRUNELAB_*`` variables pointing at stores under ``tmp_path``. Nothing here is about time:
+``bench/cli_latency.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import trial_config
+
+from prunelab.db import init_db, repo, session_factory
+
+NAME = "cheap"
+
+# runs each command line of argv[1] (JSON) through the CLI's main, then prints on its last
+# line the exit statuses and which of the modules named in argv[2] each left imported
+RUN = """
+import json, sys
+from prunelab.orchestrator.cli import main
+watched = json.loads(sys.argv[2])
+steps = []
+for argv in json.loads(sys.argv[1]):
+    status = main(argv)
+    steps.append([status, sorted(m for m in watched if m in sys.modules)])
+print(json.dumps(steps))
+"""
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a command on stores under ``tmp_path``, whose database holds the
+    sweep ``cheap``: a finished baseline, a finished fastv trial and a pending random one
+    (recorded directly, no worker runs)."""
+    url = f"sqlite:///{tmp_path / 'prunelab.db'}"
+    engine = init_db(url)
+    with session_factory(engine).begin() as session:
+        sweep = repo.create_sweep(session, NAME, {}, "", "test:0")
+        configs = [
+            (trial_config("tiny-llava", "none"), True),
+            (trial_config("tiny-llava", "fastv", keep_ratio=0.5, prune_layer=1), False),
+            (trial_config("tiny-llava", "random", keep_ratio=0.5, seed=0, prune_layer=1), False),
+        ]
+        rows, _ = repo.add_trials(
+            session,
+            sweep.id,
+            [(f"{i:064x}", config, base) for i, (config, base) in enumerate(configs)],
+        )
+        for row, score in zip(rows[:2], (80.0, 60.0), strict=True):
+            assert repo.claim_trial(session, row.id, "test:0", "worker-0", None)
+            repo.finish_trial(session, row.id, {"score": score}, "worker-0", None)
+    engine.dispose()
+    environ = {
+        **os.environ,
+        "PRUNELAB_DB_URL": url,
+        "PRUNELAB_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PRUNELAB_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    environ.pop("RAY_ADDRESS", None)
+    return environ
+
+
+def run_commands(
+    commands: list[list[str]], watched: tuple[str, ...], env: dict[str, str], cwd: Path
+) -> list[tuple[int, list[str]]]:
+    """Each command's exit status and the watched modules imported once it ran, all in one
+    fresh interpreter."""
+    result = subprocess.run(
+        [sys.executable, "-c", RUN, json.dumps(commands), json.dumps(watched)],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return [(status, imported) for status, imported in json.loads(result.stdout.splitlines()[-1])]
+
+
+def test_status_and_report_import_no_model_ray_or_mlflow(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    commands = [
+        ["status"],
+        ["status", "--json"],
+        ["status", NAME],
+        ["status", NAME, "--json"],
+        ["report", NAME],
+        ["report", NAME, "--format", "csv"],
+        ["report", NAME, "--format", "latex"],
+        ["report", NAME, "--out", str(tmp_path / "table.md")],
+        ["status", "no-such-sweep"],  # bad input: one line, exit 2, nothing imported either
+    ]
+    steps = run_commands(
+        commands, ("torch", "transformers", "ray", "mlflow", "matplotlib"), env, tmp_path
+    )
+    assert [status for status, _ in steps] == [0] * (len(commands) - 1) + [2]
+    assert steps[-1][1] == []
+    assert "fastv" in (tmp_path / "table.md").read_text()
+
+
+def test_report_imports_matplotlib_only_for_the_plot(env: dict[str, str], tmp_path: Path) -> None:
+    plot = tmp_path / "pareto.svg"
+    steps = run_commands(
+        [["report", NAME], ["report", NAME, "--pareto", str(plot)]],
+        ("torch", "transformers", "ray", "mlflow", "matplotlib"),
+        env,
+        tmp_path,
+    )
+    assert steps == [(0, []), (0, ["matplotlib"])]
+    assert plot.read_bytes().lstrip().startswith(b"<?xml")
+
+
+def test_methods_and_dry_run_import_no_ray_or_mlflow(env: dict[str, str], tmp_path: Path) -> None:
+    """``methods`` imports the methods (torch) only; a dry run plans the trials (the models'
+    configs: transformers) and estimates their cost without Ray or MLflow."""
+    steps = run_commands(
+        [["methods"], ["sweep", "quickstart", "--dry-run"]],
+        ("transformers", "ray", "mlflow"),
+        env,
+        tmp_path,
+    )
+    assert steps[0] == (0, [])
+    assert steps[1] == (0, ["transformers"])
