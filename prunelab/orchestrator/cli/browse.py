@@ -53,10 +53,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     counts = ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items()))
                     # a sweep its name no longer means (an earlier --fresh one): by id only
                     name = s["name"] if s["by_name"] else f"({s['name']})"
-                    print(
-                        f"{s['id']:{width}}  {name:20} {s['created']}  {s['status']:11} "
-                        f"{counts}"
-                    )
+                    print(f"{s['id']:{width}}  {name:20} {s['created']}  {s['status']:11} {counts}")
                 if not all(s["by_name"] for s in sweeps):
                     print("(name): an earlier sweep of that name, reachable by its id")
             return 0
