@@ -190,4 +190,3 @@ def earlier_fixed_costs(session: Session) -> FixedCosts:
         len(startups),
         len(overheads),
     )
-
