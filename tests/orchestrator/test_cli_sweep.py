@@ -1,4 +1,11 @@
-"""The whole CLI sweep on local Ray: SQLite (default stores) and PostgreSQL (env vars)."""
+"""The whole CLI sweep on local Ray with its default stores (SQLite) and the commands around it.
+
+The tests share one finished sweep (``finished_sweep``, tests/orchestrator/conftest.py:
+``prunelab sweep ARGS`` run once), each on a copy of its stores; the commands that start no Ray
+(status, report, methods) run in this process through ``main``. The same checks of the MLflow
+runs (:func:`check_mlflow`) are made on a sweep whose stores are in PostgreSQL, named by
+environment variables (test_store_faults.py), and on one that ``prunelab resume`` finished after
+SIGTERM, SIGINT and ``kill -9`` (test_signals.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +20,10 @@ import torch
 import transformers
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from sqlalchemy import create_engine, text
 
 import prunelab.methods as M
 from prunelab import __version__ as PRUNELAB_VERSION
+from prunelab.orchestrator.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +44,7 @@ EVAL_PARAMS = {
     "eval.flops_convention", "eval.scoring",
 }  # fmt: skip
 MODEL_PARAMS = {"model.dtype", "model.attn_implementation"}
-# 1 none + 2 random + 2 fastv; tiny budgets so the sweep takes seconds
+# 1 none + 2 random + 2 fastv; tiny budgets so the sweep takes seconds (finished_sweep's too)
 ARGS = ["quickstart", "keep_ratio=0.111,0.333", "eval.limit=4", "eval.warmup=0"]
 
 
@@ -53,6 +60,14 @@ def prunelab(*args: str, cwd: Path, env: dict | None = None, check: bool = True)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def here(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """``prunelab ARGS`` run in this process (a command that starts no Ray: status, report,
+    methods), its stdout; the stores are the default ones of the current directory."""
+    capsys.readouterr()
+    assert main(list(args)) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
 
 
 def check_mlflow(tracking_uri: str, trials: int) -> None:
@@ -95,12 +110,15 @@ def check_mlflow(tracking_uri: str, trials: int) -> None:
     Image.open(png).verify()  # a real PNG
 
 
-def test_quickstart_on_sqlite_then_rerun_runs_nothing(tmp_path):
-    first = prunelab("sweep", *ARGS, cwd=tmp_path)
-    assert "5 trials, 0 already finished, 5 to run" in first.stdout
-    assert "| model | method | budget | shapes | mean score ratio (%) |" in first.stdout
-    assert "| toy-llava | fastv | 11.1% |" in first.stdout
-    runs = tmp_path / "prunelab-runs"
+def test_quickstart_on_sqlite_then_rerun_runs_nothing(
+    finished_sweep, tmp_path, monkeypatch, capsys
+):
+    assert finished_sweep.args == ARGS
+    first = finished_sweep.stdout  # `prunelab sweep ARGS` in a new directory
+    assert "5 trials, 0 already finished, 5 to run" in first
+    assert "| model | method | budget | shapes | mean score ratio (%) |" in first
+    assert "| toy-llava | fastv | 11.1%" in first  # then the average kept, if shown
+    runs = finished_sweep.copy_to(tmp_path)
     assert (runs / "mlflow.db").exists() and (runs / "prunelab.db").exists()
     check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", trials=5)
 
@@ -108,76 +126,30 @@ def test_quickstart_on_sqlite_then_rerun_runs_nothing(tmp_path):
     assert "5 trials, 5 already finished, 0 to run" in second.stdout
     check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", trials=5)  # no new child run
 
-    status = json.loads(prunelab("status", "quickstart", "--json", cwd=tmp_path).stdout)
+    monkeypatch.chdir(tmp_path)
+    status = json.loads(here(capsys, "status", "quickstart", "--json"))
     assert [t["status"] for t in status["trials"]] == ["finished"] * 5
     assert all(t["attempts"] == 1 and t["mlflow_run_id"] for t in status["trials"])
-    sweeps = json.loads(prunelab("status", "--json", cwd=tmp_path).stdout)
-    assert len(sweeps) == 2 and all(s["status"] == "finished" for s in sweeps)
+    sweeps = json.loads(here(capsys, "status", "--json"))
+    # the same spec again extends its sweep (a sweep is its name): one sweep
+    assert len(sweeps) == 1 and all(s["status"] == "finished" for s in sweeps)
 
-    md = prunelab("report", "quickstart", "--format", "md", cwd=tmp_path).stdout
+    md = here(capsys, "report", "quickstart", "--format", "md")
     assert md.count("| toy-llava |") == 5
     csv_out = tmp_path / "t.csv"
-    prunelab("report", "quickstart", "--format", "csv", "--out", str(csv_out), cwd=tmp_path)
+    here(capsys, "report", "quickstart", "--format", "csv", "--out", str(csv_out))
     assert csv_out.read_text().splitlines()[0] == (
         "model,method,budget,shapes,shapes_ci_low,shapes_ci_high,mean score ratio (%),"
-        "mean score ratio (%)_ci_low,mean score ratio (%)_ci_high"
+        "mean score ratio (%)_ci_low,mean score ratio (%)_ci_high,TFLOPs"
     )
-    latex = prunelab("report", "quickstart", "--format", "latex", cwd=tmp_path).stdout
+    latex = here(capsys, "report", "quickstart", "--format", "latex")
     assert "\\begin{tabular}" in latex
 
 
-@pytest.mark.postgres
-def test_quickstart_on_postgresql(tmp_path, pg_databases):
-    ours, mlflow_db = pg_databases.create(), pg_databases.create()
-    env = {"PRUNELAB_DB_URL": ours, "PRUNELAB_TRACKING_URI": mlflow_db}
-    prunelab("sweep", *ARGS, cwd=tmp_path, env=env)
-    assert not (tmp_path / "prunelab-runs" / "prunelab.db").exists()
-    assert not (tmp_path / "prunelab-runs" / "mlflow.db").exists()
-    engine = create_engine(ours.replace("postgresql://", "postgresql+psycopg://", 1))
-    with engine.connect() as conn:
-        rows = conn.execute(text("select status, mlflow_run_id from trials")).all()
-    engine.dispose()
-    assert len(rows) == 5 and all(s == "finished" and run for s, run in rows)
-    check_mlflow(mlflow_db.replace("postgresql://", "postgresql+psycopg://", 1), trials=5)
-    again = prunelab("sweep", *ARGS, cwd=tmp_path, env=env)
-    assert "0 to run" in again.stdout
-
-
-def test_methods_lists_registry(tmp_path):
-    out = prunelab("methods", cwd=tmp_path).stdout
+def test_methods_lists_registry(capsys):
+    out = here(capsys, "methods")
     assert "fastv" in out and "queries='last'" in out and "default prune_layer=2" in out
-    rows = json.loads(prunelab("methods", "--json", cwd=tmp_path).stdout)
+    rows = json.loads(here(capsys, "methods", "--json"))
     assert {r["name"] for r in rows} == set(M.available())
     for name in M.available():  # every registered method heads a row of the listing
         assert f"\n{name} " in f"\n{out}"
-
-
-def test_resume_finishes_a_trial_left_running(tmp_path):
-    """An orchestrator died mid-trial: resume runs only that trial and logs it exactly once."""
-    prunelab("sweep", *ARGS, cwd=tmp_path)
-    runs = tmp_path / "prunelab-runs"
-    sweep = json.loads(prunelab("status", "quickstart", "--json", cwd=tmp_path).stdout)
-    victim = next(t for t in sweep["trials"] if t["method"] == "fastv")
-    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
-    client.delete_run(victim["mlflow_run_id"])
-    engine = create_engine(f"sqlite:///{runs / 'prunelab.db'}")
-    with engine.begin() as conn:
-        orchestrator = conn.execute(text("select orchestrator from sweeps")).scalar_one()
-        conn.execute(
-            text(
-                "update trials set status='running', metrics=null, mlflow_run_id=null, "
-                "claimed_by=:o where id=:i"
-            ),
-            {"o": orchestrator, "i": victim["id"]},
-        )
-        conn.execute(text("update sweeps set status='running'"))
-    engine.dispose()
-
-    out = prunelab("resume", "quickstart", cwd=tmp_path).stdout
-    assert "1 interrupted trial(s) back to pending" in out
-    after = json.loads(prunelab("status", "quickstart", "--json", cwd=tmp_path).stdout)
-    by_id = {t["id"]: t for t in after["trials"]}
-    assert all(t["status"] == "finished" for t in after["trials"])
-    assert by_id[victim["id"]]["attempts"] == 2
-    assert sum(t["attempts"] for t in after["trials"]) == 6  # nothing else ran again
-    check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", trials=5)

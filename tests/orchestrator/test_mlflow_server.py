@@ -1,7 +1,8 @@
 """Browsing: ``prunelab ui``'s MLflow server serves a finished sweep through the REST API.
 
 The server is started with exactly the command ``prunelab ui`` would run (`ui_command`) on the
-SQLite tracking store and artifact root of a tiny sweep run through the CLI.
+SQLite tracking store and artifact root of a tiny sweep run through the CLI (a copy of the
+session's ``finished_sweep``, tests/orchestrator/conftest.py).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from prunelab.orchestrator.cli.common import stores_from_args
 from prunelab.orchestrator.cli.tools import ui_command
 from prunelab.orchestrator.sweep import Stores
 
-# the unpruned baseline and fastv at one budget, 2 samples each, one worker
-SWEEP = ["quickstart", "method=fastv", "keep_ratio=0.222", "eval.limit=2", "eval.warmup=0",
-         "--workers", "1"]  # fmt: skip
+# the finished sweep: the unpruned baseline, and random and fastv at two budgets each
+TRIALS = 5
+SAMPLES = 4  # per trial
 
 
 def test_ui_command_for_a_sqlite_store_and_artifact_root(tmp_path):
@@ -107,22 +108,14 @@ def _wait_healthy(base: str, server: subprocess.Popen, timeout_s: float = 180.0)
                 return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
-        time.sleep(1.0)
+        time.sleep(0.2)
     raise AssertionError(f"mlflow server not healthy after {timeout_s} s")
 
 
 @pytest.mark.slow
-def test_server_serves_a_finished_sweep(tmp_path):
-    runs = tmp_path / "prunelab-runs"
-    sweep = subprocess.run(
-        [sys.executable, "-m", "prunelab.orchestrator.cli", "sweep", *SWEEP],
-        cwd=tmp_path,
-        env={**os.environ, "RAY_ADDRESS": "local"},  # a Ray of its own, never a shared one
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+def test_server_serves_a_finished_sweep(finished_sweep, tmp_path):
+    runs = finished_sweep.copy_to(tmp_path)
+    assert f"eval.limit={SAMPLES}" in finished_sweep.args
     stores = Stores(
         db_url=f"sqlite:///{runs / 'prunelab.db'}",
         tracking_uri=f"sqlite:///{runs / 'mlflow.db'}",
@@ -157,12 +150,12 @@ def test_server_serves_a_finished_sweep(tmp_path):
         children = [r for r in found if tags(r).get("prunelab.role") == "trial"]
         assert len(parents) == 1 and parents[0]["info"]["status"] == "FINISHED"
         parent_id = parents[0]["info"]["run_id"]
-        assert len(children) == 2  # none + fastv
+        assert len(children) == TRIALS
         assert all(tags(c)["mlflow.parentRunId"] == parent_id for c in children)
         methods = {
             p["value"] for c in children for p in c["data"]["params"] if p["key"] == "method"
         }
-        assert methods == {"none", "fastv"}
+        assert methods == {"none", "random", "fastv"}
 
         listed = json.loads(_get(base, "/api/2.0/mlflow/artifacts/list", run_id=parent_id))
         assert {"table.md", "table.csv", "table.tex", "pareto.png"} <= {
@@ -180,9 +173,9 @@ def test_server_serves_a_finished_sweep(tmp_path):
             paths = {f["path"] for f in files["files"]}
             assert {"predictions.jsonl", "trial.yaml"} <= paths
             predictions = _get(base, "/get-artifact", path="predictions.jsonl", run_uuid=run_id)
-            assert len(predictions.decode().splitlines()) == 2
+            assert len(predictions.decode().splitlines()) == SAMPLES
             method = next(p["value"] for p in child["data"]["params"] if p["key"] == "method")
-            if method == "fastv":
+            if method != "none":  # the pruned trials: heatmaps of their first two samples
                 maps = json.loads(
                     _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="importance")
                 )["files"]

@@ -1,10 +1,15 @@
-"""Ctrl-C and SIGTERM (docker stop, Slurm, systemd) stop a real ``prunelab sweep`` process the
-same way: one line on stderr saying how far it got and how to resume, exit status 130, the
-running trials back to pending, the Ray workers ended; ``prunelab resume`` then finishes it.
+"""Ctrl-C and SIGTERM (docker stop, Slurm, systemd) stop a real ``prunelab`` process the same
+way: one line on stderr saying how far it got and how to resume, exit status 130, the running
+trials back to pending, the Ray workers ended. ``kill -9`` leaves it no clean-up: its local
+Ray's processes end all the same, and the trial it was running is left for ``prunelab
+resume``, which puts it back to pending. After any of them, ``prunelab resume`` finishes the
+sweep: the trials finished before are not run or logged again.
 
 The signal comes from outside (``os.kill`` on the CLI subprocess) once the database shows a
 trial running; every trial sleeps a few seconds in its worker (``PRUNELAB_TEST_FAULTS``) so
-that the sweep is still running when it arrives.
+that the sweep is still running when it arrives. One sweep takes all three, each on the
+process that took it over: SIGTERM stops ``prunelab sweep``, SIGINT the ``prunelab resume``
+after it, SIGKILL the next resume, and a last resume finishes it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_cli_sweep import check_mlflow
+from test_faults import check_agree
 
 from prunelab.workers.faults import FAULTS_ENV
 
@@ -32,6 +39,7 @@ TRIALS = 5
 MESSAGE = re.compile(
     r"prunelab: interrupted after (\d+)/(\d+) trials; resume with `prunelab resume quickstart`"
 )
+SLOW = json.dumps([{"fault": "sleep", "seconds": 3}])  # every trial, in its worker
 
 
 def store_flags(directory: Path) -> list[str]:
@@ -90,20 +98,39 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_stops_the_sweep_resumably_and_resume_finishes_it(
-    signum: int, tmp_path: Path
-) -> None:
-    stores = tmp_path / "stores"
-    stores.mkdir()
+def default_sigint() -> None:
+    """Run in the child before it starts: SIGINT at its default, as under a terminal. A shell
+    starts a background job (``pytest ... &`` in a script) with SIGINT ignored, which the
+    child would inherit, and prunelab leaves an inherited ignored signal ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def cli(command: list[str], stores: Path) -> list[str]:
+    return [sys.executable, "-m", "prunelab.orchestrator.cli", *command, *store_flags(stores)]
+
+
+def check_ended(processes: set[int]) -> None:
+    """The Ray processes an orchestrator started (its workers among them) ended with it."""
+    assert processes, "the sweep's Ray processes were not found"
+    deadline = time.monotonic() + 60  # a guard against a hang, not a timing check
+    while any(alive(pid) for pid in processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:60] for p in processes if alive(p)}
+    assert not left
+
+
+def stop_with(signum: int, command: list[str], stores: Path, directory: Path) -> int:
+    """Run ``prunelab COMMAND`` on ``stores`` (every trial slow), send it ``signum`` once a
+    trial runs, and check that it stopped cleanly and resumably; how many trials were
+    finished when it stopped."""
     db = stores / "prunelab.db"
-    env = {**os.environ, FAULTS_ENV: json.dumps([{"fault": "sleep", "seconds": 3}])}
-    command = [sys.executable, "-m", "prunelab.orchestrator.cli", "sweep", *ARGS]
-    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+    env = {**os.environ, FAULTS_ENV: SLOW}
+    directory.mkdir()
+    with (directory / "out").open("w") as out, (directory / "err").open("w") as err:
         proc = subprocess.Popen(
-            [*command, *store_flags(stores)], cwd=tmp_path, env=env, stdout=out, stderr=err
-        )
+            cli(command, stores), cwd=directory, env=env, stdout=out, stderr=err,
+            preexec_fn=default_sigint,
+        )  # fmt: skip
         try:
             running = "select count(*) from trials where status = 'running'"
             wait_until(lambda: query(db, running) == [(1,)], proc, "a trial running")
@@ -114,7 +141,7 @@ def test_signal_stops_the_sweep_resumably_and_resume_finishes_it(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    stderr = (tmp_path / "err").read_text()
+    stderr = (directory / "err").read_text()
     assert returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     lines = [line for line in re.split(r"[\r\n]", stderr) if "interrupted" in line]
@@ -128,42 +155,30 @@ def test_signal_stops_the_sweep_resumably_and_resume_finishes_it(
     assert query(db, "select status from sweeps") == [("interrupted",)]
     statuses = [s for (s,) in query(db, "select status from trials")]
     assert "running" not in statuses and statuses.count("finished") == done
-    # the Ray processes the orchestrator started (its workers among them) ended with it
-    assert workers, "the sweep's Ray processes were not found"
-    deadline = time.monotonic() + 60
-    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [pid for pid in workers if alive(pid)]
-
-    resumed = subprocess.run(
-        [sys.executable, "-m", "prunelab.orchestrator.cli", "resume", "quickstart",
-         *store_flags(stores)],
-        cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    rows = query(db, "select status, attempts from trials")
-    assert [s for s, _ in rows] == ["finished"] * TRIALS
-    assert query(db, "select status from sweeps") == [("finished",)]
-    # finished trials did not run again: one attempt each, two for the interrupted one
-    assert sum(a for _, a in rows) <= TRIALS + 1
+    check_ended(workers)
+    return done
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
-def test_the_local_ray_ends_when_the_orchestrator_is_killed(tmp_path: Path) -> None:
-    """``kill -9`` leaves the orchestrator no clean-up: its local Ray's processes (the
-    dashboard and runtime-env agents outlive Ray's own fate-sharing) end all the same."""
-    stores = tmp_path / "stores"
-    stores.mkdir()
+def kill_9(command: list[str], stores: Path, directory: Path) -> None:
+    """Run ``prunelab COMMAND`` on ``stores`` (every trial slow) and ``kill -9`` it once it has
+    logged a trial and runs the next: its local Ray's processes (the dashboard and runtime-env
+    agents outlive Ray's own fate-sharing) end all the same."""
     db = stores / "prunelab.db"
-    env = {**os.environ, FAULTS_ENV: json.dumps([{"fault": "sleep", "seconds": 3}])}
-    command = [sys.executable, "-m", "prunelab.orchestrator.cli", "sweep", *ARGS]
+    logged = "select count(*) from trials where mlflow_run_id != ''"
+    before = query(db, logged)
+    assert before, "the stores of the sweep to resume were not found"
+    directory.mkdir()
     proc = subprocess.Popen(
-        [*command, *store_flags(stores)], cwd=tmp_path, env=env,
+        cli(command, stores), cwd=directory, env={**os.environ, FAULTS_ENV: SLOW},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         running = "select count(*) from trials where status = 'running'"
-        wait_until(lambda: query(db, running) == [(1,)], proc, "a trial running")
+        wait_until(
+            lambda: query(db, logged) > before and query(db, running) == [(1,)],
+            proc,
+            "a trial logged and the next running",
+        )
         below = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
@@ -171,9 +186,42 @@ def test_the_local_ray_ends_when_the_orchestrator_is_killed(tmp_path: Path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert below, "the sweep's Ray processes were not found"
-    deadline = time.monotonic() + 60  # a guard against a hang, not a timing check
-    while any(alive(pid) for pid in below) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:60] for pid in below if alive(pid)}
-    assert not left
+    check_ended(below)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_sigterm_sigint_and_kill_9_leave_the_sweep_resumable_and_resume_finishes_it(
+    tmp_path: Path,
+) -> None:
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    db = stores / "prunelab.db"
+    by_sigterm = stop_with(signal.SIGTERM, ["sweep", *ARGS], stores, tmp_path / "sweep")
+    by_sigint = stop_with(signal.SIGINT, ["resume", "quickstart"], stores, tmp_path / "resume")
+    assert by_sigint >= by_sigterm  # what was finished stayed finished
+
+    kill_9(["resume", "quickstart"], stores, tmp_path / "killed")
+    rows = "select trial_key, status, attempts, mlflow_run_id from trials"
+    killed = {key: (status, attempts, run) for key, status, attempts, run in query(db, rows)}
+    (left_running,) = [key for key, (status, _, _) in killed.items() if status == "running"]
+    finished = {key for key, (status, _, _) in killed.items() if status == "finished"}
+    assert any(killed[key][2] for key in finished)  # logged before the kill
+
+    resumed = subprocess.run(
+        cli(["resume", "quickstart"], stores),
+        cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 interrupted trial(s) back to pending" in resumed.stdout  # the killed one's
+    after = {key: (status, attempts, run) for key, status, attempts, run in query(db, rows)}
+    assert [status for status, _, _ in after.values()] == ["finished"] * TRIALS
+    assert query(db, "select status from sweeps") == [("finished",)]
+    for key in finished:  # not run again; a run logged before the kill is the trial's run
+        _, attempts, run = killed[key]
+        assert after[key][1] == attempts and after[key][2] == (run or after[key][2]), key
+    assert after[left_running][1] == killed[left_running][1] + 1  # its attempt killed: again
+    # one attempt each, and one more for each trial that a stop interrupted
+    assert sum(attempts for _, attempts, _ in after.values()) <= TRIALS + 3
+    tracking_uri = f"sqlite:///{stores / 'mlflow.db'}"
+    check_agree(f"sqlite:///{db}", tracking_uri)  # each finished trial logged exactly once
+    check_mlflow(tracking_uri, trials=TRIALS)  # under the one parent run, as a sweep logs them

@@ -1,13 +1,15 @@
 """Faults of the stores themselves, injected from outside the code under test: the orchestrator
 killed before its MLflow parent run is recorded, two orchestrators creating a new store's
 tables at once, both stores in one database, MLflow's database connection terminated
-(``pg_terminate_backend`` from an admin connection), the MLflow store lost (file deleted,
-database dropped and created again empty), a store file overwritten or truncated, a missing
-database. Each ends in a finished sweep, or in exit status 2 with one line naming the store;
-``prunelab resume`` then finishes the sweep with each trial logged once under its parent.
+(``pg_terminate_backend`` from an admin connection), the MLflow store lost (its SQLite file
+deleted), a store file overwritten or truncated, a missing database. Each ends in a finished
+sweep, or in exit status 2 with one line naming the store; ``prunelab resume`` then finishes
+the sweep with each trial logged once under its parent.
 
 Sweeps are the tiny quickstart of ``test_signals`` (5 trials, one worker) run as CLI
-subprocesses; ``test_faults.check_agree`` checks the database and MLflow agree afterwards.
+subprocesses, or a copy of the session's ``finished_sweep`` (the same 5 trials,
+tests/orchestrator/conftest.py) where a finished sweep is all a fault needs;
+``test_faults.check_agree`` checks the database and MLflow agree afterwards.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sqlalchemy import Connection, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
+from test_cli_sweep import check_mlflow
 from test_faults import check_agree, counts, trials_of
 from test_signals import ARGS, TRIALS, descendants, store_flags
 
@@ -167,49 +170,6 @@ class Admin:
         self.autocommit.dispose()
 
 
-@pytest.fixture
-def pg_pair(pg_databases: Any) -> Iterator[tuple[str, str]]:
-    """Two fresh PostgreSQL databases: prunelab's and MLflow's."""
-    ours, theirs = pg_databases.create(), pg_databases.create()
-    yield ours, theirs
-    pg_databases.drop(ours)
-    pg_databases.drop(theirs)
-
-
-# --------------------------------------------------------------------------- the parent run
-
-
-@pytest.mark.slow
-@pytest.mark.postgres
-def test_killed_before_the_parent_run_is_recorded_resume_finishes(
-    pg_pair: tuple[str, str], tmp_path: Path
-) -> None:
-    ours, theirs = pg_pair
-    Tracker(theirs).experiment_id("quickstart")  # MLflow's tables, as a server creates them
-    admin = Admin(theirs)
-    lock = admin.lock_runs()  # the sweep's first MLflow run call waits here
-    try:
-        proc = start("sweep", *ARGS, *flags(ours, theirs, tmp_path), cwd=tmp_path)
-        try:
-            wait_for(lambda: bool(admin.waiting()), proc, "the parent run waiting for MLflow")
-            kill_tree(proc)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    finally:
-        lock.rollback()
-        lock.close()
-        admin.dispose()
-    trials = trials_of(ours)
-    assert len(trials) == TRIALS and all(t.status == "pending" for t in trials)
-
-    returncode, output = run("resume", "quickstart", *flags(ours, theirs, tmp_path), cwd=tmp_path)
-    assert returncode == 0, output
-    check_agree(ours, theirs)
-    check_parent(ours, theirs)
-
-
 # --------------------------------------------------------------------------- schema set-up
 
 SET_UP = """
@@ -337,60 +297,81 @@ def test_tracker_call_survives_its_connection_terminated(
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_mlflow_connection_terminated_mid_sweep_with_both_stores_in_one_database(
+def test_one_postgres_database_from_env_survives_a_kill_and_a_terminated_connection(
     pg_url: str, tmp_path: Path
 ) -> None:
-    """Both stores in one PostgreSQL database (each with its own version table), and an
-    MLflow connection terminated while a trial is being logged: the sweep finishes."""
+    """Both stores in one PostgreSQL database (each with its own version table), named by
+    ``PRUNELAB_DB_URL`` and ``PRUNELAB_TRACKING_URI``: nothing but artifacts is written under
+    the working directory. The orchestrator is killed while its parent run waits for MLflow,
+    before the run is recorded; ``prunelab resume`` then has an MLflow connection terminated
+    while a trial is being logged, and finishes the sweep: every trial logged once under the
+    one parent run, with all its params, tags and artifacts. A second ``prunelab sweep`` then
+    has nothing to run."""
     ours = theirs = pg_url
-    Tracker(theirs).experiment_id("quickstart")
+    env = {"PRUNELAB_DB_URL": ours, "PRUNELAB_TRACKING_URI": theirs}
+    Tracker(theirs).experiment_id("quickstart")  # MLflow's tables, as a server creates them
     admin = Admin(theirs)
-    store_args = flags(ours, theirs, tmp_path)
-    proc = start("sweep", *ARGS, *store_args, cwd=tmp_path, env=SLOW_TRIALS)
     try:
-        wait_for(lambda: counts(ours).get("logged", 0) >= 1, proc, "a trial logged")
-        lock = admin.lock_runs()  # the next trial's logging waits: then its connection dies
+        lock = admin.lock_runs()  # the sweep's first MLflow run call waits here
         try:
-            wait_for(lambda: bool(admin.waiting()), proc, "the next trial's logging")
-            admin.terminate(admin.waiting())
+            proc = start("sweep", *ARGS, cwd=tmp_path, env=env)
+            try:
+                wait_for(lambda: bool(admin.waiting()), proc, "the parent run waiting for MLflow")
+                kill_tree(proc)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         finally:
             lock.rollback()
             lock.close()
-        returncode, output = finish(proc, tmp_path, "sweep")
+        trials = trials_of(ours)
+        assert len(trials) == TRIALS and all(t.status == "pending" for t in trials)
+
+        proc = start("resume", "quickstart", cwd=tmp_path, env={**env, **SLOW_TRIALS})
+        try:
+            wait_for(lambda: counts(ours).get("logged", 0) >= 1, proc, "a trial logged")
+            lock = admin.lock_runs()  # the next trial's logging waits: then its connection dies
+            try:
+                wait_for(lambda: bool(admin.waiting()), proc, "the next trial's logging")
+                admin.terminate(admin.waiting())
+            finally:
+                lock.rollback()
+                lock.close()
+            returncode, output = finish(proc, tmp_path, "resume")
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc)
     finally:
-        if proc.poll() is None:
-            kill_tree(proc)
         admin.dispose()
     assert returncode == 0, output
     assert "lost its database connection" in output and "Traceback" not in output, output
     check_agree(ours, theirs)
     check_parent(ours, theirs)
+    check_mlflow(theirs, trials=TRIALS)
+    default = tmp_path / "prunelab-runs"  # where the stores would be without the variables
+    assert not (default / "prunelab.db").exists() and not (default / "mlflow.db").exists()
     init_db(pg_url).dispose()  # prunelab's revision is its own: a second upgrade is a no-op
+
+    returncode, output = run("sweep", *ARGS, cwd=tmp_path, env=env)
+    assert returncode == 0 and "0 to run" in output, output
 
 
 # --------------------------------------------------------------------------- lost store
 
 
 @pytest.mark.slow
-def test_mlflow_sqlite_store_deleted_resume_logs_every_trial_again(tmp_path: Path) -> None:
-    stores = tmp_path / "stores"
-    stores.mkdir()
-    proc = start("sweep", *ARGS, *store_flags(stores), cwd=tmp_path, env=SLOW_TRIALS)
-    db_url = f"sqlite:///{stores / 'prunelab.db'}"
-    try:
-        wait_for(lambda: counts(db_url).get("logged", 0) >= 2, proc, "two trials logged")
-        os.kill(proc.pid, signal.SIGTERM)
-        returncode, output = finish(proc, tmp_path, "sweep")
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
-    assert returncode == 130, output
+def test_mlflow_sqlite_store_deleted_resume_logs_every_trial_again(
+    finished_sweep: Any, tmp_path: Path
+) -> None:
+    stores = finished_sweep.copy_to(tmp_path)  # every trial finished and logged
     for name in ("mlflow.db", "mlflow.db-wal", "mlflow.db-shm"):
         (stores / name).unlink(missing_ok=True)
 
     returncode, output = run("resume", "quickstart", *store_flags(stores), cwd=tmp_path)
     assert returncode == 0, output
-    assert "finished trial(s) whose MLflow run is gone will be logged again" in output
+    assert f"{TRIALS} finished trial(s) whose MLflow run is gone will be logged again" in output
+    db_url = f"sqlite:///{stores / 'prunelab.db'}"
     tracking_uri = f"sqlite:///{stores / 'mlflow.db'}"
     check_agree(db_url, tracking_uri)
     check_parent(db_url, tracking_uri)
