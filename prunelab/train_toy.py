@@ -279,36 +279,19 @@ def encode(
     bench = ShapesBenchmark(split=split, size=n)
     tokenizer = processor.tokenizer
     pixels, rows, patch_labels, counts, categories = [], [], [], [], []
-    for start in range(0, n, chunk):
-        samples = [bench.sample(i) for i in range(start, min(n, start + chunk))]
-        batch = processor(
-            images=[Image.fromarray(s.image) for s in samples],
-            text=[PROMPT_TEMPLATE.format(question=s.question) for s in samples],
-            padding=True,
-            return_tensors="pt",
+    for index, s, prompt in _prompted(bench, n, processor, chunk, pixels):
+        cells = s.extra["cells"]
+        qa = [(s.question, s.answers[0])]
+        rng = np.random.default_rng([bench._split_seed(), index, 7])
+        for category in [c for c in CATEGORIES if c != s.category][: turns - 1]:
+            qa.append(bench._question(category, cells, rng))
+        rows.append(_token_rows(prompt, qa, tokenizer))
+        patch_labels.append(
+            cell_labels(cells, s.extra["grid"], vision["image_size"], vision["patch_size"])
         )
-        pixels.append(batch["pixel_values"].float())
-        for i, s in enumerate(samples):
-            prompt = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
-            cells = s.extra["cells"]
-            qa = [(s.question, s.answers[0])]
-            rng = np.random.default_rng([bench._split_seed(), start + i, 7])
-            for category in [c for c in CATEGORIES if c != s.category][: turns - 1]:
-                qa.append(bench._question(category, cells, rng))
-            rows.append(_token_rows(prompt, qa, tokenizer))
-            patch_labels.append(
-                cell_labels(cells, s.extra["grid"], vision["image_size"], vision["patch_size"])
-            )
-            counts.append([sum(1 for c in cells if c and c[0] == k) for k in COLORS])
-            categories.append(s.category)
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    answer_pos = torch.zeros((n, min(turns, len(CATEGORIES))), dtype=torch.long)
-    for i, (ids, positions) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        answer_pos[i] = torch.tensor(positions)
+        counts.append([sum(1 for c in cells if c and c[0] == k) for k in COLORS])
+        categories.append(s.category)
+    input_ids, attention_mask, answer_pos = _pack(rows, tokenizer.pad_token_id)
     return ShapesTensors(
         pixel_values=torch.cat(pixels),
         input_ids=input_ids,
@@ -321,6 +304,43 @@ def encode(
         ),
         categories=categories,
     )
+
+
+def _prompted(
+    bench: Any, n: int, processor: Any, chunk: int, pixels: list[torch.Tensor]
+) -> Iterator[tuple[int, Any, list[int]]]:
+    """The first ``n`` samples of ``bench`` through the processor, ``chunk`` at a time: each
+    sample's index, the sample and its prompt ids (padding dropped); each chunk's pixel
+    values are appended to ``pixels``."""
+    for start in range(0, n, chunk):
+        samples = [bench.sample(i) for i in range(start, min(n, start + chunk))]
+        batch = processor(
+            images=[Image.fromarray(s.image) for s in samples],
+            text=[PROMPT_TEMPLATE.format(question=s.question) for s in samples],
+            padding=True,
+            return_tensors="pt",
+        )
+        pixels.append(batch["pixel_values"].float())
+        for i, s in enumerate(samples):
+            yield start + i, s, batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+
+
+def _pack(
+    rows: list[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, answer_pos) of the rows' chats, right-padded. An image with
+    fewer turns than the most repeats its first answer's position (same target, same loss)."""
+    n = len(rows)
+    length = max(len(ids) for ids, _ in rows)
+    most = max(len(positions) for _, positions in rows)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    answer_pos = torch.zeros((n, most), dtype=torch.long)
+    for i, (ids, positions) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        answer_pos[i] = torch.tensor(positions + [positions[0]] * (most - len(positions)))
+    return input_ids, attention_mask, answer_pos
 
 
 def _token_rows(
@@ -358,41 +378,22 @@ def encode_scenes(
     bench = ScenesBenchmark(split=split, size=n, image_size=vision["image_size"])
     tokenizer = processor.tokenizer
     pixels, rows, labels, sets, categories = [], [], [], [], []
-    for start in range(0, n, chunk):
-        samples = [bench.sample(i) for i in range(start, min(n, start + chunk))]
-        batch = processor(
-            images=[Image.fromarray(s.image) for s in samples],
-            text=[PROMPT_TEMPLATE.format(question=s.question) for s in samples],
-            padding=True,
-            return_tensors="pt",
-        )
-        pixels.append(batch["pixel_values"].float())
-        for i, s in enumerate(samples):
-            prompt = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
-            objects = s.extra["objects"]
-            rng = np.random.default_rng([bench._split_seed(), start + i, 7])
-            qa = [(s.question, s.answers[0])]
-            others = [c for c in CATEGORIES if c != s.category]
-            for category in [others[int(k)] for k in rng.permutation(len(others))]:
-                if len(qa) >= turns:
-                    break
-                extra = bench._question(category, objects, rng, bool(rng.random() < 0.5))
-                if extra is not None:
-                    qa.append(extra)
-            rows.append(_token_rows(prompt, qa, tokenizer))
-            labels.append(patch_labels(objects, vision["image_size"], vision["patch_size"]))
-            sets.append(object_set(objects))
-            categories.append(s.category)
-    length = max(len(ids) for ids, _ in rows)
-    most = max(len(positions) for _, positions in rows)
-    input_ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    answer_pos = torch.zeros((n, most), dtype=torch.long)
-    for i, (ids, positions) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        # an image with fewer askable turns repeats its first answer (same target, same loss)
-        answer_pos[i] = torch.tensor(positions + [positions[0]] * (most - len(positions)))
+    for index, s, prompt in _prompted(bench, n, processor, chunk, pixels):
+        objects = s.extra["objects"]
+        rng = np.random.default_rng([bench._split_seed(), index, 7])
+        qa = [(s.question, s.answers[0])]
+        others = [c for c in CATEGORIES if c != s.category]
+        for category in [others[int(k)] for k in rng.permutation(len(others))]:
+            if len(qa) >= turns:
+                break
+            extra = bench._question(category, objects, rng, bool(rng.random() < 0.5))
+            if extra is not None:
+                qa.append(extra)
+        rows.append(_token_rows(prompt, qa, tokenizer))
+        labels.append(patch_labels(objects, vision["image_size"], vision["patch_size"]))
+        sets.append(object_set(objects))
+        categories.append(s.category)
+    input_ids, attention_mask, answer_pos = _pack(rows, tokenizer.pad_token_id)
     side = vision["image_size"] // vision["patch_size"]
     return ShapesTensors(
         pixel_values=torch.cat(pixels),
