@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 import ray
+from sqlalchemy import Engine
 
+from prunelab.db import init_db
+from prunelab.orchestrator.sweep import Stores
+from prunelab.orchestrator.tracking import Tracker
 from prunelab.workers.faults import FAULTS_ENV
 
 
@@ -88,3 +92,31 @@ def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> FinishedSweep:
     if result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return FinishedSweep(directory, list(FINISHED_SWEEP), result.stdout)
+
+
+# ------------------------------------------------------- real stores in tmp_path, without Ray
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Stores:
+    """A sweep's stores in ``tmp_path``: SQLite database and MLflow store, local artifacts."""
+    return Stores(
+        db_url=f"sqlite:///{tmp_path / 'prunelab.db'}",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifact_root=str(tmp_path / "artifacts"),
+        ray_address=None,
+    )
+
+
+@pytest.fixture
+def engine(stores: Stores) -> Iterator[Engine]:
+    """prunelab's database of ``stores``, migrated."""
+    engine = init_db(stores.db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def tracker(stores: Stores) -> Tracker:
+    """MLflow on ``stores``."""
+    return Tracker(stores.tracking_uri, stores.artifact_root)

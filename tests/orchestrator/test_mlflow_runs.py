@@ -51,28 +51,6 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def stores(tmp_path: Path) -> Stores:
-    return Stores(
-        db_url=f"sqlite:///{tmp_path / 'prunelab.db'}",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        artifact_root=str(tmp_path / "artifacts"),
-        ray_address=None,
-    )
-
-
-@pytest.fixture
-def engine(stores: Stores):
-    engine = init_db(stores.db_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def tracker(stores: Stores) -> Tracker:
-    return Tracker(stores.tracking_uri, stores.artifact_root)
-
-
 def config(key: str, method: str = "fastv", keep_tokens: int | None = 64) -> dict[str, Any]:
     """A trial of model m on gqa (method none: the unpruned baseline)."""
     if method == "none":

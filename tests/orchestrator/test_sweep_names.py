@@ -51,28 +51,6 @@ SCORES = {"base": 80.0, "p1": 60.0, "p2": 40.0, "p3": 20.0}
 BUDGETS = {"p1": 64, "p2": 32, "p3": 16}
 
 
-@pytest.fixture
-def stores(tmp_path: Path) -> Stores:
-    return Stores(
-        db_url=f"sqlite:///{tmp_path / 'prunelab.db'}",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        artifact_root=str(tmp_path / "artifacts"),
-        ray_address=None,
-    )
-
-
-@pytest.fixture
-def engine(stores: Stores):
-    engine = init_db(stores.db_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def tracker(stores: Stores) -> Tracker:
-    return Tracker(stores.tracking_uri, stores.artifact_root)
-
-
 def trial(key: str) -> Trial:
     """Trial ``key`` of model m on gqa: ``base`` the unpruned baseline, ``pN`` fastv."""
     if key == "base":
