@@ -1,6 +1,7 @@
 """The pruning methods' own cost (scoring + selection + merging) next to the unpruned prefill.
 
     python bench/method_overhead.py [--repeats N] [--warmup N] [--methods a,b] [--reduced]
+                                    [--strict]
 
 For every registered method except ``none``, its ``plan`` for LLaVA-1.5-7B (576 visual tokens,
 32 decoder layers) at keep 192, 128 and 64 tokens is turned into exactly the signals it asks
@@ -39,7 +40,8 @@ architecture built with ``prefill_speedup.build`` from ``PRESETS["llava"]`` in t
 through ``runner.run_sample`` with ``timing.Timer`` (CUDA events on a GPU): the full 7B width
 in bf16 on a GPU, the reduced preset in float32 on a CPU (the signals keep the 7B sizes there,
 so the CPU percentage is only indicative). Medians over ``repeats`` after ``warmup`` runs.
-Goal: overhead <= 2% of the prefill on a GPU.
+Goal: overhead <= 2% of the prefill on a GPU; ``--strict`` (full width only) makes a method
+above it exit with status 1 (``bench/gpu_check.sh`` runs it so).
 """
 
 from __future__ import annotations
@@ -461,10 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="default: 3 GPU, 1 CPU")
     parser.add_argument("--methods", default="", help="comma list (default: all but none)")
     parser.add_argument("--reduced", action="store_true", help="reduced prefill even on a GPU")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a method is above goal")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     size = "full" if cuda and not args.reduced else "reduced"
+    if args.strict and size != "full":
+        print("--strict: the goal is for the full 7B prefill (a GPU, without --reduced)")
+        return 2
     dtype = torch.bfloat16 if cuda else torch.float32
     repeats = args.repeats if args.repeats is not None else (20 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
@@ -539,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(getattr(M.get(n), "needs_guidance", False) for n in names):
         print("guidance methods: 'guide-score' aggregates a 7B-shaped guide's attention rows; "
               "the guide model's own forward passes are not included")  # fmt: skip
-    return 0
+    return 1 if args.strict and above else 0
 
 
 if __name__ == "__main__":

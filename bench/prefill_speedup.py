@@ -1,6 +1,7 @@
 """Prefill time, unpruned vs FastV, next to the speedup the FLOPs predict.
 
     python bench/prefill_speedup.py [--models llava,qwen2_vl] [--repeats 10] [--reduced]
+                                    [--min-ratio PCT]
 
 Each model is built from its 7B config with random weights (no download) in bf16 on a GPU, and
 fed one image whose visual tokens number 576 (LLaVA-1.5: 336 px; Qwen2-VL: 672 px, 48x48
@@ -14,6 +15,8 @@ predicted speedup is the ratio of exact prefill FLOPs (vision + LLM + LM head ro
 ``prunelab.workers.cost``), so a kernel that does not speed up with fewer tokens shows as
 measured/predicted < 100%. On a machine without a GPU the models run at reduced width (said
 in the output); the goal "measured >= 90% of predicted" is for the full models on a GPU.
+``--min-ratio 90`` checks it: exit status 1 when measured / predicted at keep 64 is below 90%
+for a model (full width only; ``bench/gpu_check.sh`` runs it so).
 """
 
 from __future__ import annotations
@@ -178,10 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reduced", action="store_true", help="reduced width even on a GPU")
+    parser.add_argument(
+        "--min-ratio",
+        type=float,
+        metavar="PCT",
+        help=f"exit 1 if measured/predicted at keep {min(KEEP)} < PCT %% (full width)",
+    )
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     size = "full" if cuda and not args.reduced else "reduced"
+    if args.min_ratio is not None and size != "full":
+        print("--min-ratio: the goal is for full-width models (a GPU, without --reduced)")
+        return 2
+    below, checked = [], 0
     dtype = torch.bfloat16 if cuda else torch.float32
     where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {where}; dtype: {str(dtype).removeprefix('torch.')}; models: {size} width")
@@ -206,7 +219,16 @@ def main(argv: list[str] | None = None) -> int:
             ratio = 100 * r["measured"] / r["predicted"]
             print(f"{r['setting']:<22} {r['visual']:>6} {r['ms']:>11.2f} {r['measured']:>8.2f}x "
                   f"{r['predicted']:>8.2f}x {ratio:>8.0f}%")  # fmt: skip
-    return 0
+            if args.min_ratio is not None and r["visual"] == min(KEEP):
+                checked += 1
+                if ratio < args.min_ratio:
+                    below.append(f"{PRESETS[name]['label']} keep {r['visual']}: {ratio:.0f}%")
+    if args.min_ratio is not None:
+        goal = f"measured >= {args.min_ratio:g}% of predicted at keep {min(KEEP)}"
+        if not checked:
+            below.append("no model ran")
+        print(f"\n{goal}: " + (f"NOT met ({', '.join(below)})" if below else "met"))
+    return 1 if below else 0
 
 
 if __name__ == "__main__":
