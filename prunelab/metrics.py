@@ -15,7 +15,8 @@ Rules every entry follows:
 - **Reported when measured.** A per-sample value of None means "not measured for this sample":
   such samples are left out of the aggregate, and a metric no sample has a value for is not
   reported at all (``fidelity_*`` without fidelity, ``decode_ms_per_token`` when no sample
-  decoded more than one token, ``prep_layer`` without a pre-inference pass). ``when_nonzero``
+  decoded more than one token, ``prep_layer`` without a pre-inference pass; the timings of
+  samples outside the trial's timed subset, ``eval.timed_samples``, are None). ``when_nonzero``
   metrics are not reported when every sample's value is zero (``tflops_guidance``). A
   ``trial`` metric is read once per trial from the context; None: not reported
   (``peak_mem_mb`` off CUDA).
@@ -89,6 +90,8 @@ class TrialContext:
     # the 95% bootstrap interval (low, high) of the trial's score, in the unit of ``score``
     # (``intervals.percentile_interval`` of its replicates); None: not computed
     score_interval: tuple[float, float] | None = None
+    # samples per second of the trial's whole evaluation loop; None: not measured
+    samples_per_s: float | None = None
 
 
 SampleValue = Callable[[Any, TrialContext], "float | None"]
@@ -182,13 +185,19 @@ class Metric:
 
 
 # -- per-sample values the sample result does not hold directly --------------------------------
-def _latency_s(sample: Any, context: TrialContext) -> float:
+def _latency_s(sample: Any, context: TrialContext) -> float | None:
+    """Prefill + decode (None: a sample outside the trial's timed subset)."""
+    if sample.prefill_s is None or sample.decode_s is None:
+        return None
     return sample.prefill_s + sample.decode_s
 
 
 def _decode_s_per_token(sample: Any, context: TrialContext) -> float | None:
-    """Decode time per generated token after the first (None: one token or fewer)."""
-    return sample.decode_s / (sample.new_tokens - 1) if sample.new_tokens > 1 else None
+    """Decode time per generated token after the first (None: one token or fewer, or a
+    sample outside the trial's timed subset)."""
+    if sample.decode_s is None or sample.new_tokens <= 1:
+        return None
+    return sample.decode_s / (sample.new_tokens - 1)
 
 
 def _flops(sample: Any, context: TrialContext) -> float:
@@ -220,6 +229,10 @@ def _kv_cache_bytes(sample: Any, context: TrialContext) -> float:
 
 def _peak_mem_bytes(context: TrialContext) -> float | None:
     return context.peak_mem_bytes
+
+
+def _samples_per_s(context: TrialContext) -> float | None:
+    return context.samples_per_s
 
 
 def _score_ci_low(context: TrialContext) -> float | None:
@@ -307,18 +320,25 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric(
         "prefill_ms", "ms", "median",
-        "time to the first token (vision, guidance, pre-inference and prefill)",
+        "time to the first token (vision, guidance, pre-inference and prefill), at batch 1 "
+        "after warm-up, over the trial's timed subset (eval.timed_samples)",
         value="prefill_s", scale=1000.0, column="prefill ms", fmt=".1f",
     ),
     Metric(
         "latency_ms", "ms", "median",
-        "time of the whole generation (prefill and decoding)",
+        "time of the whole generation (prefill and decoding), over the timed subset",
         value=_latency_s, scale=1000.0,
     ),
     Metric(
         "decode_ms_per_token", "ms", "median",
-        "decoding time per generated token after the first",
+        "decoding time per generated token after the first, over the timed subset",
         value=_decode_s_per_token, scale=1000.0,
+    ),
+    Metric(
+        "samples_per_s", "samples/s", "trial",
+        "throughput of the trial's whole evaluation: its samples / the wall time of its "
+        "evaluation loop (warm-up and fidelity references included, heatmaps not)",
+        value=_samples_per_s,
     ),
     Metric(
         "kv_cache_mb", "MiB", "mean",

@@ -354,6 +354,11 @@ class PruningMethod:
       planner requires one, the runner loads it); ``guidance_signal`` is what the guide
       supplies: ``"attention"`` rows of its generation (:meth:`score_guidance`) or the
       ``"hidden"`` states of its visual tokens from one prefill (:meth:`score_hidden`).
+    - ``changes_encoder``: its stages change the vision tower's own computation (merging or
+      pruning inside the encoder, an encoder-stage hook), so the encoder's outputs of a sample
+      differ from the unpruned ones: its trials bypass the worker's cache of prepared inputs and
+      vision outputs (``prunelab.workers.caches``), which every other method shares. No
+      registered method does yet (ToMe here merges the projected tokens, after the encoder).
     - a method whose trials need a head trained first (a sweep's ``stages:``, ``prunelab
       train-vib``) is a :class:`TrainedHeadMethod`; one with a pre-inference pass (PREP) says
       so in its plans (``Plan.pre_inference``).
@@ -368,6 +373,7 @@ class PruningMethod:
     uses_seed: ClassVar[bool] = False
     budget_is_average: ClassVar[bool] = False
     needs_guidance: ClassVar[bool] = False
+    changes_encoder: ClassVar[bool] = False
     guidance_signal: ClassVar[Literal["attention", "hidden"]] = "attention"
     default_prune_layer: ClassVar[int | None] = None
     min_prune_layer: ClassVar[int] = 0

@@ -62,6 +62,10 @@ class EvalConfig:
     # how predictions are scored: one of SCORING_RULES
     scoring: str = field(default="lmms_eval", metadata=_IN_KEY_V2)
     warmup: int = 2  # untimed forwards before timing
+    # latency (prefill_ms, decode_ms_per_token, latency_ms) is measured at batch 1 on the
+    # first `timed_samples` samples of a trial (the benchmark's deterministic order), each run
+    # whole (vision tower included, never from the worker's cache); not part of the key
+    timed_samples: int = 32
     # compare first-token distributions with the unpruned model
     fidelity: bool = field(default=True, metadata=_IN_KEY)
     flops_convention: str = field(default="pdrop", metadata=_IN_KEY)  # one of FLOPS_CONVENTIONS
@@ -88,6 +92,9 @@ class WorkersConfig:
     trial_timeout_s: float | None = None  # a trial running longer: worker killed and replaced
     # no worker placed for this long (none running): the sweep stops, resumable; None: wait on
     placement_timeout_s: float | None = 300.0
+    # each worker's cache of prepared inputs and vision-tower outputs shared by the trials of
+    # a model and benchmark (prunelab.workers.caches), in MiB of CPU memory; 0: off
+    vision_cache_mb: float = 2048.0
 
 
 @dataclass
@@ -123,6 +130,7 @@ _RANGES: dict[str, dict[str, _Range]] = {
         "sample_seed": _Range(0),  # numpy's generators take no negative seed
         "max_new_tokens": _Range(1),
         "warmup": _Range(0),
+        "timed_samples": _Range(1),
         "heatmaps": _Range(0),
     },
     "workers": {
@@ -132,6 +140,7 @@ _RANGES: dict[str, dict[str, _Range]] = {
         "max_attempts": _Range(1),
         "trial_timeout_s": _Range(0, open_low=True),
         "placement_timeout_s": _Range(0, open_low=True),
+        "vision_cache_mb": _Range(0),
     },
 }
 _CHOICES: dict[str, dict[str, tuple[str, ...]]] = {

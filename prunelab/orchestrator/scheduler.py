@@ -298,7 +298,9 @@ class WorkerPool:
     before the worker is killed and replaced; None: no limit. ``placement_timeout_s``: how
     long the pool waits with no worker running for Ray to place one before it raises
     :class:`PlacementTimeout`; None: for ever. ``worker_cls``: the actor class (tests may pass
-    another with the same ``identity``/``run`` methods).
+    another with the same ``identity``/``run`` methods). ``worker_options``: keyword
+    arguments of each actor's constructor besides its name and threads (the sweep's
+    ``workers.vision_cache_mb``).
     """
 
     def __init__(
@@ -309,12 +311,14 @@ class WorkerPool:
         trial_timeout_s: float | None = None,
         worker_cls: type = Worker,
         placement_timeout_s: float | None = _DEFAULT_PLACEMENT_TIMEOUT_S,
+        worker_options: dict[str, Any] | None = None,
     ) -> None:
         if count < 1:
             raise ValueError(f"count={count}: a pool needs at least one worker")
         self.cpus, self.gpus = cpus, gpus
         self.trial_timeout_s = trial_timeout_s
         self.placement_timeout_s = placement_timeout_s
+        self.worker_options = dict(worker_options or {})
         self._names = (f"worker-{i}" for i in itertools.count())
         self._remote = ray.remote(worker_cls)
         self.replaced = 0
@@ -360,7 +364,7 @@ class WorkerPool:
             max_restarts=0,
             max_task_retries=0,
             **options,
-        ).remote(name, threads=max(1, int(self.cpus)))
+        ).remote(name, threads=max(1, int(self.cpus)), **self.worker_options)
         return _Slot(name=name, actor=actor, ready_ref=actor.identity.remote())
 
     def shutdown(self) -> None:

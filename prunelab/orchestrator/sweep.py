@@ -799,6 +799,7 @@ def execute(
                             cpus=workers.cpus_per_worker,
                             gpus=workers.gpus_per_worker,
                             trial_timeout_s=workers.trial_timeout_s,
+                            worker_options={"vision_cache_mb": workers.vision_cache_mb},
                         )
                     pool.run(todo, claim, done, failed)
                 # trials of this sweep claimed by another orchestrator (a shared trial_key):

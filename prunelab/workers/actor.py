@@ -3,6 +3,14 @@
 Plain Python; the orchestrator wraps it with ``ray.remote`` (Ray appears only where actors are
 created). A worker loads a model the first time a trial asks for it and keeps it until a trial
 for another model arrives.
+
+Across trials it also keeps work that is the same in every trial of a (model, benchmark,
+sample): the unpruned model's first-token log-probabilities (``ReferenceCache``, for the
+fidelity metrics) and the samples' prepared inputs and vision-tower outputs
+(:class:`~prunelab.workers.caches.VisionCache`, ``vision_cache_mb`` of CPU memory, the sweep's
+``workers.vision_cache_mb``), both byte-bounded LRUs. A trial's result names the cache's size
+and the trial's hits and misses in its ``environment`` (MLflow tags ``prunelab.env.vision_cache_*``
+and ``prunelab.env.input_cache_*``), and the worker logs them.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import transformers
 import prunelab
 from prunelab.trial import Trial, TrialResult
 from prunelab.workers.adapters import adapter_for
+from prunelab.workers.caches import DEFAULT_VISION_CACHE_MB, CacheStats, VisionCache
 from prunelab.workers.faults import inject as inject_faults
 from prunelab.workers.models import ModelSpec, load_model
 from prunelab.workers.runner import ReferenceCache, run_trial
@@ -82,7 +91,16 @@ def route_output(worker_id: str, target: str | None = None) -> None:
 
 
 class Worker:
-    def __init__(self, worker_id: str, threads: int | None = None) -> None:
+    """One loaded model (and guidance models) and the caches kept with it across trials.
+
+    ``threads``: torch's CPU threads (None: torch's default). ``vision_cache_mb``: the size of
+    the cache of prepared inputs and vision outputs, in MiB (None: the default,
+    :data:`~prunelab.workers.caches.DEFAULT_VISION_CACHE_MB`; 0: off).
+    """
+
+    def __init__(
+        self, worker_id: str, threads: int | None = None, vision_cache_mb: float | None = None
+    ) -> None:
         route_output(worker_id)
         self.worker_id = worker_id
         if threads:
@@ -92,19 +110,32 @@ class Worker:
         self.model_key: str | None = None
         self.model_loads = 0
         self.references = ReferenceCache()
+        if vision_cache_mb is None:
+            vision_cache_mb = DEFAULT_VISION_CACHE_MB
+        self.vision_cache_mb = float(vision_cache_mb)
+        self.vision_cache = VisionCache(int(self.vision_cache_mb * 2**20))
         self.guides: dict[str, tuple[Any, Any]] = {}  # guidance models, kept like the model
         log.info("started on %s, %d thread(s)", socket.gethostname(), torch.get_num_threads())
 
     def identity(self) -> dict[str, Any]:
         return {"worker": self.worker_id, "node": socket.gethostname(), "pid": os.getpid()}
 
-    def environment(self) -> dict[str, str]:
-        """What the trial ran on: software versions and the loaded model's settings."""
+    def environment(self, cache: CacheStats | None = None) -> dict[str, str]:
+        """What the trial ran on: software versions, the loaded model's settings and the
+        vision cache's size (MiB); with ``cache``, the trial's lookups in it."""
         env = {
             "prunelab": prunelab.__version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "vision_cache_mb": f"{self.vision_cache_mb:g}",
         }
+        if cache is not None:
+            env.update(
+                vision_cache_hits=str(cache.vision_hits),
+                vision_cache_misses=str(cache.vision_misses),
+                input_cache_hits=str(cache.input_hits),
+                input_cache_misses=str(cache.input_misses),
+            )
         if self.loaded is not None:
             spec = self.loaded.spec
             env.update(
@@ -154,7 +185,12 @@ class Worker:
             load_s += guide_s
             start = time.perf_counter()
             inject_faults(trial)  # test-only; a no-op unless PRUNELAB_TEST_FAULTS is set
-            result = run_trial(self.loaded, self.adapter, trial, self.references, guide=guide)
+            before = dataclasses.replace(self.vision_cache.stats)
+            result = run_trial(
+                self.loaded, self.adapter, trial, self.references, guide=guide,
+                vision_cache=self.vision_cache,
+            )  # fmt: skip
+            lookups = self.vision_cache.stats.since(before)
         except torch.cuda.OutOfMemoryError as exc:
             # free what the failed trial held; the model (if fully loaded) stays for the next
             if self.adapter is None:
@@ -168,14 +204,15 @@ class Worker:
             log.exception("trial %s (%s) failed", trial.key[:10], trial.method)
             raise
         log.info(
-            "trial %s (%s) ran in %.1f s",
-            trial.key[:10], trial.method, time.perf_counter() - start,
+            "trial %s (%s) ran in %.1f s; cache: %s, %.1f of %g MiB held",
+            trial.key[:10], trial.method, time.perf_counter() - start, lookups.describe(),
+            self.vision_cache.nbytes / 2**20, self.vision_cache_mb,
         )  # fmt: skip
         return dataclasses.replace(
             result,
             run_s=time.perf_counter() - start,
             load_s=load_s,
             model_loads=self.model_loads,
-            environment=self.environment(),
+            environment=self.environment(lookups),
             **self.identity(),
         )

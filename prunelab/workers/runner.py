@@ -1,12 +1,25 @@
-"""Run one trial on a loaded model: plan, prune, generate, score, measure. No Ray, no MLflow."""
+"""Run one trial on a loaded model: plan, prune, generate, score, measure. No Ray, no MLflow.
+
+A trial evaluates its samples one at a time (batch 1): prepare (processor), vision tower,
+method, prefill and greedy decode under the method's hooks, score. Work that is the same in
+every trial of a (model, benchmark, sample) comes from the worker's caches when it passes them
+(:class:`ReferenceCache`: the unpruned first-token log-probabilities of the fidelity metrics;
+:class:`~prunelab.workers.caches.VisionCache`: prepared inputs and vision outputs, bypassed by
+methods that change the encoder), which give bit for bit what computing it again gives.
+
+Latency is measured as the papers measure it, at batch 1 after warm-up, on the trial's timed
+subset: its first ``eval.timed_samples`` samples, each run whole (vision tower included, never
+from the cache); the other samples carry no timings. ``samples_per_s`` is the throughput of
+the whole evaluation loop.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import statistics
+import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,13 +27,14 @@ from typing import Any
 import torch
 
 import prunelab.methods as methods
-from prunelab.methods.base import Plan, PlanContext, PruningMethod, VisionSelection
+from prunelab.methods.base import Plan, PlanContext, PruningMethod, VisionSelection, VisionSignals
 from prunelab.trial import Trial, TrialResult
 from prunelab.workers.adapters import Adapter, Generation, Prepared
 from prunelab.workers.attention import AttentionProbe, probe_attention
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample, cut_at_stops
 from prunelab.workers.benchmarks.resampling import score_replicates
+from prunelab.workers.caches import ByteLRU, VisionCache, model_identity
 from prunelab.workers.cost import trial_flops
 from prunelab.workers.guidance import Guidance, run_guidance
 from prunelab.workers.heatmaps import Caption, render_token_fate, token_fate
@@ -34,6 +48,7 @@ DIAGNOSTIC_SAMPLES = 4  # samples whose vision-stage diagnostics go to a trial a
 
 __all__ = [
     "ReferenceCache",
+    "SampleInputs",
     "SampleResult",
     "SampleRun",
     "build_method",
@@ -57,30 +72,27 @@ class ReferenceCache:
 
     Keyed by (model revision, benchmark identity, sample id), stored as float32 on the CPU (a
     lower precision would flip near-tied argmaxes); least recently used entries go first once
-    ``max_bytes`` is exceeded.
+    ``max_bytes`` is exceeded (a :class:`~prunelab.workers.caches.ByteLRU`, as the worker's
+    :class:`~prunelab.workers.caches.VisionCache`).
     """
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._entries: OrderedDict[tuple[str, str, str], torch.Tensor] = OrderedDict()
+        self._store: ByteLRU[torch.Tensor] = ByteLRU(max_bytes)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._store.max_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self._store.nbytes
 
     def get(self, key: tuple[str, str, str]) -> torch.Tensor | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
+        return self._store.get(key)
 
     def put(self, key: tuple[str, str, str], logprobs: torch.Tensor) -> None:
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
         value = logprobs.detach().to("cpu", torch.float32)
-        self._entries[key] = value
-        self.nbytes += value.nbytes
-        while self.nbytes > self.max_bytes and len(self._entries) > 1:
-            _, evicted = self._entries.popitem(last=False)
-            self.nbytes -= evicted.nbytes
+        self._store.put(key, value, value.nbytes)
 
 
 @dataclass
@@ -97,8 +109,9 @@ class SampleResult:
     tokens_per_layer: list[int]
     new_tokens: int
     vision_flops: float
-    prefill_s: float
-    decode_s: float
+    # timings of a sample in the trial's timed subset (``eval.timed_samples``); None: untimed
+    prefill_s: float | None
+    decode_s: float | None
     fidelity_kl: float | None = None
     fidelity_top1: float | None = None
     guidance_flops: float = 0.0  # the guidance model's generation (counted in tflops too)
@@ -131,6 +144,46 @@ class SampleRun:
         return (self.vision.diagnostics if self.vision is not None else None) or {}
 
 
+@dataclass(frozen=True)
+class SampleInputs:
+    """Where a trial's samples get their prepared inputs and vision signals: from the adapter,
+    or through the worker's :class:`~prunelab.workers.caches.VisionCache` (shared by the
+    trials of the same model and benchmark; see :mod:`prunelab.workers.caches`).
+
+    ``cache`` None: everything is computed (no cache, or a method that changes the encoder).
+    ``model`` / ``benchmark``: the identities entries are keyed by, with the sample id.
+    """
+
+    adapter: Adapter
+    device: torch.device
+    cache: VisionCache | None = None
+    model: str = ""
+    benchmark: str = ""
+
+    def prepare(self, sample: Sample) -> Prepared:
+        """The sample's processor output on the model's device."""
+        if self.cache is None:
+            return self.adapter.prepare(sample)
+        key = (self.model, self.benchmark, sample.id)
+        return self.cache.prepared(key, lambda: self.adapter.prepare(sample), self.device)
+
+    def encoder(
+        self, sample: Sample, prepared: Prepared
+    ) -> Callable[[frozenset[str]], VisionSignals] | None:
+        """``run_sample``'s ``encode`` for ``prepared`` (None: the adapter's, uncached)."""
+        cache = self.cache
+        if cache is None:
+            return None
+        key = (self.model, self.benchmark, sample.id)
+
+        def encode(wanted: frozenset[str]) -> VisionSignals:
+            return cache.signals(
+                key, wanted, lambda: self.adapter.vision_signals(prepared, wanted), self.device
+            )
+
+        return encode
+
+
 def _sample_generator(seed: int | None, sample_id: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{sample_id}".encode()))
 
@@ -158,6 +211,7 @@ def run_sample(
     guide: tuple[Adapter, Sample] | None = None,
     diagnostics: bool = False,
     vision_positions: str | None = None,
+    encode: Callable[[frozenset[str]], VisionSignals] | None = None,
 ) -> SampleRun:
     """One sample through ``method``: guidance (if the method has a guide), vision stage (if
     any), pre-inference (if the plan has one: it sets the plan's layers), then generation with
@@ -165,9 +219,11 @@ def run_sample(
 
     ``diagnostics``: ask the vision stage for its diagnostic curves (the method computes them
     only when asked). ``vision_positions``: how the LLM numbers a vision stage's kept tokens
-    (``packed`` / ``original``; None: the family's default). The generation's ``prefill_s``
-    runs from the start (guidance included) to the first token's logits, its ``decode_s``
-    from there to the last token.
+    (``packed`` / ``original``; None: the family's default). ``encode``: the sample's vision
+    signals for a set of wanted signals (a :class:`SampleInputs` lookup in the worker's vision
+    cache); None: the adapter's ``vision_signals``, the vision tower run now. The generation's
+    ``prefill_s`` runs from the start (guidance and vision tower included) to the first
+    token's logits, its ``decode_s`` from there to the last token.
     """
     start = timer.mark()
     guidance = None
@@ -180,7 +236,10 @@ def run_sample(
                 f"the guidance model makes {guidance.scores.numel()} visual tokens for this "
                 f"image, the model {prepared.n_visual}: they must match one to one"
             )
-    signals = adapter.vision_signals(prepared, plan.vision_signals)
+    if encode is None:
+        signals = adapter.vision_signals(prepared, plan.vision_signals)
+    else:
+        signals = encode(plan.vision_signals)
     signals.generator = generator
     signals.family, signals.want_diagnostics = adapter.family, diagnostics
     pre_inference = None
@@ -241,11 +300,23 @@ def run_trial(
     references: ReferenceCache | None = None,
     progress: Callable[[int, int], None] | None = None,
     guide: tuple[LoadedModel, Adapter] | None = None,
+    vision_cache: VisionCache | None = None,
 ) -> TrialResult:
     """Evaluate one trial and measure its costs: its metrics, predictions and artifacts (how
     long and where it ran is the worker's to fill in).
 
     ``guide``: the smaller guidance model (and its adapter) of methods that need one.
+    ``vision_cache``: the worker's cache of prepared inputs and vision-tower outputs, read and
+    filled unless the method changes the encoder (``changes_encoder``); None: none.
+
+    Timing, comparable with the papers' (batch 1, after warm-up): the first
+    ``eval.timed_samples`` samples (in the benchmark's deterministic order) are the timed
+    subset. The first of them runs ``eval.warmup`` untimed times first; each of them runs the
+    whole pipeline (vision tower included, never from the cache), and only their timings make
+    ``prefill_ms``, ``decode_ms_per_token`` and ``latency_ms`` (medians). The other samples
+    may take their vision signals from the cache and carry no timings. ``samples_per_s`` is
+    the throughput of the whole evaluation loop (every sample, warm-up and fidelity references
+    included; heatmaps excluded).
     """
     method, budget = build_method(trial)
     settings = trial.eval
@@ -258,16 +329,22 @@ def run_trial(
     convention = settings.flops_convention
     references = references if references is not None else ReferenceCache()
     unpruned = methods.get("none")()
+    cached = vision_cache is not None and vision_cache.enabled and not method.changes_encoder
+    inputs = SampleInputs(
+        adapter, loaded.device, vision_cache if cached else None, model_identity(loaded), bench_id
+    )
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(loaded.device)
 
     results: list[SampleResult] = []
     curves: list[dict[str, Any]] = []  # vision-stage diagnostics of the first samples
+    started = time.perf_counter()
     with torch.inference_mode():
         for index, sample in enumerate(samples):
-            prepared = adapter.prepare(sample)
+            prepared = inputs.prepare(sample)
             plan = _plan(method, budget, trial, adapter, prepared, info.n_layers)
             guided = (guide[1], sample) if guide is not None else None
+            timed = index < settings.timed_samples
             if index == 0:
                 for _ in range(settings.warmup):
                     run_sample(
@@ -280,6 +357,7 @@ def run_trial(
                 adapter, prepared, method, plan,
                 _sample_generator(trial.seed, sample.id), max_new, timer, guided,
                 diagnostics=want_curves, vision_positions=trial.vision_positions,
+                encode=None if timed else inputs.encoder(sample, prepared),
             )  # fmt: skip
             if want_curves and run.diagnostics:
                 curves.append({"sample": sample.id, **run.diagnostics})
@@ -298,8 +376,8 @@ def run_trial(
                 tokens_per_layer=list(generation.lengths.tokens),
                 new_tokens=len(generation.token_ids),
                 vision_flops=generation.vision_flops,
-                prefill_s=generation.prefill_s,
-                decode_s=generation.decode_s,
+                prefill_s=generation.prefill_s if timed else None,
+                decode_s=generation.decode_s if timed else None,
             )
             if run.guidance is not None:
                 assert guide is not None
@@ -323,6 +401,7 @@ def run_trial(
                     reference = run_sample(
                         adapter, prepared, unpruned, Plan(),
                         _sample_generator(0, sample.id), 1, timer,
+                        encode=inputs.encoder(sample, prepared),
                     ).generation.first_logprobs  # fmt: skip
                     references.put(key, reference)
                 result.fidelity_kl, result.fidelity_top1 = first_token_fidelity(
@@ -331,13 +410,19 @@ def run_trial(
             results.append(result)
             if progress is not None:
                 progress(index + 1, len(samples))
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)
+    elapsed = time.perf_counter() - started
+    samples_per_s = len(samples) / elapsed if elapsed > 0 else None
 
     scored = [(s, r.prediction, r.score) for s, r in zip(samples, results, strict=True)]
     official = None
     if callable(getattr(benchmark, "aggregate", None)):  # benchmarks with non-mean metrics
         official = benchmark.aggregate(scored)  # type: ignore[attr-defined]
     replicates = score_replicates(benchmark, scored) if scored else None
-    metrics = aggregate(results, info, convention, loaded, official, replicates)
+    metrics = aggregate(
+        results, info, convention, loaded, official, replicates, samples_per_s=samples_per_s
+    )
     predictions = [
         {
             k: getattr(r, k)
@@ -356,7 +441,7 @@ def run_trial(
         for r in results
     ]
     artifacts = _importance_heatmaps(
-        adapter, method, budget, trial, samples[: max(0, settings.heatmaps)], info.n_layers,
+        inputs, method, budget, trial, samples[: max(0, settings.heatmaps)], info.n_layers,
         timer, guide, max_new, results[: max(0, settings.heatmaps)],
     )  # fmt: skip
     if curves:  # e.g. infoprune's MFI / MGI per selection step
@@ -370,7 +455,7 @@ def run_trial(
 
 
 def _importance_heatmaps(
-    adapter: Adapter,
+    inputs: SampleInputs,
     method: PruningMethod,
     budget: methods.Budget | None,
     trial: Trial,
@@ -385,11 +470,13 @@ def _importance_heatmaps(
     fate (kept / merged / dropped) over the image, captioned with the question, answers and the
     trial's prediction (``results``). Each sample runs once more, untimed, with the trial's plan
     and seeded generator (so the same selection), and its run tells what was chosen; nothing
-    for a method that prunes nothing."""
+    for a method that prunes nothing. ``inputs``: where the samples' inputs and vision signals
+    come from (the trial's, so the worker's cache when the trial may use it)."""
+    adapter = inputs.adapter
     artifacts: dict[str, str | bytes] = {}
     with torch.inference_mode():
         for index, sample in enumerate(samples):
-            prepared = adapter.prepare(sample)
+            prepared = inputs.prepare(sample)
             plan = _plan(method, budget, trial, adapter, prepared, n_layers)
             if not plan.prunes:
                 break
@@ -397,6 +484,7 @@ def _importance_heatmaps(
             run = run_sample(
                 adapter, prepared, method, plan, _sample_generator(trial.seed, sample.id),
                 max_new, timer, guided, vision_positions=trial.vision_positions,
+                encode=inputs.encoder(sample, prepared),
             )  # fmt: skip
             pruner = run.pruner
             fate = token_fate(
@@ -432,6 +520,7 @@ def aggregate(
     loaded: LoadedModel,
     benchmark_metrics: dict[str, float] | None = None,
     replicates: Sequence[float] | None = None,
+    samples_per_s: float | None = None,
 ) -> dict[str, float]:
     """Trial metrics: every entry of the table :data:`prunelab.metrics.METRICS` (names, units
     and how each is aggregated over samples are defined there, nowhere else).
@@ -441,7 +530,8 @@ def aggregate(
     sample loop. ``benchmark_metrics``: what the benchmark's own ``aggregate`` computed (its
     headline ``score``, ``score.<category>`` and extras); they replace the mean score and
     categories. ``replicates``: the bootstrap replicates of ``score``, whose percentile
-    interval is ``score_ci_low`` / ``score_ci_high``.
+    interval is ``score_ci_low`` / ``score_ci_high``. ``samples_per_s``: the throughput of
+    the trial's evaluation loop (None: not measured).
     """
     from prunelab.intervals import percentile_interval
     from prunelab.metrics import TrialContext, trial_metrics
@@ -455,5 +545,6 @@ def aggregate(
         itemsize=next(loaded.model.parameters()).element_size(),
         peak_mem_bytes=peak,
         score_interval=percentile_interval(replicates) if replicates is not None else None,
+        samples_per_s=samples_per_s,
     )
     return trial_metrics(results, context, benchmark_metrics)

@@ -68,12 +68,10 @@ def test_keys_of_stored_trials_unchanged(legacy_sessions, name, spec, overrides)
         again = Trial.from_dict(config)  # an old row reads back as the same trial
         assert again == dataclasses.replace(trial, key=key)
         assert again.eval == trial.eval  # settings it lacks (scoring) take the defaults
-        # the stored form is unchanged but for the settings added since (eval.scoring)
+        # the stored form is unchanged but for the settings added since (eval.scoring,
+        # eval.timed_samples: not in the key)
+        added = {"scoring": "lmms_eval", "timed_samples": 32}
         new = again.to_dict()
-        assert new["eval"].pop("scoring") == "lmms_eval"
+        assert {k: new["eval"].pop(k) for k in added} == added
         assert new == config
-        assert trial.to_dict() == {
-            **new,
-            "key": trial.key,
-            "eval": {**new["eval"], "scoring": "lmms_eval"},
-        }
+        assert trial.to_dict() == {**new, "key": trial.key, "eval": {**new["eval"], **added}}

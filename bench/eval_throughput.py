@@ -1,0 +1,199 @@
+"""Evaluation throughput of whole trials on the CPU: the worker's vision cache off and on.
+
+    python bench/eval_throughput.py [--limit N] [--timed-samples N] [--repeats N]
+                                    [--methods none,fastv] [--model toy-llava] [--threads N]
+
+Runs trials of each method (``none``; ``fastv`` at keep ratio 0.25, its default layer) on the
+shipped ``toy-llava`` through ``runner.run_trial``, as a worker runs them, on ``limit``
+samples of the test split of ``shapes`` (seed 0) with a sweep's other eval settings at their
+defaults (``eval.warmup`` 2, ``eval.heatmaps`` 2, fidelity on, the benchmark's new tokens),
+at batch 1: batched evaluation does not exist yet, so there is no batch-size axis.
+
+Two settings, each with the caches a worker holds once a sweep's first trial of the model and
+benchmark has run (one unmeasured ``none`` trial fills them first, then one unmeasured trial of
+each method warms the process: imports, heatmap rendering, the allocator):
+
+- ``off``: the reference cache only (first-token log-probabilities of the unpruned model): every
+  trial prepares each sample (processor) and runs the vision tower for it;
+- ``on``: plus the worker's :class:`~prunelab.workers.caches.VisionCache` (default size): the
+  samples outside the timed subset (``eval.timed_samples``, the first 32 by default, which run
+  the vision tower for latency) take their prepared inputs and vision outputs from it.
+
+Each repeat times every (method, setting) once, the settings interleaved in alternating order;
+``samples/s`` is ``limit`` / the wall time of ``run_trial`` (scoring, fidelity, heatmaps and
+artifacts included: what a sweep pays per trial), and ``eval samples/s`` the trial's own
+``samples_per_s`` metric (its evaluation loop only). Medians over the repeats; the ratios on /
+off are taken within each repeat. The two settings' outputs (every metric but the measured
+times, predictions, bootstrap replicates, artifacts) must be equal, or the bench exits 1.
+Measured, never asserted on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import prunelab.methods as methods
+from prunelab.orchestrator.config import EvalConfig
+from prunelab.sweeps import group_config
+from prunelab.trial import Trial, TrialResult
+from prunelab.workers.adapters import adapter_for
+from prunelab.workers.caches import DEFAULT_VISION_CACHE_MB, CacheStats, VisionCache
+from prunelab.workers.models import LoadedModel, load_model
+from prunelab.workers.runner import ReferenceCache, run_trial
+
+KEEP_RATIO = 0.25
+SETTINGS = ("off", "on")
+TIMINGS = {"prefill_ms", "latency_ms", "decode_ms_per_token", "samples_per_s", "peak_mem_mb"}
+"""Measured times: the metrics that differ between any two runs."""
+
+
+def make_trial(model: str, method: str, limit: int, timed_samples: int) -> Trial:
+    """A trial of ``method`` on shapes' test split (its default layer, seed 0)."""
+    cls = methods.get(method)
+    return Trial(
+        model=model,
+        benchmark="shapes",
+        method=method,
+        hparams={},
+        keep_ratio=KEEP_RATIO if cls.uses_budget else None,
+        prune_layer=cls.default_prune_layer if cls.uses_layer else None,
+        seed=0 if cls.uses_seed else None,
+        model_config=group_config("model", model),
+        benchmark_config={"name": "shapes", "kind": "shapes", "split": "test"},
+        eval=EvalConfig(limit=limit, sample_seed=0, timed_samples=timed_samples),
+    )
+
+
+@dataclass
+class Worker:
+    """What a worker keeps across trials in one setting."""
+
+    references: ReferenceCache = field(default_factory=ReferenceCache)
+    cache: VisionCache | None = None
+
+
+@dataclass
+class Cell:
+    """The repeats of one (method, setting)."""
+
+    trial_s: list[float] = field(default_factory=list)
+    eval_per_s: list[float] = field(default_factory=list)
+    lookups: CacheStats = field(default_factory=CacheStats)
+    first: TrialResult | None = None
+
+
+def outputs(result: TrialResult) -> tuple[Any, ...]:
+    """Everything a trial reports but its measured times."""
+    metrics = {k: v for k, v in result.metrics.items() if k not in TIMINGS}
+    return metrics, result.predictions, result.replicates, dict(result.artifacts)
+
+
+def timed_run(loaded: LoadedModel, adapter: Any, trial: Trial, worker: Worker, cell: Cell) -> None:
+    before = dataclasses.replace(worker.cache.stats) if worker.cache is not None else None
+    start = time.perf_counter()
+    result = run_trial(loaded, adapter, trial, worker.references, vision_cache=worker.cache)
+    cell.trial_s.append(time.perf_counter() - start)
+    cell.eval_per_s.append(result.metrics["samples_per_s"])
+    if worker.cache is not None and before is not None:
+        cell.lookups = worker.cache.stats.since(before)
+    if cell.first is None:
+        cell.first = result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=EvalConfig().limit, help="samples per trial")
+    parser.add_argument(
+        "--timed-samples", type=int, default=EvalConfig().timed_samples,
+        help="eval.timed_samples: samples timed for latency (they run the vision tower)",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default="none,fastv")
+    parser.add_argument("--model", default="toy-llava")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (a worker's default: 1)"
+    )
+    args = parser.parse_args(argv)
+    names = args.methods.split(",")
+    unknown = [n for n in names if n not in methods.available()]
+    if unknown:
+        print(f"--methods: unknown {', '.join(unknown)}")
+        return 2
+    torch.set_num_threads(args.threads)
+    loaded = load_model({**group_config("model", args.model), "device": "cpu"})
+    adapter = adapter_for(loaded)
+    trials = {n: make_trial(args.model, n, args.limit, args.timed_samples) for n in names}
+    settings = EvalConfig(limit=args.limit, timed_samples=args.timed_samples)
+    print(
+        f"device: CPU ({torch.get_num_threads()} thread(s)); model {args.model} "
+        f"({loaded.info.n_visual} visual tokens); shapes test split; batch 1 (no batched "
+        f"evaluation yet); eval: limit {settings.limit}, timed_samples {settings.timed_samples},"
+        f" warmup {settings.warmup}, heatmaps {settings.heatmaps}, fidelity on; vision cache "
+        f"{DEFAULT_VISION_CACHE_MB:g} MiB; median of {args.repeats} repeats, settings "
+        "interleaved"
+    )
+
+    workers = {
+        "off": Worker(),
+        "on": Worker(cache=VisionCache(int(DEFAULT_VISION_CACHE_MB * 2**20))),
+    }
+    fill = make_trial(args.model, "none", args.limit, args.timed_samples)
+    for worker in workers.values():  # a sweep's first trial of the model and benchmark
+        run_trial(loaded, adapter, fill, worker.references, vision_cache=worker.cache)
+        for name in names:  # and one of each method, unmeasured: imports, allocator, caches
+            run_trial(loaded, adapter, trials[name], worker.references, vision_cache=worker.cache)
+    cells = {(n, s): Cell() for n in names for s in SETTINGS}
+    for repeat in range(args.repeats):
+        order = SETTINGS if repeat % 2 == 0 else SETTINGS[::-1]
+        for name in names:
+            for setting in order:
+                timed_run(loaded, adapter, trials[name], workers[setting], cells[name, setting])
+
+    header = (
+        f"{'method':<8} {'cache':<5} {'trial s':>8} {'samples/s':>10} {'eval samples/s':>15} "
+        f"{'vision hits/misses':>19} {'inputs hits/misses':>19}"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        for setting in SETTINGS:
+            cell = cells[name, setting]
+            trial_s = statistics.median(cell.trial_s)
+            looked = cell.lookups
+            vision = f"{looked.vision_hits}/{looked.vision_misses}" if setting == "on" else "-"
+            inputs = f"{looked.input_hits}/{looked.input_misses}" if setting == "on" else "-"
+            print(
+                f"{name:<8} {setting:<5} {trial_s:>8.2f} {args.limit / trial_s:>10.1f} "
+                f"{statistics.median(cell.eval_per_s):>15.1f} {vision:>19} {inputs:>19}"
+            )
+    print()
+    failed = []
+    for name in names:
+        off, on = cells[name, "off"], cells[name, "on"]
+        ratios = [a / b for a, b in zip(off.trial_s, on.trial_s, strict=True)]
+        evals = [b / a for a, b in zip(off.eval_per_s, on.eval_per_s, strict=True)]
+        print(
+            f"{name}: cache on / off, samples/s {statistics.median(ratios):.2f}x "
+            f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x); eval samples/s "
+            f"{statistics.median(evals):.2f}x"
+        )
+        assert off.first is not None and on.first is not None
+        if outputs(off.first) != outputs(on.first):
+            failed.append(name)
+    if failed:
+        print(f"OUTPUTS DIFFER with the cache on and off: {', '.join(failed)}")
+        return 1
+    print(f"outputs equal with the cache on and off: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
