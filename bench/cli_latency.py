@@ -8,7 +8,8 @@ cost of a small sweep (imports, Ray start and stop, worker start, model loads, s
 
 Then ``status``, ``status bench``, ``report bench`` (md, csv, latex), ``methods`` and ``sweep
 quickstart --dry-run`` run ``--repeat`` times each: median and min wall seconds, and which of
-torch, transformers, ray, mlflow, hydra and matplotlib the command imported (one more run).
+torch, transformers, ray, mlflow, hydra and matplotlib the command imported and its peak RSS
+(one more run).
 
 ``--ray``: where a sweep's Ray time goes, in a fresh process per run: import of the scheduler
 (torch, transformers and ray with it), its ``start_ray`` (a new local Ray), two trivial
@@ -54,12 +55,15 @@ COMMANDS: dict[str, list[str]] = {
     "sweep quickstart --dry-run": ["sweep", "quickstart", "--dry-run"],
 }
 HEAVY = ("torch", "transformers", "ray", "mlflow", "hydra", "matplotlib")
-# the command as the CLI runs it, then a line on stderr naming the heavy modules it imported
+# the command as the CLI runs it, then lines on stderr naming the heavy modules it imported and
+# its peak resident memory (ru_maxrss: KiB on Linux)
 PROBE = (
-    "import atexit, sys\n"
+    "import atexit, resource, sys\n"
     "from prunelab.orchestrator.cli import main\n"
     "atexit.register(lambda: print('imported:', ' '.join(m for m in {heavy!r} "
     "if m in sys.modules) or '-', file=sys.stderr))\n"
+    "atexit.register(lambda: print('maxrss:', resource.getrusage(resource.RUSAGE_SELF)"
+    ".ru_maxrss, file=sys.stderr))\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 
@@ -160,11 +164,12 @@ def check(label: str, result: subprocess.CompletedProcess) -> None:
         )
 
 
-def describe(tree: Path, env: dict[str, str]) -> str:
-    """Where prunelab is imported from, and the tree's commit."""
+def describe(tree: Path, env: dict[str, str], cwd: Path) -> str:
+    """Where prunelab is imported from by the commands (run in ``cwd``: ``python -c`` puts its
+    working directory first on ``sys.path``), and the tree's commit."""
     found = subprocess.run(
         [sys.executable, "-c", "import prunelab; print(prunelab.__file__)"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env, cwd=cwd, capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     git = ["git", "-C", str(tree)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -184,21 +189,26 @@ def time_commands(envs: dict[str, dict[str, str]], cwd: Path, repeat: int) -> No
                 check(f"{label}: {name}", result)
                 times.setdefault((name, label), []).append(seconds)
     imported: dict[tuple[str, str], str] = {}
-    for name, argv in COMMANDS.items():  # one more run each, not timed: what it imported
+    rss: dict[tuple[str, str], str] = {}
+    for name, argv in COMMANDS.items():  # one more run each, not timed: imports, memory
         for label, env in envs.items():
             _, result = run(argv, env, cwd, PROBE.format(heavy=HEAVY))
             check(f"{label}: {name}", result)
             lines = [x for x in result.stderr.splitlines() if x.startswith("imported:")]
             imported[name, label] = lines[-1].removeprefix("imported: ") if lines else "?"
+            peaks = [x for x in result.stderr.splitlines() if x.startswith("maxrss:")]
+            rss[name, label] = f"{int(peaks[-1].split()[1]) // 1024}" if peaks else "?"
     width = max(len(name) for name in COMMANDS) + 2
     tree_width = max(len(label) for label in envs) + 2
-    print(f"  {'command':{width}}{'tree':{tree_width}}{'median':>7} {'min':>7}  imported")
+    print(
+        f"  {'command':{width}}{'tree':{tree_width}}{'median':>7} {'min':>7} {'MiB':>5}  imported"
+    )
     for name in COMMANDS:
         for label in envs:
             values = times[name, label]
             print(
                 f"  {name:{width}}{label:{tree_width}}{statistics.median(values):7.2f} "
-                f"{min(values):7.2f}  {imported[name, label]}"
+                f"{min(values):7.2f} {rss[name, label]:>5}  {imported[name, label]}"
             )
 
 
@@ -247,7 +257,7 @@ def main() -> None:
             stores = work / f"stores-{len(envs)}"
             stores.mkdir()
             envs[label] = env_for(tree, stores)
-            print(f"{label}: prunelab from {describe(tree, envs[label])}")
+            print(f"{label}: prunelab from {describe(tree, envs[label], work)}")
 
         print(f"\nsmall sweep, fixed cost (wall s): prunelab {' '.join(SWEEP)}")
         for label, env in envs.items():

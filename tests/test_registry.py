@@ -4,6 +4,11 @@ entries found by the lookups that build trials."""
 
 from __future__ import annotations
 
+import json
+import pkgutil
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -11,9 +16,10 @@ from typing import Any, ClassVar
 import pytest
 
 import prunelab.methods as M
+import prunelab.workers.adapters as adapters
 from prunelab.registry import Registry, UnknownNameError
 from prunelab.sweeps import group_config, group_names
-from prunelab.workers.adapters import FAMILIES, family_module
+from prunelab.workers.adapters import FAMILIES, FAMILY_MODULES, family_module, family_problem
 from prunelab.workers.benchmarks import BENCHMARKS, build_benchmark, register_benchmark
 
 
@@ -114,12 +120,64 @@ def test_every_shipped_family_is_registered() -> None:
 
 
 def test_family_modules_provide_the_family_interface() -> None:
-    for family, module in FAMILIES.items():
+    for family, name in FAMILIES.items():
+        module = family_module(family)
+        assert module.__name__ == name
         for attr in ("adapter_class", "tiny_config", "build_tiny", "from_pretrained", "model_info"):
             assert callable(getattr(module, attr)), (family, attr)
     assert family_module("qwen2_5_vl") is family_module("qwen2_vl")
     with pytest.raises(ValueError, match=r"family='lava': expected one of .*'llava'\?$"):
         family_module("lava")
+
+
+def test_the_family_table_matches_the_modules() -> None:
+    """Every family module of the package has its line in ``FAMILY_MODULES`` (a module added
+    without one fails here), and each line names the module whose adapter is that family's."""
+    modules = {m.name for m in pkgutil.iter_modules(adapters.__path__)}
+    family_modules = {m for m in modules if m != "base" and not m.startswith("_")}
+    assert family_modules == set(FAMILY_MODULES.values())
+    assert set(FAMILY_MODULES) == set(FAMILIES.names())
+    for family, module in FAMILY_MODULES.items():
+        assert family_module(family).adapter_class(family).family == family, (family, module)
+
+
+def test_families_are_known_without_importing_their_modules() -> None:
+    """Validating and listing families imports no family module (nor torch or transformers);
+    :func:`family_module` imports the module of the family it is asked for, and that module
+    imports no transformers (its functions that build or load a model do)."""
+    code = textwrap.dedent(
+        """
+        import json, sys
+        from prunelab.workers.adapters import FAMILIES, family_module, family_problem
+
+        def loaded():
+            watched = ("torch", "transformers")
+            return sorted(
+                m for m in sys.modules if m.startswith("prunelab.workers.adapters.") or m in watched
+            )
+
+        assert family_problem("llava") is None and "qwen2_5_vl" in FAMILIES.names()
+        assert "did you mean 'llava'" in family_problem("lava")
+        known = loaded()
+        family_module("llava")
+        print(json.dumps([known, loaded()]))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    known, after_llava = json.loads(result.stdout.splitlines()[-1])
+    assert known == []
+    assert "transformers" not in after_llava
+    assert [m for m in after_llava if m.startswith("prunelab.")] == [
+        "prunelab.workers.adapters.base",
+        "prunelab.workers.adapters.llava",
+    ]
+    assert family_problem("lava") == (
+        "family='lava': expected one of internvl, llava, llava_next, qwen2_5_vl, qwen2_vl; "
+        "did you mean 'llava'?"
+    )
 
 
 # -- benchmarks -----------------------------------------------------------------------------

@@ -21,6 +21,18 @@ from prunelab.methods.base import (
 )
 from prunelab.methods.registry import METHODS, UnknownMethodError, available, get, register
 
+
+def build(
+    name: str, hparams: dict, keep_ratio: float | None, keep_tokens: int | None
+) -> tuple[PruningMethod, Budget | None]:
+    """The method ``name`` with ``hparams`` and the budget it is given (None: it takes none),
+    before any trained asset is bound: what planning reads, and what a worker binds a trial's
+    assets to (``prunelab.workers.runner.build_method``)."""
+    method = get(name).from_hparams(dict(hparams))
+    budget = Budget(keep_ratio=keep_ratio, keep_tokens=keep_tokens) if method.uses_budget else None
+    return method, budget
+
+
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "registry"):
         importlib.import_module(f"{__name__}.{_module.name}")
@@ -42,6 +54,7 @@ __all__ = [
     "VisionSelection",
     "VisionSignals",
     "available",
+    "build",
     "get",
     "register",
 ]

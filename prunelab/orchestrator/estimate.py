@@ -17,12 +17,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+import prunelab.methods as methods
 from prunelab.db import Trial as TrialRow
 from prunelab.methods.base import PlanContext
 from prunelab.trial import Trial
 from prunelab.workers.cost import trial_flops
 from prunelab.workers.models import ModelInfo, describe_model
-from prunelab.workers.runner import build_method
 
 __all__ = [
     "ASSUMED_TEXT_TOKENS",
@@ -45,8 +45,12 @@ def _info(model_config_json: str) -> ModelInfo:
 
 
 def planned_visual_per_layer(trial: Trial, info: ModelInfo) -> list[int]:
-    """Visual tokens each LLM layer will see under the trial's plan: (n_layers,)."""
-    method, budget = build_method(trial)
+    """Visual tokens each LLM layer will see under the trial's plan: (n_layers,).
+
+    The method is built as the worker builds it (:func:`prunelab.methods.build`) but without
+    the trial's trained assets, which a plan does not read: nothing of the worker (model code,
+    trained heads) is imported or loaded for an estimate."""
+    method, budget = methods.build(trial.method, trial.hparams, trial.keep_ratio, trial.keep_tokens)
     plan = method.plan_trial(
         PlanContext(
             n_visual=info.n_visual,

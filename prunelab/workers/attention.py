@@ -5,6 +5,10 @@ function its post-RoPE query and key states. We register wrappers around SDPA an
 FlashAttention-2 (``prunelab_sdpa``, ``prunelab_flash_attention_2``) that run the original kernel
 and, when a probe asks for a layer, also compute ``softmax(q_rows k^T * scale + mask)`` for the
 requested query rows only: O(Q * S) extra work instead of materialising the S x S matrix.
+
+transformers' attention and mask registries are imported when a wrapper is registered
+(:func:`wrap_attention`, as a model is set up), not with this module: importing it costs torch
+only, so the modules that share :class:`AttentionProbe` stay cheap to import where no model runs.
 """
 
 from __future__ import annotations
@@ -16,9 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 __all__ = [
     "PROBED_IMPLEMENTATIONS",
@@ -114,7 +115,10 @@ def attention_rows(
     return torch.softmax(scores, dim=-1)
 
 
-def _make_wrapper(inner_name: str):
+def _make_wrapper(inner_name: str, kernels: Mapping[str, Any]):
+    """The probing wrapper of the kernel registered as ``inner_name`` in ``kernels`` (looked up
+    at each call, as transformers does)."""
+
     def prunelab_attention(module, query, key, value, attention_mask, **kwargs):
         probe = _ACTIVE.get()
         layer = probe.modules.get(id(module)) if probe is not None else None
@@ -146,9 +150,7 @@ def _make_wrapper(inner_name: str):
             if layer in probe.keys:
                 for b in batch:
                     probe._store(probe.key_states, layer, key[b])
-        return ALL_ATTENTION_FUNCTIONS[inner_name](
-            module, query, key, value, attention_mask, **kwargs
-        )
+        return kernels[inner_name](module, query, key, value, attention_mask, **kwargs)
 
     prunelab_attention.__name__ = f"{_PREFIX}{inner_name}"
     return prunelab_attention
@@ -163,8 +165,12 @@ def wrap_attention(implementation: str) -> str:
             f"attn_implementation={implementation!r}: prunelab reads attention rows through "
             f"{' or '.join(PROBED_IMPLEMENTATIONS)}"
         )
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     name = f"{_PREFIX}{implementation}"
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _make_wrapper(implementation))
+        AttentionInterface.register(name, _make_wrapper(implementation, ALL_ATTENTION_FUNCTIONS))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
     return name

@@ -187,10 +187,50 @@ def _config(spec: ModelSpec):
         raise ValueError(f"cannot read the config of {spec.path!r}: {exc}") from None
 
 
-def describe_model(cfg: dict[str, Any] | ModelSpec) -> ModelInfo:
-    """Shapes of the model named by ``cfg`` from its config alone (no weights loaded)."""
+class _NotStated(Exception):
+    """A key a ``config.json`` does not state: transformers' default for it would apply."""
+
+
+class _Stated:
+    """Attribute access to the values of a ``config.json`` mapping as a transformers config
+    gives them; nested mappings (``text_config``, ``vision_config``) are views too, and a key
+    the file does not state raises :class:`_NotStated` (not AttributeError: a ``getattr`` with
+    a default must not stand in for transformers' default)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            value = self._values[name]
+        except KeyError:
+            raise _NotStated(name) from None
+        return _Stated(value) if isinstance(value, dict) else value
+
+
+def shipped_config_file(spec: ModelSpec) -> Path | None:
+    """The ``config.json`` in the package that describes ``spec`` (a built-in model's, or a
+    hub checkpoint's under ``models/hub``), or None."""
+    if spec.source != "pretrained" or spec.revision is not None or not spec.path:
+        return None
+    if Path(spec.path).parent == BUILTIN_DIR:  # ``builtin:<name>``, resolved by ModelSpec
+        return Path(spec.path) / "config.json"
+    shipped = shipped_config(spec.path)
+    return None if shipped is None else shipped / "config.json"
+
+
+def describe_model(cfg: dict[str, Any] | ModelSpec, *, library: bool = False) -> ModelInfo:
+    """Shapes of the model named by ``cfg`` from its config alone (no weights loaded).
+
+    A ``config.json`` the package ships is read as plain JSON, without transformers (whose
+    import is most of a dry run's time and holds the library in the orchestrator's memory),
+    when it states every value the family reads; anything else, or ``library=True``, goes
+    through transformers' config classes. ``tests/orchestrator/test_command_cost.py`` checks
+    that both ways describe every shipped model config alike.
+    """
     spec = cfg if isinstance(cfg, ModelSpec) else ModelSpec.from_config(cfg)
-    config = _config(spec)
     family = _family_module(spec.family)
     if spec.source == "tiny":
         revision = "tiny-" + _hash({"tiny": spec.tiny, "seed": spec.seed})
@@ -200,7 +240,15 @@ def describe_model(cfg: dict[str, Any] | ModelSpec) -> ModelInfo:
         revision = "builtin-" + _content_hash(spec.path)
     else:
         revision = "local-" + _hash(_local_fingerprint(spec.path))
-    return family.model_info(config, revision, spec.processor)
+    file = None if library else shipped_config_file(spec)
+    if file is not None and file.is_file():
+        try:
+            return family.model_info(
+                _Stated(json.loads(file.read_text())), revision, spec.processor
+            )
+        except _NotStated:
+            pass  # a value transformers would default: read through transformers
+    return family.model_info(_config(spec), revision, spec.processor)
 
 
 def _local_fingerprint(path: str | None) -> Any:

@@ -59,12 +59,10 @@ __all__ = [
 
 def build_method(trial: Trial) -> tuple[PruningMethod, methods.Budget | None]:
     """The method instance and budget a trial asks for (no budget: the method takes none)."""
-    method = methods.get(trial.method).from_hparams(dict(trial.hparams))
-    method = method.bind(trial_assets(trial))  # trained assets, e.g. pgp's VIB head
-    budget = None
-    if method.uses_budget:
-        budget = methods.Budget(keep_ratio=trial.keep_ratio, keep_tokens=trial.keep_tokens)
-    return method, budget
+    method, budget = methods.build(
+        trial.method, trial.hparams, trial.keep_ratio, trial.keep_tokens
+    )
+    return method.bind(trial_assets(trial)), budget  # trained assets, e.g. pgp's VIB head
 
 
 class ReferenceCache:

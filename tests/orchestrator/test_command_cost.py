@@ -1,7 +1,10 @@
 """What the quick commands import (issue 18): ``status`` and ``report`` read prunelab's database
 only, so they import no torch, transformers, Ray or MLflow (nor matplotlib without
 ``--pareto``) and stay quick enough for ``watch prunelab status``; ``methods`` needs torch (the
-methods) but no transformers, Ray or MLflow, and a dry run plans without Ray or MLflow.
+methods) but no transformers, Ray or MLflow, and a dry run plans without Ray, MLflow, the worker
+or transformers' model code, and without transformers at all for models whose config the
+package ships (``describe_model`` reads the shipped config.json as JSON; checked here against
+transformers' config classes).
 
 Each command runs in a fresh interpreter, as the ``prunelab`` command does, with the
 ``PRUNELAB_*`` variables pointing at stores under ``tmp_path``. Nothing here is about time:
@@ -20,6 +23,8 @@ import pytest
 from tiny_models import trial_config
 
 from prunelab.db import init_db, repo, session_factory
+from prunelab.sweeps import group_config, group_names
+from prunelab.workers import models
 
 NAME = "cheap"
 
@@ -118,14 +123,59 @@ def test_report_imports_matplotlib_only_for_the_plot(env: dict[str, str], tmp_pa
     assert plot.read_bytes().lstrip().startswith(b"<?xml")
 
 
-def test_methods_and_dry_run_import_no_ray_or_mlflow(env: dict[str, str], tmp_path: Path) -> None:
-    """``methods`` imports the methods (torch) only; a dry run plans the trials (the models'
-    configs: transformers) and estimates their cost without Ray or MLflow."""
+# the model library's model code (what a family module imported with it before issue 18: most
+# of a dry run's time) and the worker that runs trials
+MODEL_CODE = ("transformers.modeling_utils", "transformers.processing_utils")
+PLANNING_WATCHED = (
+    "torch",
+    "transformers",
+    *MODEL_CODE,
+    "prunelab.workers.runner",
+    "ray",
+    "mlflow",
+)
+
+
+def test_methods_and_dry_run_import_no_model_library(env: dict[str, str], tmp_path: Path) -> None:
+    """``methods`` imports the methods (torch) and nothing else watched. A dry run plans the
+    trials and estimates their cost without Ray, MLflow or the worker, and without
+    transformers for models whose config the package ships (the built-in toy-llava, the hub
+    checkpoints' configs): the family registry and the adapter modules import no
+    transformers. Tiny models are described through transformers' config classes (and the
+    word-level tokenizer), still without any model code. torch stays: ``prunelab.methods``
+    (which plans the trials) and ``prunelab.workers.models`` import it. A dry run writes
+    nothing: the stores under ``tmp_path`` are as they were."""
+    before = _files(tmp_path)
     steps = run_commands(
-        [["methods"], ["sweep", "quickstart", "--dry-run"]],
-        ("transformers", "ray", "mlflow"),
+        [
+            ["methods"],
+            ["sweep", "quickstart", "--dry-run"],
+            ["sweep", "quickstart", "model=llava-1.5-7b,llava-next-7b", "--dry-run"],
+            ["sweep", "quickstart", "model=tiny-llava-next,tiny-internvl", "--dry-run"],
+        ],
+        PLANNING_WATCHED,
         env,
         tmp_path,
     )
-    assert steps[0] == (0, [])
-    assert steps[1] == (0, ["transformers"])
+    assert steps[0] == (0, ["torch"])
+    assert steps[1] == (0, ["torch"])
+    assert steps[2] == (0, ["torch"])
+    assert steps[3] == (0, ["torch", "transformers"])
+    assert _files(tmp_path) == before
+
+
+def _files(root: Path) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of everything under ``root``."""
+    return sorted(
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+    )
+
+
+@pytest.mark.parametrize("name", group_names("model"))
+def test_planning_describes_every_shipped_model_as_the_workers_do(name: str) -> None:
+    """``describe_model`` from the shipped config.json read without transformers gives what
+    transformers' config classes give, revision included: the same trial keys, shapes and
+    FLOPs either way (that the llava-family ones are read without transformers: the dry runs
+    above)."""
+    config = group_config("model", name)
+    assert models.describe_model(config) == models.describe_model(config, library=True)

@@ -25,7 +25,6 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from prunelab.methods.base import LayerStep, PruningMethod, VisionSignals
 from prunelab.workers.attention import AttentionProbe, probe_attention, wrap_attention
@@ -443,6 +442,8 @@ class VLMAdapter:
         during the prefill; None: an unpruned generation. Returns the generation and the
         ``clock()`` mark taken when the first logits were ready.
         """
+        from transformers import DynamicCache  # here: the module is imported where no model runs
+
         if pruner is None:
             pruner = self.layer_pruner(llm_input)
 

@@ -17,26 +17,22 @@ tiles row-major over the canvas, then the thumbnail. ``<img>`` / ``</img>`` are 
 Coordinates (tile, row, col): the thumbnail (the whole-image view; it comes LAST in the sequence)
 is tile 0, grid tile k (processor order, row-major) is tile k + 1; a single-tile image (no
 thumbnail) is tile 0. (row, col) is the token's cell on its tile's pixel-shuffled grid.
+
+transformers (and the word-level tokenizer) is imported by the functions that build or load a
+model, not with the module: :func:`model_info` reads the config it is given, so a sweep is
+planned without the model library's model code.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import (
-    InternVLConfig,
-    InternVLForConditionalGeneration,
-    InternVLProcessor,
-    InternVLVisionConfig,
-    Qwen2Config,
-)
 
 from prunelab.methods.base import VisionSignals
-from prunelab.workers.adapters import register_family
 from prunelab.workers.adapters.base import (
     TINY_TEXT,
     TINY_VISION,
@@ -53,11 +49,14 @@ from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
 from prunelab.workers.cost import projector_flops, vit_flops
 from prunelab.workers.models import ModelInfo, ModelSpec
-from prunelab.workers.text import build_word_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import InternVLConfig
+
+    from prunelab.workers.adapters._processors import InternVLImageProcessor
 
 __all__ = [
     "InternVLAdapter",
-    "InternVLImageProcessor",
     "adapter_class",
     "build_tiny",
     "from_pretrained",
@@ -84,31 +83,6 @@ TINY_DEFAULTS: dict[str, Any] = {
     "min_patches": 1,
     "max_patches": 6,  # a 48 x 48 image on 32 x 32 tiles: 2 x 2 grid + thumbnail = 5 tiles
 }
-
-
-class InternVLImageProcessor(InternVLProcessor):
-    """``InternVLProcessor`` for images only: no video processor (which needs torchvision).
-
-    Same prompt expansion and tiling as the stock processor; loads a hub or local checkpoint's
-    image processor and tokenizer.
-    """
-
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        image_seq_length: int = 256,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            image_processor,
-            tokenizer,
-            None,
-            image_seq_length=image_seq_length,
-            chat_template=chat_template,
-            **kwargs,
-        )
 
 
 def _image_processor(tile: int, min_patches: int, max_patches: int):
@@ -148,6 +122,10 @@ def tokens_per_tile(config: InternVLConfig) -> int:
 
 
 def tiny_config(spec: ModelSpec) -> InternVLConfig:
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    from prunelab.workers.text import build_word_tokenizer
+
     overrides = spec.tiny
     vision = {**TINY_DEFAULTS["vision"], **overrides.get("vision", {})}
     tokenizer = build_word_tokenizer(shapes_vocabulary(), extra_special_tokens=SPECIAL_TOKENS)
@@ -210,6 +188,11 @@ def build_tiny(
     spec: ModelSpec, config: InternVLConfig
 ) -> tuple[torch.nn.Module, InternVLImageProcessor]:
     """A randomly initialised InternVL from ``config`` (seeded) and its word-level processor."""
+    from transformers import InternVLForConditionalGeneration
+
+    from prunelab.workers.adapters._processors import InternVLImageProcessor
+    from prunelab.workers.text import build_word_tokenizer
+
     model = seeded_model(InternVLForConditionalGeneration, spec, config)
     tokenizer = build_word_tokenizer(shapes_vocabulary(), extra_special_tokens=SPECIAL_TOKENS)
     if tokenizer.context_image_token_id != config.image_token_id:
@@ -227,6 +210,10 @@ def build_tiny(
 
 def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     """Load weights and processor from a hub id or a local directory."""
+    from transformers import InternVLForConditionalGeneration
+
+    from prunelab.workers.adapters._processors import InternVLImageProcessor
+
     model = pretrained_model(InternVLForConditionalGeneration, spec, dtype, device)
     processor = InternVLImageProcessor.from_pretrained(
         spec.path, revision=spec.revision, **spec.processor
@@ -341,6 +328,3 @@ class InternVLAdapter(VLMAdapter):
 
 def adapter_class(family: str) -> type[VLMAdapter]:
     return InternVLAdapter
-
-
-register_family(__name__, "internvl")

@@ -3,26 +3,21 @@
 Visual tokens are the N = (image_size / patch_size)^2 patch features of the encoder layer
 ``vision_feature_layer`` (CLS dropped by the ``default`` strategy), projected into the LLM's
 embedding space and scattered over N ``<image>`` placeholders in the prompt.
+
+transformers (and the word-level tokenizer) are imported by the functions that build or load a
+model, not with the module: :func:`model_info` reads the config it is given, so a sweep is
+planned without the model library's model code.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaProcessor,
-)
 
 from prunelab.methods.base import VisionSignals
-from prunelab.workers.adapters import register_family
 from prunelab.workers.adapters.base import (
     TINY_TEXT,
     TINY_VISION,
@@ -38,7 +33,9 @@ from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
 from prunelab.workers.cost import projector_flops, vit_flops
 from prunelab.workers.models import ModelInfo, ModelSpec
-from prunelab.workers.text import IMAGE_TOKEN, build_word_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import LlavaConfig, LlavaNextConfig, LlavaProcessor
 
 __all__ = [
     "LlavaAdapter",
@@ -66,6 +63,10 @@ def _image_processor(image_size: int):
 
 
 def tiny_config(spec: ModelSpec) -> LlavaConfig:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from prunelab.workers.text import IMAGE_TOKEN, build_word_tokenizer
+
     overrides = spec.tiny
     vision = {**TINY_DEFAULTS["vision"], **overrides.get("vision", {})}
     tokenizer = build_word_tokenizer(shapes_vocabulary())
@@ -107,6 +108,10 @@ def vision_flops(config: LlavaConfig | LlavaNextConfig) -> float:
 
 def build_tiny(spec: ModelSpec, config: LlavaConfig) -> tuple[torch.nn.Module, LlavaProcessor]:
     """A randomly initialised LLaVA from ``config`` (seeded) and its word-level processor."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from prunelab.workers.text import build_word_tokenizer
+
     model = seeded_model(LlavaForConditionalGeneration, spec, config)
     tokenizer = build_word_tokenizer(shapes_vocabulary())
     processor = LlavaProcessor(
@@ -121,6 +126,8 @@ def build_tiny(spec: ModelSpec, config: LlavaConfig) -> tuple[torch.nn.Module, L
 
 def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     """Load weights and processor from a hub id or a local directory."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
     model = pretrained_model(LlavaForConditionalGeneration, spec, dtype, device)
     processor = LlavaProcessor.from_pretrained(spec.path, revision=spec.revision, **spec.processor)
     return model, processor
@@ -175,6 +182,3 @@ class LlavaAdapter(VLMAdapter):
 
 def adapter_class(family: str) -> type[VLMAdapter]:
     return LlavaAdapter
-
-
-register_family(__name__, "llava")

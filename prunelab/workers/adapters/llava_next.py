@@ -35,26 +35,22 @@ Design (what methods see):
 - ``ModelInfo.n_visual`` / ``vision_flops`` describe a nominal image whose size is the
   largest-area pinpoint (it fits that resolution exactly: all tiles, nothing unpadded), the
   largest count the model produces; ``vision_flops(prepared)`` is exact per image.
+
+transformers (its model and processor classes, and the word-level tokenizer) is imported by the
+functions that build, load or run a model, not with the module: :func:`model_info` reads the
+config it is given, so a sweep is planned without the model library's model code.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextProcessor,
-)
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from prunelab.methods.base import VisionSignals
-from prunelab.workers.adapters import register_family
 from prunelab.workers.adapters.base import (
     TINY_TEXT,
     TINY_VISION,
@@ -71,7 +67,9 @@ from prunelab.workers.adapters.llava import vision_flops as clip_vision_flops
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
 from prunelab.workers.models import ModelInfo, ModelSpec
-from prunelab.workers.text import IMAGE_TOKEN, build_word_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import LlavaNextConfig, LlavaNextProcessor
 
 __all__ = [
     "LlavaNextAdapter",
@@ -104,6 +102,10 @@ def _image_processor(image_size: int, pinpoints: list[list[int]]):
 
 
 def tiny_config(spec: ModelSpec) -> LlavaNextConfig:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    from prunelab.workers.text import IMAGE_TOKEN, build_word_tokenizer
+
     overrides = spec.tiny
     vision = {**TINY_DEFAULTS["vision"], **overrides.get("vision", {})}
     pinpoints = overrides.get("image_grid_pinpoints", TINY_DEFAULTS["image_grid_pinpoints"])
@@ -129,11 +131,11 @@ def model_info(config: LlavaNextConfig, revision: str, processor: dict | None = 
     vision, text = config.vision_config, config.text_config
     height, width = nominal_resolution(config)
     side = vision.image_size // vision.patch_size
-    # the nominal image fits its resolution exactly: no unpadding, every tile patch is a token
+    # the nominal image fits its resolution exactly: no unpadding, every tile patch is a token;
+    # its crops are the base crop and the tiles that cover that resolution (what transformers'
+    # image_size_to_num_patches counts for it, without importing the model code)
     n_visual = side * side + (height // vision.patch_size) * (width // vision.patch_size)
-    crops = image_size_to_num_patches(
-        (height, width), config.image_grid_pinpoints, vision.image_size
-    )
+    crops = 1 + math.ceil(height / vision.image_size) * math.ceil(width / vision.image_size)
     return ModelInfo.from_text_config(
         "llava_next", text, n_visual, revision, vision_flops(config, crops)
     )
@@ -150,6 +152,10 @@ def build_tiny(
     spec: ModelSpec, config: LlavaNextConfig
 ) -> tuple[torch.nn.Module, LlavaNextProcessor]:
     """A randomly initialised LLaVA-NeXT from ``config`` (seeded) and its word-level processor."""
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    from prunelab.workers.text import build_word_tokenizer
+
     model = seeded_model(LlavaNextForConditionalGeneration, spec, config)
     vision = config.vision_config
     processor = LlavaNextProcessor(
@@ -164,6 +170,8 @@ def build_tiny(
 
 def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     """Load weights and processor from a hub id or a local directory."""
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
     model = pretrained_model(LlavaNextForConditionalGeneration, spec, dtype, device)
     # the PIL image processor, as ``build_tiny``: the same pixels with or without torchvision
     processor = LlavaNextProcessor.from_pretrained(
@@ -226,6 +234,8 @@ class LlavaNextAdapter(VLMAdapter):
         return torch.cat(coords)
 
     def prepare(self, sample: Sample) -> Prepared:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
         config = self.model.config
         if config.vision_feature_select_strategy != "default":
             raise ValueError(
@@ -343,6 +353,3 @@ class LlavaNextAdapter(VLMAdapter):
 
 def adapter_class(family: str) -> type[VLMAdapter]:
     return LlavaNextAdapter
-
-
-register_family(__name__, "llava_next")

@@ -29,6 +29,10 @@ benchmark) resized under the processor's default pixel limits, i.e. min 56^2 / m
 pixels at patch size 14, scaled to the model's patch size: 6 x 6 = 36 tokens for the tiny
 models (patch 4), 2 x 2 = 4 for the 7B models (patch 14). Per-sample counts come from the
 processor (``prepare``) and ``vision_flops(prepared)``.
+
+transformers is imported by the functions that need it, not with the module: the config classes
+by :func:`tiny_config`, the model and processor classes (which load the model code) where a
+model is built or loaded, the processor's ``smart_resize`` by :func:`nominal_grid`.
 """
 
 from __future__ import annotations
@@ -40,23 +44,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2_5_VLTextConfig,
-    Qwen2_5_VLVisionConfig,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
-    Qwen2VLTextConfig,
-    Qwen2VLVisionConfig,
-)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 from prunelab.methods.base import VisionSignals
-from prunelab.workers.adapters import register_family
 from prunelab.workers.adapters.base import (
     TINY_TEXT,
     LLMInput,
@@ -68,7 +57,6 @@ from prunelab.workers.attention import wrap_attention
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.benchmarks.shapes import shapes_vocabulary
 from prunelab.workers.models import ModelInfo, ModelSpec
-from prunelab.workers.text import build_word_tokenizer
 
 __all__ = [
     "NOMINAL_IMAGE",
@@ -112,23 +100,37 @@ TINY_DEFAULTS: dict[str, dict[str, Any]] = {
         "text": TINY_TEXT,
     },
 }
-_CLASSES: dict[str, tuple[type, type, type, type, type]] = {
-    # config, vision config, text config, model, processor
-    "qwen2_vl": (
-        Qwen2VLConfig,
-        Qwen2VLVisionConfig,
-        Qwen2VLTextConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLProcessor,
-    ),
-    "qwen2_5_vl": (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLVisionConfig,
-        Qwen2_5_VLTextConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-    ),
-}
+
+
+def _config_classes(family: str) -> tuple[type, type, type]:
+    """(config, vision config, text config) classes of ``family``."""
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+
+        return Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig, Qwen2_5_VLTextConfig
+    from transformers import Qwen2VLConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+    return Qwen2VLConfig, Qwen2VLVisionConfig, Qwen2VLTextConfig
+
+
+def _model_class(family: str) -> Any:
+    """The model class of ``family`` (imports transformers' model code)."""
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration
+
+
+def _processor_class(family: str) -> Any:
+    """The image-only processor class of ``family`` (imports transformers' model code)."""
+    from prunelab.workers.adapters import _processors
+
+    if family == "qwen2_5_vl":
+        return _processors.ImageOnlyQwen2_5_VLProcessor
+    return _processors.ImageOnlyQwen2VLProcessor
 
 
 def _family(config) -> str:
@@ -155,6 +157,8 @@ def pixel_limits(patch_size: int, processor: dict | None = None) -> tuple[int, i
 def nominal_grid(config, processor: dict | None = None) -> torch.Tensor:
     """(1, 3) image_grid_thw of the nominal image (:data:`NOMINAL_IMAGE`) under the default
     pixel limits or the ``min_pixels`` / ``max_pixels`` of the model config's ``processor``."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
     vision = config.vision_config
     low, high = pixel_limits(vision.patch_size, processor)
     factor = vision.patch_size * vision.spatial_merge_size
@@ -164,7 +168,7 @@ def nominal_grid(config, processor: dict | None = None) -> torch.Tensor:
 
 def tiny_config(spec: ModelSpec):
     """The tiny model's config: ``TINY_DEFAULTS[family]`` updated by ``spec.tiny``."""
-    config_cls, vision_cls, text_cls, _, _ = _CLASSES[spec.family]
+    config_cls, vision_cls, text_cls = _config_classes(spec.family)
     defaults = TINY_DEFAULTS[spec.family]
     vision = {**defaults["vision"], **spec.tiny.get("vision", {})}
     text = {**defaults["text"], **spec.tiny.get("text", {})}
@@ -224,6 +228,8 @@ def vision_flops(config, grid_thw: torch.Tensor) -> float:
     and norms have no matmul.
     """
     vision = config.vision_config
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+
     qwen25 = _family(config) == "qwen2_5_vl"
     grid_thw = grid_thw.cpu()
     n = int(grid_thw.prod(dim=-1).sum())
@@ -247,6 +253,8 @@ def vision_flops(config, grid_thw: torch.Tensor) -> float:
 
 
 def _tokenizer():
+    from prunelab.workers.text import build_word_tokenizer
+
     return build_word_tokenizer(shapes_vocabulary(), extra_special_tokens=SPECIAL_TOKENS)
 
 
@@ -258,46 +266,12 @@ def _image_processor_class():
     return processor_cls
 
 
-class _ImageOnly:
-    """Mixin: the family's processor without its video processor.
-
-    prunelab feeds images only, and in transformers 5 ``Qwen2VLProcessor`` cannot be built
-    without torchvision (its video processor needs it). Saved processors keep the family's
-    class name, so ``AutoProcessor`` still loads them where torchvision is installed.
-    """
-
-    saved_class: ClassVar[str] = ""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        output["processor_class"] = self.saved_class
-        return output
-
-
-class ImageOnlyQwen2VLProcessor(_ImageOnly, Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` for images only (see :class:`_ImageOnly`)."""
-
-    saved_class = "Qwen2VLProcessor"
-
-
-class ImageOnlyQwen2_5_VLProcessor(_ImageOnly, Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` for images only (see :class:`_ImageOnly`)."""
-
-    saved_class = "Qwen2_5_VLProcessor"
-
-
-_PROCESSORS = {"qwen2_vl": ImageOnlyQwen2VLProcessor, "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor}
-
-
 def build_tiny(spec: ModelSpec, config) -> tuple[torch.nn.Module, Any]:
     """A randomly initialised model from ``config`` (seeded) and its word-level processor."""
     torch.manual_seed(spec.seed)
     config.text_config._attn_implementation = spec.attn_implementation
     config.vision_config._attn_implementation = spec.attn_implementation
-    model = _CLASSES[spec.family][3](config)
+    model = _model_class(spec.family)(config)
     vision = config.vision_config
     low, high = pixel_limits(vision.patch_size, spec.processor)
     image_processor = _image_processor_class()(
@@ -307,14 +281,16 @@ def build_tiny(spec: ModelSpec, config) -> tuple[torch.nn.Module, Any]:
         min_pixels=low,
         max_pixels=high,
     )
-    processor = _PROCESSORS[spec.family](image_processor=image_processor, tokenizer=_tokenizer())
+    processor = _processor_class(spec.family)(
+        image_processor=image_processor, tokenizer=_tokenizer()
+    )
     return model, processor
 
 
 def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
     """Load weights and processor from a hub id or a local directory."""
     model = (
-        _CLASSES[spec.family][3]
+        _model_class(spec.family)
         .from_pretrained(
             spec.path,
             revision=spec.revision,
@@ -323,7 +299,7 @@ def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
         )
         .to(device)
     )
-    processor = _PROCESSORS[spec.family].from_pretrained(
+    processor = _processor_class(spec.family).from_pretrained(
         spec.path, revision=spec.revision, **spec.processor
     )
     return model, processor
@@ -473,6 +449,8 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     def _patch_order(self, grid: torch.Tensor) -> torch.Tensor:
         """Merge windows permuted into attention windows (``window_index``), patches of a
         window consecutive."""
+        from transformers.vision_utils import get_vision_window_index
+
         vision = self.model.config.vision_config
         window_index, _ = get_vision_window_index(
             grid.cpu(), vision.spatial_merge_size, vision.window_size, vision.patch_size
@@ -484,6 +462,3 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
 def adapter_class(family: str) -> type[VLMAdapter]:
     return Qwen2_5_VLAdapter if family == "qwen2_5_vl" else Qwen2VLAdapter
-
-
-register_family(__name__, "qwen2_vl", "qwen2_5_vl")
