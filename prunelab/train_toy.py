@@ -235,6 +235,8 @@ class ShapesTensors:
     colour_counts: torch.Tensor
     patch_cells: torch.Tensor  # (P,) row-major index of the cell (shapes) / patch (scenes)
     categories: list[str]
+    # (N, P) float: 1 on the patch under each object's centre (scenes; None for shapes)
+    anchors: torch.Tensor | None = None
     # (N, P, d) layer -2 patch features of the frozen tower (stage 2 reads them, not the pixels)
     features: torch.Tensor | None = None
 
@@ -244,6 +246,8 @@ class ShapesTensors:
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         length = int(self.attention_mask[index].sum(dim=1).max())
         extra = {} if self.features is None else {"features": self.features[index]}
+        if self.anchors is not None:
+            extra["anchors"] = self.anchors[index]
         return {
             **extra,
             "pixel_values": self.pixel_values[index],
@@ -377,13 +381,17 @@ def encode_scenes(
 
     bench = ScenesBenchmark(split=split, size=n, image_size=vision["image_size"])
     tokenizer = processor.tokenizer
-    pixels, rows, labels, sets, categories = [], [], [], [], []
+    pixels, rows, labels, sets, categories, anchors = [], [], [], [], [], []
+    side = vision["image_size"] // vision["patch_size"]
     for index, s, prompt in _prompted(bench, n, processor, chunk, pixels):
         objects = s.extra["objects"]
         rng = np.random.default_rng([bench._split_seed(), index, 7])
         qa = [(s.question, s.answers[0])]
         others = [c for c in CATEGORIES if c != s.category]
-        for category in [others[int(k)] for k in rng.permutation(len(others))]:
+        order = [others[int(k)] for k in rng.permutation(len(others))]
+        for _ in range(turns // len(CATEGORIES)):  # more turns than categories: more rounds
+            order += [CATEGORIES[int(k)] for k in rng.permutation(len(CATEGORIES))]
+        for category in order:
             if len(qa) >= turns:
                 break
             extra = bench._question(category, objects, rng, bool(rng.random() < 0.5))
@@ -393,8 +401,12 @@ def encode_scenes(
         labels.append(patch_labels(objects, vision["image_size"], vision["patch_size"]))
         sets.append(object_set(objects))
         categories.append(s.category)
+        anchor = [0.0] * (side * side)
+        for obj in objects:
+            row, col = (min(side - 1, int(obj[k] // vision["patch_size"])) for k in ("cy", "cx"))
+            anchor[row * side + col] = 1.0
+        anchors.append(anchor)
     input_ids, attention_mask, answer_pos = _pack(rows, tokenizer.pad_token_id)
-    side = vision["image_size"] // vision["patch_size"]
     return ShapesTensors(
         pixel_values=torch.cat(pixels),
         input_ids=input_ids,
@@ -404,6 +416,7 @@ def encode_scenes(
         colour_counts=torch.tensor(sets, dtype=torch.float32),
         patch_cells=torch.arange(side * side),
         categories=categories,
+        anchors=torch.tensor(anchors, dtype=torch.float32),
     )
 
 
@@ -422,7 +435,11 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 class VisionHeads(nn.Module):
     """Auxiliary heads on the layer -2 features: per-patch cell class and cell index, and from
     CLS a global target: per-colour counts (``shapes``) or the set of objects (``scenes``, a
-    multi-label head: CLS must attend to every object, as CLIP's does)."""
+    multi-label head: CLS must attend to every object, as CLIP's does). On ``scenes`` a fourth
+    head marks the patch under each object's centre (one token per object: what counting
+    needs), and the class loss weighs background and object patches equally (two thirds of
+    the patches are background: unweighted, the tower learns the background first and the
+    objects' shapes last)."""
 
     def __init__(self, hidden: int, n_classes: int, n_cells: int, objects: bool = False) -> None:
         super().__init__()
@@ -430,27 +447,49 @@ class VisionHeads(nn.Module):
         self.where = nn.Linear(hidden, n_cells)
         self.objects = objects
         self.count = nn.Linear(hidden, n_classes - 1 if objects else N_COLOURS * MAX_COUNT)
+        self.anchor = nn.Linear(hidden, 1) if objects else None
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """Cross-entropy of the three heads, and the per-patch class accuracy."""
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """The heads' summed loss, and accuracies: per patch (all, object patches only), of the
+        anchor mark and of the CLS object set (scenes)."""
         tower = model.model.vision_tower
         out = tower(batch["pixel_values"], output_hidden_states=True)
         features = out.hidden_states[model.config.vision_feature_layer]  # (B, 1 + P, d)
         patch_logits = self.patch(features[:, 1:])
         labels = batch["patch_labels"]
-        loss = F.cross_entropy(patch_logits.flatten(0, 1), labels.flatten())
+        per_patch = F.cross_entropy(
+            patch_logits.flatten(0, 1), labels.flatten(), reduction="none"
+        ).view_as(labels)
+        is_object = labels > 0
+        if self.objects:
+            loss = per_patch[is_object].mean() + per_patch[~is_object].mean()
+        else:
+            loss = per_patch.mean()
         where_logits = self.where(features[:, 1:])  # (B, P, cells)
         loss = loss + F.cross_entropy(
             where_logits.flatten(0, 1), batch["patch_cells"].repeat(labels.shape[0])
         )
         cls_logits = self.count(features[:, 0])
+        correct = patch_logits.argmax(-1) == labels
+        metrics = {
+            "patch": correct.float().mean().item(),
+            "object": correct[is_object].float().mean().item(),
+        }
         if self.objects:
-            loss = loss + F.binary_cross_entropy_with_logits(cls_logits, batch["colour_counts"])
+            target = batch["colour_counts"]
+            loss = loss + F.binary_cross_entropy_with_logits(cls_logits, target)
+            metrics["set"] = ((cls_logits > 0) == (target > 0.5)).all(-1).float().mean().item()
+            anchors = batch["anchors"]
+            anchor_logits = self.anchor(features[:, 1:]).squeeze(-1)
+            weight = 1 + anchors * (anchors.numel() / anchors.sum().clamp(min=1) - 1)
+            loss = loss + F.binary_cross_entropy_with_logits(anchor_logits, anchors, weight=weight)
+            metrics["anchor"] = (
+                ((anchor_logits > 0) == (anchors > 0.5)).all(-1).float().mean().item()
+            )
         else:
             counts = cls_logits.view(-1, N_COLOURS, MAX_COUNT)
             loss = loss + F.cross_entropy(counts.flatten(0, 1), batch["colour_counts"].flatten())
-        accuracy = (patch_logits.argmax(-1) == labels).float().mean().item()
-        return loss, accuracy
+        return loss, metrics
 
 
 @torch.no_grad()
@@ -544,26 +583,27 @@ def _log(message: str, start: float) -> None:
 
 def pretrain_vision(
     model: nn.Module, heads: VisionHeads, data: ShapesTensors, cfg: ToyConfig, start: float
-) -> float:
+) -> dict[str, float]:
     """Stage 1: the tower and the auxiliary heads on the per-patch cell classes."""
     tower = model.model.vision_tower
     params = [*tower.parameters(), *heads.parameters()]
     opt = _optimizer([{"params": params, "lr": cfg.vision_lr}], cfg)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    accuracy = 0.0
+    ema: dict[str, float] = {}
     stream = batches(len(data), cfg.batch_size, generator)
     for step, index in enumerate(itertools.islice(stream, cfg.vision_steps)):
         for group in opt.param_groups:
             group["lr"] = cfg.vision_lr * _schedule(step, cfg.vision_steps, cfg.warmup_steps)
-        loss, acc = heads.loss(model, data.batch(index))
+        loss, metrics = heads.loss(model, data.batch(index))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        accuracy = 0.9 * accuracy + 0.1 * acc if step else acc
+        ema = {k: 0.9 * ema[k] + 0.1 * v if step else v for k, v in metrics.items()}
         if step % 100 == 0 or step == cfg.vision_steps - 1:
-            _log(f"vision step {step}: loss {loss.item():.3f} patch acc {accuracy:.3f}", start)
-    return accuracy
+            shown = " ".join(f"{k} {v:.3f}" for k, v in ema.items())
+            _log(f"vision step {step}: loss {loss.item():.3f} acc: {shown}", start)
+    return ema
 
 
 def train_vqa(
@@ -598,9 +638,9 @@ def train_vqa(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         accuracy = 0.9 * accuracy + 0.1 * acc if step else acc
-        if step % 250 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             _log(f"{label} step {step}: loss {loss.item():.3f} answer acc {accuracy:.3f}", start)
-        if (step + 1) % 1000 == 0 and step + 1 < steps:
+        if (step + 1) % 500 == 0 and step + 1 < steps:
             _log(f"{label} val after {step + 1} steps: {evaluate(model, val)}", start)
     for p in tower_params:
         p.requires_grad_(True)
@@ -608,11 +648,10 @@ def train_vqa(
 
 
 @torch.no_grad()
-def _eval_heads(model: nn.Module, heads: VisionHeads, data: ShapesTensors) -> tuple[float, float]:
-    """Auxiliary loss and per-patch class accuracy of the vision heads on ``data``."""
+def _eval_heads(model: nn.Module, heads: VisionHeads, data: ShapesTensors) -> dict[str, float]:
+    """Accuracies of the vision heads on ``data`` (see :meth:`VisionHeads.loss`)."""
     index = torch.arange(len(data))
-    loss, accuracy = heads.loss(model, data.batch(index))
-    return loss.item(), accuracy
+    return heads.loss(model, data.batch(index))[1]
 
 
 def _seed_everything(seed: int, threads: int) -> None:
@@ -650,9 +689,9 @@ def train_toy_models(out: Path, cfg: ToyConfig) -> dict[str, Any]:
         len(train.patch_cells.unique()),
         objects=cfg.benchmark == "scenes",
     )
-    patch_accuracy = pretrain_vision(model, heads, train, cfg, start_wall)
-    _, val_patch_accuracy = _eval_heads(model, heads, val)
-    _log(f"vision val patch acc {val_patch_accuracy:.4f}", start_wall)
+    vision_train = pretrain_vision(model, heads, train, cfg, start_wall)
+    vision_val = _eval_heads(model, heads, val)
+    _log(f"vision val accuracies: {vision_val}", start_wall)
     model.eval()  # the tower is frozen from here on: its features are computed once
     train.features = tower_features(model, train.pixel_values)
     val.features = tower_features(model, val.pixel_values)
@@ -679,8 +718,8 @@ def train_toy_models(out: Path, cfg: ToyConfig) -> dict[str, Any]:
     end_cpu = os.times()
     record = {
         "config": asdict(cfg),
-        "patch_accuracy_train_ema": patch_accuracy,
-        "patch_accuracy_val": val_patch_accuracy,
+        "vision_accuracy_train_ema": vision_train,
+        "vision_accuracy_val": vision_val,
         "val": {"toy-llava": large, "toy-llava-small": small_val},
         "wall_s": round(time.perf_counter() - start_wall, 1),
         "cpu_s": round((end_cpu.user - start_cpu.user) + (end_cpu.system - start_cpu.system), 1),
@@ -699,7 +738,14 @@ def train_toy_models(out: Path, cfg: ToyConfig) -> dict[str, Any]:
 
 def world_sizes(benchmark: str) -> dict[str, Any]:
     """The ToyConfig fields a world changes: ``scenes`` images are 96 px (12 x 12 patches of
-    8 px: 144 visual tokens), so prompts are longer."""
+    8 px: 144 visual tokens), so prompts are longer, and its recipe so far.
+
+    Measured on the 2-core machine (1 thread, loaded; ``val`` split, 500 samples): 1500 vision
+    steps at lr 3e-3 give object-patch accuracy 0.91, and CLS attention at layer -2 puts 69%
+    of its mass on the 15% of patches that hold an object. On those features, VQA with 12 turns
+    at batch 16 reaches 0.56 after 1500 steps (count 0.83, colour 0.37, relation and exist at
+    chance), short of the 0.9 the shipped model needs: ``toy-llava`` is still trained on
+    ``shapes`` (issue 16)."""
     if benchmark != "scenes":
         return {"benchmark": benchmark}
     defaults = ToyConfig()
@@ -708,7 +754,11 @@ def world_sizes(benchmark: str) -> dict[str, Any]:
         "vision": {**defaults.vision, "image_size": 96},
         "text": {**defaults.text, "max_position_embeddings": 512},
         "small_text": {**defaults.small_text, "max_position_embeddings": 512},
-        "turns": 6,
+        "turns": 12,
+        "batch_size": 16,
+        "vision_steps": 1500,
+        "vision_lr": 3e-3,
+        "vqa_lr": 2e-3,
     }
 
 

@@ -118,3 +118,38 @@ def test_training_turns_start_with_the_evaluation_prompt() -> None:
         after = data.input_ids[i, data.answer_pos[i] + 1]
         assert (after == tokenizer.eos_token_id).all()
     assert (data.patch_labels[:, :2] == data.patch_labels[:, :1]).all()  # 2 x 2 patches / cell
+
+
+def test_scenes_training_targets() -> None:
+    """On ``scenes``: one anchor per object, on the patch under its centre; more turns than
+    question categories ask again; the balanced class loss and the heads run on a batch."""
+    from prunelab.train_toy import (
+        VisionHeads,
+        build_processor,
+        build_toy_config,
+        encode,
+        world_sizes,
+    )
+    from prunelab.workers.benchmarks.scenes import ScenesBenchmark
+
+    vision = world_sizes("scenes")["vision"]
+    processor = build_processor(vision, "scenes")
+    data = encode("train", 4, processor, vision, turns=12, benchmark="scenes")
+    bench = ScenesBenchmark(split="train", size=4, image_size=vision["image_size"])
+    side = vision["image_size"] // vision["patch_size"]
+    for i in range(4):
+        objects = bench.sample(i).extra["objects"]
+        marked = set(torch.nonzero(data.anchors[i]).flatten().tolist())
+        centres = {int(o["cy"] // 8) * side + int(o["cx"] // 8) for o in objects}
+        assert marked == centres and len(marked) == len(objects)
+        assert all(data.patch_labels[i, k] > 0 for k in marked)  # a centre lies on its object
+    assert data.answer_pos.shape[1] > 6  # a second round of categories
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(
+        build_toy_config(vision, world_sizes("scenes")["text"], processor.tokenizer)
+    )
+    heads = VisionHeads(vision["hidden_size"], 21, side * side, objects=True)
+    loss, metrics = heads.loss(model, data.batch(torch.arange(4)))
+    assert loss.isfinite() and set(metrics) == {"patch", "object", "set", "anchor"}
