@@ -66,6 +66,10 @@ class EvalConfig:
     # first `timed_samples` samples of a trial (the benchmark's deterministic order), each run
     # whole (vision tower included, never from the worker's cache); not part of the key
     timed_samples: int = 32
+    # samples per prefill and greedy decode after the timed subset (each with its own pruning
+    # selection; families and methods that cannot batch run at 1): an int >= 1, or "auto"
+    # (on a GPU from its free memory, up to 64; on a CPU 8); same outputs, so not in the key
+    batch_size: Any = 1
     # compare first-token distributions with the unpruned model
     fidelity: bool = field(default=True, metadata=_IN_KEY)
     flops_convention: str = field(default="pdrop", metadata=_IN_KEY)  # one of FLOPS_CONVENTIONS
@@ -160,6 +164,13 @@ def _ray_quantity_problem(key: str, value: float) -> str | None:
     return None
 
 
+def _batch_size_problem(value: Any) -> str | None:
+    """What is wrong with ``value`` as ``eval.batch_size`` (None: nothing)."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return None
+    return "must be an integer >= 1 or auto"
+
+
 def range_problems(section: str, values: dict[str, Any]) -> dict[str, str]:
     """Range checks of an already type-checked ``eval`` or ``workers`` section: every number
     finite, each within its range, each choice one of its options.
@@ -179,6 +190,10 @@ def range_problems(section: str, values: dict[str, Any]) -> dict[str, str]:
             problem = _ray_quantity_problem(key, value)
         if problem is not None:
             problems[key] = problem
+    if section == "eval" and "batch_size" in values and "batch_size" not in problems:
+        problem = _batch_size_problem(values["batch_size"])
+        if problem is not None:
+            problems["batch_size"] = problem
     for key, options in _CHOICES.get(section, {}).items():
         if key in values and values[key] not in options:
             problems[key] = f"must be one of {', '.join(options)}"

@@ -11,11 +11,20 @@ Latency is measured as the papers measure it, at batch 1 after warm-up, on the t
 subset: its first ``eval.timed_samples`` samples, each run whole (vision tower included, never
 from the cache); the other samples carry no timings. ``samples_per_s`` is the throughput of
 the whole evaluation loop.
+
+Batched evaluation (``eval.batch_size`` > 1, or ``auto``: :func:`resolve_batch_size`): the
+untimed samples go through prefill and greedy decode ``batch_size`` at a time
+(:func:`run_batch`: left padding, each sample its own vision-stage selection, layer-stage
+selection and KV cache; :mod:`prunelab.workers.batched`), with the outputs of batch 1 up to
+floating-point reassociation. Families whose adapter does not batch (``VLMAdapter.batches``:
+dynamic resolution, M-RoPE) and plans the batched pruner cannot run (:func:`batch_problem`)
+run at batch 1; the trial logs why once and records ``effective_batch_size``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import statistics
 import time
@@ -31,6 +40,7 @@ from prunelab.methods.base import Plan, PlanContext, PruningMethod, VisionSelect
 from prunelab.trial import Trial, TrialResult
 from prunelab.workers.adapters import Adapter, Generation, Prepared
 from prunelab.workers.attention import AttentionProbe, probe_attention
+from prunelab.workers.batched import step_problem
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample, cut_at_stops
 from prunelab.workers.benchmarks.resampling import score_replicates
@@ -45,13 +55,19 @@ from prunelab.workers.timing import Timer
 from prunelab.workers.vib import trial_assets
 
 DIAGNOSTIC_SAMPLES = 4  # samples whose vision-stage diagnostics go to a trial artifact
+AUTO_BATCH_CPU = 8  # eval.batch_size=auto on a CPU
+AUTO_BATCH_MAX = 64  # eval.batch_size=auto on a GPU: at most this many
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ReferenceCache",
     "SampleInputs",
     "SampleResult",
     "SampleRun",
+    "batch_problem",
     "build_method",
+    "resolve_batch_size",
+    "run_batch",
     "run_sample",
     "run_trial",
 ]
@@ -59,9 +75,7 @@ __all__ = [
 
 def build_method(trial: Trial) -> tuple[PruningMethod, methods.Budget | None]:
     """The method instance and budget a trial asks for (no budget: the method takes none)."""
-    method, budget = methods.build(
-        trial.method, trial.hparams, trial.keep_ratio, trial.keep_tokens
-    )
+    method, budget = methods.build(trial.method, trial.hparams, trial.keep_ratio, trial.keep_tokens)
     return method.bind(trial_assets(trial)), budget  # trained assets, e.g. pgp's VIB head
 
 
@@ -270,6 +284,94 @@ def run_sample(
     return SampleRun(generation, pruner, vision, guidance, pre_inference)
 
 
+def batch_problem(adapter: Adapter, method: PruningMethod, plan: Plan) -> str | None:
+    """Why samples of ``method`` with ``plan`` cannot share a batch on ``adapter`` (None: they
+    can; :func:`run_batch`)."""
+    if not getattr(adapter, "batches", False):
+        return f"the {adapter.family} family does not batch yet (dynamic resolution or M-RoPE)"
+    if method.needs_guidance:
+        return f"{method.name} runs a guidance model per sample"
+    if plan.pre_inference is not None:
+        return f"{method.name} runs a pre-inference pass per sample"
+    if len(plan.layers) > 1:
+        return f"{method.name} has several layer stages"
+    for step in plan.layers:
+        problem = step_problem(step)
+        if problem is not None:
+            return f"{method.name}: {problem}"
+    return None
+
+
+def resolve_batch_size(setting: int | str, loaded: LoadedModel, tokens: int) -> int:
+    """The batch size of ``eval.batch_size``: the number itself; ``auto`` on a CPU
+    :data:`AUTO_BATCH_CPU`; ``auto`` on a GPU as many samples of ``tokens`` (prompt and
+    generated) as half its free memory holds, at about 16 hidden states per token on top of
+    the KV cache, from 1 to :data:`AUTO_BATCH_MAX`."""
+    if setting != "auto":
+        return max(1, int(setting))
+    if loaded.device.type != "cuda":
+        return AUTO_BATCH_CPU
+    info = loaded.info
+    itemsize = next(loaded.model.parameters()).element_size()
+    kv = 2 * info.n_layers * info.n_kv_heads * info.head_dim
+    per_sample = tokens * itemsize * (kv + 16 * info.hidden_size)
+    free, _ = torch.cuda.mem_get_info(loaded.device)
+    return max(1, min(AUTO_BATCH_MAX, int(free // 2 // max(per_sample, 1))))
+
+
+def run_batch(
+    adapter: Adapter,
+    prepared: Sequence[Prepared],
+    method: PruningMethod,
+    plan: Plan,
+    generators: Sequence[torch.Generator],
+    max_new_tokens: int,
+    diagnostics: Sequence[bool] = (),
+    vision_positions: str | None = None,
+    encoders: Sequence[Callable[[frozenset[str]], VisionSignals] | None] = (),
+) -> list[tuple[Generation, VisionSelection | None]] | None:
+    """Samples that share ``plan`` through ``method`` in one batched generation: each
+    sample's vision signals and vision-stage selection (with its own ``generators`` entry),
+    then one left-padded prefill whose layer stages select per sample, and a greedy decode.
+
+    Returns each sample's generation (no timings) and vision selection, in order; None when
+    the samples cannot share a batch after their vision stage (a layer stage would see
+    different visual-token counts): run them one at a time then. The plan must pass
+    :func:`batch_problem`. ``diagnostics`` / ``encoders``: per sample, as ``run_sample``'s.
+    """
+    size = len(prepared)
+    wants = list(diagnostics) or [False] * size
+    encodes = list(encoders) or [None] * size
+    llm_inputs, visions = [], []
+    for sample, generator, want, encode in zip(prepared, generators, wants, encodes, strict=True):
+        if encode is None:
+            signals = adapter.vision_signals(sample, plan.vision_signals)
+        else:
+            signals = encode(plan.vision_signals)
+        signals.generator = generator
+        signals.family, signals.want_diagnostics = adapter.family, want
+        vision = None
+        if plan.vision_keep is not None:
+            vision = method.select_vision(signals, plan.vision_keep)
+        tokens, kept = (
+            (vision.tokens, vision.kept) if vision is not None else (signals.tokens, None)
+        )
+        llm_inputs.append(adapter.llm_input(sample, tokens, kept, vision_positions))
+        visions.append(vision)
+    if plan.layers and len({int(i.visual_positions.numel()) for i in llm_inputs}) > 1:
+        return None
+    batch = adapter.batch_input(llm_inputs)  # type: ignore[attr-defined]
+    probe = AttentionProbe(modules=adapter.attention_modules, chunks=True)
+    with probe_attention(probe):
+        pruner = adapter.batch_pruner(  # type: ignore[attr-defined]
+            batch, method=method, steps=plan.layers, probe=probe, generators=generators
+        )
+        generations = adapter.generate_batch(  # type: ignore[attr-defined]
+            prepared, llm_inputs, batch, max_new_tokens, pruner
+        )
+    return list(zip(generations, visions, strict=True))
+
+
 def _plan(
     method: PruningMethod,
     budget: methods.Budget | None,
@@ -315,6 +417,11 @@ def run_trial(
     may take their vision signals from the cache and carry no timings. ``samples_per_s`` is
     the throughput of the whole evaluation loop (every sample, warm-up and fidelity references
     included; heatmaps excluded).
+
+    ``eval.batch_size`` > 1: the samples after the timed subset run that many at a time
+    (:func:`run_batch`), or one at a time where they cannot (:func:`batch_problem`; logged
+    once). The metrics then hold ``batch_size`` (the resolved setting) and
+    ``effective_batch_size`` (the largest batch that ran: 1 when the trial fell back).
     """
     method, budget = build_method(trial)
     settings = trial.eval
@@ -336,78 +443,157 @@ def run_trial(
 
     results: list[SampleResult] = []
     curves: list[dict[str, Any]] = []  # vision-stage diagnostics of the first samples
+    batch_size: int | None = None  # eval.batch_size, resolved on the first sample
+    effective = 1  # the largest batch a generation ran
+    fallback: str | None = None  # why samples ran at batch 1 though batch_size > 1 (logged once)
+    pending: list[tuple[int, Sample, Prepared]] = []  # untimed samples waiting for a batch
+
+    def record(
+        index: int,
+        sample: Sample,
+        prepared: Prepared,
+        plan: Plan,
+        generation: Generation,
+        timed: bool,
+        guidance: Guidance | None = None,
+        pre_inference: PreInference | None = None,
+    ) -> None:
+        """The sample's result (fidelity against the unpruned reference included)."""
+        prediction = cut_at_stops(adapter.decode(generation.token_ids), benchmark.until)
+        result = SampleResult(
+            id=sample.id,
+            category=sample.category,
+            question=sample.question,
+            answers=sample.answers,
+            prediction=prediction,
+            score=benchmark.score(prediction, sample),
+            visual_in=generation.visual_in,
+            visual_kept=generation.lengths.visual[-1],
+            avg_visual=statistics.fmean(generation.lengths.visual),
+            tokens_per_layer=list(generation.lengths.tokens),
+            new_tokens=len(generation.token_ids),
+            vision_flops=generation.vision_flops,
+            prefill_s=generation.prefill_s if timed else None,
+            decode_s=generation.decode_s if timed else None,
+        )
+        if guidance is not None:
+            assert guide is not None
+            guided_gen = guidance.generation
+            result.guidance_flops = trial_flops(
+                guided_gen.lengths.tokens,
+                len(guided_gen.token_ids),
+                guide[0].info,
+                convention,
+                guided_gen.vision_flops,
+            )
+        if pre_inference is not None:  # counted with guidance: tflops_guidance, tflops
+            result.guidance_flops += pre_inference_flops(pre_inference, info, convention)
+            result.pre_inference_layer = pre_inference.layer
+        if settings.fidelity:
+            key = (info.revision, bench_id, sample.id)
+            if not plan.prunes:
+                references.put(key, generation.first_logprobs)
+            reference = references.get(key)
+            if reference is None:
+                reference = run_sample(
+                    adapter, prepared, unpruned, Plan(),
+                    _sample_generator(0, sample.id), 1, timer,
+                    encode=inputs.encoder(sample, prepared),
+                ).generation.first_logprobs  # fmt: skip
+                references.put(key, reference)
+            result.fidelity_kl, result.fidelity_top1 = first_token_fidelity(
+                reference, generation.first_logprobs
+            )
+        results.append(result)
+        if progress is not None:
+            progress(index + 1, len(samples))
+
+    def run_one(index: int, sample: Sample, prepared: Prepared, plan: Plan) -> None:
+        """One sample at batch 1 (``run_sample``); the timed subset's are timed."""
+        guided = (guide[1], sample) if guide is not None else None
+        timed = index < settings.timed_samples
+        if index == 0:
+            for _ in range(settings.warmup):
+                run_sample(
+                    adapter, prepared, method, plan,
+                    _sample_generator(trial.seed, sample.id), max_new, timer, guided,
+                    vision_positions=trial.vision_positions,
+                )  # fmt: skip
+        want_curves = index < DIAGNOSTIC_SAMPLES
+        run = run_sample(
+            adapter, prepared, method, plan,
+            _sample_generator(trial.seed, sample.id), max_new, timer, guided,
+            diagnostics=want_curves, vision_positions=trial.vision_positions,
+            encode=None if timed else inputs.encoder(sample, prepared),
+        )  # fmt: skip
+        if want_curves and run.diagnostics:
+            curves.append({"sample": sample.id, **run.diagnostics})
+        record(
+            index, sample, prepared, plan, run.generation, timed, run.guidance, run.pre_inference
+        )
+
+    def flush() -> None:
+        """Run the pending samples: as one batch when they share a plan the batch can run,
+        else one at a time."""
+        nonlocal effective, fallback
+        if not pending:
+            return
+        items = list(pending)
+        pending.clear()
+        plans = [_plan(method, budget, trial, adapter, p, info.n_layers) for _, _, p in items]
+        problem = batch_problem(adapter, method, plans[0])
+        if problem is None and any(p != plans[0] for p in plans):
+            problem = "samples of one batch have different plans"
+        runs = None
+        if problem is None and len(items) > 1:
+            runs = run_batch(
+                adapter, [p for _, _, p in items], method, plans[0],
+                [_sample_generator(trial.seed, s.id) for _, s, _ in items], max_new,
+                diagnostics=[i < DIAGNOSTIC_SAMPLES for i, _, _ in items],
+                vision_positions=trial.vision_positions,
+                encoders=[inputs.encoder(s, p) for _, s, p in items],
+            )  # fmt: skip
+            if runs is None:
+                problem = "samples of one batch keep different visual-token counts"
+        if runs is None:
+            if problem is not None and fallback is None:
+                fallback = problem
+                log.info(
+                    "trial %s (%s): eval.batch_size=%s: running at batch 1: %s",
+                    trial.key[:10], trial.method, settings.batch_size, problem,
+                )  # fmt: skip
+            for (index, sample, prepared), plan in zip(items, plans, strict=True):
+                run_one(index, sample, prepared, plan)
+            return
+        effective = max(effective, len(items))
+        for (index, sample, prepared), plan, (generation, vision) in zip(
+            items, plans, runs, strict=True
+        ):
+            diagnostics = (vision.diagnostics if vision is not None else None) or {}
+            if index < DIAGNOSTIC_SAMPLES and diagnostics:
+                curves.append({"sample": sample.id, **diagnostics})
+            record(index, sample, prepared, plan, generation, False)
+
     started = time.perf_counter()
     with torch.inference_mode():
         for index, sample in enumerate(samples):
             prepared = inputs.prepare(sample)
-            plan = _plan(method, budget, trial, adapter, prepared, info.n_layers)
-            guided = (guide[1], sample) if guide is not None else None
-            timed = index < settings.timed_samples
-            if index == 0:
-                for _ in range(settings.warmup):
-                    run_sample(
-                        adapter, prepared, method, plan,
-                        _sample_generator(trial.seed, sample.id), max_new, timer, guided,
-                        vision_positions=trial.vision_positions,
-                    )  # fmt: skip
-            want_curves = index < DIAGNOSTIC_SAMPLES
-            run = run_sample(
-                adapter, prepared, method, plan,
-                _sample_generator(trial.seed, sample.id), max_new, timer, guided,
-                diagnostics=want_curves, vision_positions=trial.vision_positions,
-                encode=None if timed else inputs.encoder(sample, prepared),
-            )  # fmt: skip
-            if want_curves and run.diagnostics:
-                curves.append({"sample": sample.id, **run.diagnostics})
-            generation = run.generation
-            prediction = cut_at_stops(adapter.decode(generation.token_ids), benchmark.until)
-            result = SampleResult(
-                id=sample.id,
-                category=sample.category,
-                question=sample.question,
-                answers=sample.answers,
-                prediction=prediction,
-                score=benchmark.score(prediction, sample),
-                visual_in=generation.visual_in,
-                visual_kept=generation.lengths.visual[-1],
-                avg_visual=statistics.fmean(generation.lengths.visual),
-                tokens_per_layer=list(generation.lengths.tokens),
-                new_tokens=len(generation.token_ids),
-                vision_flops=generation.vision_flops,
-                prefill_s=generation.prefill_s if timed else None,
-                decode_s=generation.decode_s if timed else None,
+            if batch_size is None:
+                tokens = prepared.input_ids.shape[1] + max_new
+                batch_size = resolve_batch_size(settings.batch_size, loaded, tokens)
+            if batch_size > 1 and index >= settings.timed_samples:
+                pending.append((index, sample, prepared))
+                if len(pending) >= batch_size:
+                    flush()
+                continue
+            flush()
+            run_one(
+                index,
+                sample,
+                prepared,
+                _plan(method, budget, trial, adapter, prepared, info.n_layers),
             )
-            if run.guidance is not None:
-                assert guide is not None
-                guided_gen = run.guidance.generation
-                result.guidance_flops = trial_flops(
-                    guided_gen.lengths.tokens,
-                    len(guided_gen.token_ids),
-                    guide[0].info,
-                    convention,
-                    guided_gen.vision_flops,
-                )
-            if run.pre_inference is not None:  # counted with guidance: tflops_guidance, tflops
-                result.guidance_flops += pre_inference_flops(run.pre_inference, info, convention)
-                result.pre_inference_layer = run.pre_inference.layer
-            if settings.fidelity:
-                key = (info.revision, bench_id, sample.id)
-                if not plan.prunes:
-                    references.put(key, generation.first_logprobs)
-                reference = references.get(key)
-                if reference is None:
-                    reference = run_sample(
-                        adapter, prepared, unpruned, Plan(),
-                        _sample_generator(0, sample.id), 1, timer,
-                        encode=inputs.encoder(sample, prepared),
-                    ).generation.first_logprobs  # fmt: skip
-                    references.put(key, reference)
-                result.fidelity_kl, result.fidelity_top1 = first_token_fidelity(
-                    reference, generation.first_logprobs
-                )
-            results.append(result)
-            if progress is not None:
-                progress(index + 1, len(samples))
+        flush()
     if loaded.device.type == "cuda":
         torch.cuda.synchronize(loaded.device)
     elapsed = time.perf_counter() - started
@@ -421,6 +607,9 @@ def run_trial(
     metrics = aggregate(
         results, info, convention, loaded, official, replicates, samples_per_s=samples_per_s
     )
+    if batch_size is not None and batch_size > 1:  # what eval.batch_size asked, and ran
+        metrics["batch_size"] = float(batch_size)
+        metrics["effective_batch_size"] = float(effective)
     predictions = [
         {
             k: getattr(r, k)

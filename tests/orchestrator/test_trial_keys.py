@@ -69,8 +69,8 @@ def test_keys_of_stored_trials_unchanged(legacy_sessions, name, spec, overrides)
         assert again == dataclasses.replace(trial, key=key)
         assert again.eval == trial.eval  # settings it lacks (scoring) take the defaults
         # the stored form is unchanged but for the settings added since (eval.scoring,
-        # eval.timed_samples: not in the key)
-        added = {"scoring": "lmms_eval", "timed_samples": 32}
+        # eval.timed_samples, eval.batch_size: not in the key)
+        added = {"scoring": "lmms_eval", "timed_samples": 32, "batch_size": 1}
         new = again.to_dict()
         assert {k: new["eval"].pop(k) for k in added} == added
         assert new == config

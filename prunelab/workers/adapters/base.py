@@ -28,6 +28,7 @@ from torch import nn
 
 from prunelab.methods.base import LayerStep, PruningMethod, VisionSignals
 from prunelab.workers.attention import AttentionProbe, probe_attention, wrap_attention
+from prunelab.workers.batched import BatchedLayerPruner, BatchInput, pad_batch
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.models import ModelSpec
 from prunelab.workers.pruning import LayerLengths, LayerPruner
@@ -273,6 +274,9 @@ class VLMAdapter:
     # (each keeps its position in the unpruned sequence)
     vision_positions: ClassVar[tuple[str, ...]] = ("packed", "original")
     sorts_kept: ClassVar[bool] = False  # ``_sequence`` lays the kept tokens out in input order
+    # several samples can share one prefill and decode (:meth:`generate_batch`): fixed-length
+    # 1-D RoPE layouts only (dynamic resolution and M-RoPE families run one sample at a time)
+    batches: ClassVar[bool] = False
 
     def __init__(self, loaded) -> None:
         self.loaded = loaded
@@ -468,6 +472,106 @@ class VLMAdapter:
             vision_flops=self.vision_flops(prepared),
         )
         return generation, first_ready
+
+    # -- batched generation (families with ``batches``) ----------------------------------
+    def batch_input(self, llm_inputs: Sequence[LLMInput]) -> BatchInput:
+        """Left-pad the 1-D RoPE LLM inputs of several samples into one batch (each sample
+        keeps its own position ids: consecutive, or those of ``llm_input.position_ids``)."""
+        if not self.batches:
+            raise NotImplementedError(f"the {self.family} family does not batch")
+        ids = []
+        for llm_input in llm_inputs:
+            length = llm_input.inputs_embeds.shape[1]
+            given = llm_input.position_ids
+            if given is None:
+                given = torch.arange(length, device=llm_input.inputs_embeds.device)[None]
+            ids.append(given)
+        return pad_batch(
+            [i.inputs_embeds for i in llm_inputs], ids, [i.visual_positions for i in llm_inputs]
+        )
+
+    def batch_pruner(
+        self,
+        batch: BatchInput,
+        *,
+        method: PruningMethod | None = None,
+        steps: Sequence[LayerStep] = (),
+        probe: AttentionProbe | None = None,
+        generators: Sequence[torch.Generator | None] = (),
+    ) -> BatchedLayerPruner:
+        """The layer-stage pruner of a batched generation of ``batch`` (see
+        :class:`~prunelab.workers.batched.BatchedLayerPruner`)."""
+        return BatchedLayerPruner(
+            self.layers, batch, method=method, steps=steps, probe=probe, generators=generators
+        )
+
+    def generate_batch(
+        self,
+        prepared: Sequence[Prepared],
+        llm_inputs: Sequence[LLMInput],
+        batch: BatchInput,
+        max_new_tokens: int,
+        pruner: BatchedLayerPruner | None = None,
+    ) -> list[Generation]:
+        """Generate greedily for several samples at once: ``batch`` is
+        :meth:`batch_input` of their ``llm_inputs``, ``pruner`` (from :meth:`batch_pruner`)
+        runs each sample's layer stages in the prefill (None: unpruned). Each sample stops at
+        its own end-of-sequence token or ``max_new_tokens``; the generations are those of
+        :meth:`generate` one sample at a time (in fp32, up to floating-point reassociation)."""
+        from transformers import DynamicCache  # here: the module is imported where no model runs
+
+        if pruner is None:
+            pruner = self.batch_pruner(batch)
+        size = len(llm_inputs)
+        device = batch.inputs_embeds.device
+        eos = self.tokenizer.eos_token_id
+        embed = self.model.get_input_embeddings()
+        cache = DynamicCache(config=self.llm.config)
+        mask = batch.attention_mask
+
+        def forward(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            output = self.model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                cache=cache, use_cache=True, logits_to_keep=1,
+            )  # fmt: skip
+            return output.logits[:, -1]  # (B, V)
+
+        def next_positions(t: int) -> torch.Tensor:  # (B, 1) of the t-th token fed back
+            ids = []
+            for llm_input, length in zip(llm_inputs, batch.lengths, strict=True):
+                if llm_input.next_position_ids is not None:
+                    ids.append(llm_input.next_position_ids(t).reshape(1, 1).to(device))
+                else:
+                    ids.append(torch.full((1, 1), length + t - 1, device=device))
+            return torch.cat(ids)
+
+        with pruner:
+            logits = forward(batch.inputs_embeds, batch.position_ids)
+            pruner.end_prefill()
+            first_logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            token = logits.argmax(dim=-1)  # (B,)
+            tokens = [[int(t)] for t in token.tolist()]
+            done = [t[0] == eos or max_new_tokens <= 1 for t in tokens]
+            fed = 1
+            while not all(done):
+                mask = torch.cat([mask, mask.new_ones(size, 1)], dim=1)
+                logits = forward(embed(token[:, None]), next_positions(fed))
+                fed += 1
+                token = logits.argmax(dim=-1)
+                for b, value in enumerate(token.tolist()):
+                    if not done[b]:
+                        tokens[b].append(int(value))
+                        done[b] = value == eos or len(tokens[b]) >= max_new_tokens
+        return [
+            Generation(
+                token_ids=tokens[b],
+                first_logprobs=first_logprobs[b],
+                lengths=pruner.lengths[b],
+                visual_in=prepared[b].n_visual,
+                vision_flops=self.vision_flops(prepared[b]),
+            )
+            for b in range(size)
+        ]
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

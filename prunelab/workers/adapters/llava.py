@@ -135,6 +135,7 @@ def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
 
 class LlavaAdapter(VLMAdapter):
     family = "llava"
+    batches = True  # fixed resolution, 1-D RoPE: left-padded batches
 
     def _vision_attention(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self.model.model.vision_tower.encoder.layers]
