@@ -30,7 +30,7 @@ from torch import nn
 
 from prunelab.methods.base import LayerSelection, LayerSignals, LayerStep, PruningMethod
 from prunelab.workers.attention import AttentionProbe
-from prunelab.workers.pruning import LayerLengths
+from prunelab.workers.pruning import LayerHooks, LayerLengths
 
 __all__ = ["BatchInput", "BatchedLayerPruner", "pad_batch", "step_problem"]
 
@@ -94,7 +94,7 @@ def _gather_rows(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor
     return t.gather(dim, view.expand(expanded))
 
 
-class BatchedLayerPruner:
+class BatchedLayerPruner(LayerHooks):
     """Pre-hooks on every decoder layer for one batched generation; see the module docstring.
 
     ``generators``: each sample's seeded generator (stochastic methods), in batch order.
@@ -142,31 +142,6 @@ class BatchedLayerPruner:
             if probe is None or not probe.chunks:
                 raise ValueError("a layer step asks for attention rows: give a chunks probe")
             probe.queries[step.layer - 1] = self._query_positions(step)
-
-    def __enter__(self) -> BatchedLayerPruner:
-        try:
-            for layer in self.layers:
-                self._handles.append(
-                    layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-                )
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def end_prefill(self) -> None:
-        """Call after the prefill forward: later forwards are decode steps (no probing)."""
-        self._prefill_done = True
-        if self.probe is not None:
-            self.probe.queries.clear()
 
     @staticmethod
     def _query_positions(step: LayerStep):

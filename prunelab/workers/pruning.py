@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch import nn
 from prunelab.methods.base import LayerSelection, LayerSignals, LayerStep, PruningMethod
 from prunelab.workers.attention import AttentionProbe, attention_rows
 
-__all__ = ["LayerLengths", "LayerPruner"]
+__all__ = ["LayerHooks", "LayerLengths", "LayerPruner"]
 
 
 @dataclass
@@ -42,7 +43,47 @@ class LayerLengths:
     visual: list[int] = field(default_factory=list)  # (n_layers,)
 
 
-class LayerPruner:
+class LayerHooks:
+    """A forward pre-hook on each LLM decoder layer for the lifetime of one generation (a
+    context manager): what :class:`LayerPruner` and the batched
+    :class:`~prunelab.workers.batched.BatchedLayerPruner` share. A subclass sets ``layers``,
+    ``probe``, ``_handles = []`` and ``_prefill_done = False`` and defines ``_pre_hook``."""
+
+    layers: list[nn.Module]
+    probe: AttentionProbe | None
+    _handles: list[torch.utils.hooks.RemovableHandle]
+    _prefill_done: bool
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            for layer in self.layers:
+                self._handles.append(
+                    layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+                )
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def end_prefill(self) -> None:
+        """Call after the prefill forward: later forwards are decode steps (no probing)."""
+        self._prefill_done = True
+        if self.probe is not None:
+            self.probe.queries.clear()
+
+
+class LayerPruner(LayerHooks):
     """Pre-hooks on every decoder layer; see the module docstring.
 
     layers: the LLM's decoder layers, in order, each with an attention module at ``self_attn``
@@ -116,32 +157,6 @@ class LayerPruner:
             if probe is None:
                 raise ValueError("a layer step asks for attention rows but no probe is given")
             probe.queries[step.layer - 1] = self._query_positions(step)
-
-    # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> LayerPruner:
-        try:
-            for layer in self.layers:
-                self._handles.append(
-                    layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-                )
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def end_prefill(self) -> None:
-        """Call after the prefill forward: later forwards are decode steps (no probing)."""
-        self._prefill_done = True
-        if self.probe is not None:
-            self.probe.queries.clear()
 
     # -- hooks -----------------------------------------------------------------------------
     def _query_positions(self, step: LayerStep) -> Callable[[int], torch.Tensor]:

@@ -212,6 +212,25 @@ def _guidance_after_vision(
     return guidance.scores[kept.to(guidance.scores.device)]
 
 
+def _vision_signals(
+    adapter: Adapter,
+    prepared: Prepared,
+    plan: Plan,
+    encode: Callable[[frozenset[str]], VisionSignals] | None,
+    generator: torch.Generator | None,
+    diagnostics: bool,
+) -> VisionSignals:
+    """The vision signals ``plan`` asks for, from the adapter or ``encode`` (the worker's
+    cache), with the sample's generator and what the method may read of the run."""
+    if encode is None:
+        signals = adapter.vision_signals(prepared, plan.vision_signals)
+    else:
+        signals = encode(plan.vision_signals)
+    signals.generator = generator
+    signals.family, signals.want_diagnostics = adapter.family, diagnostics
+    return signals
+
+
 def run_sample(
     adapter: Adapter,
     prepared: Prepared,
@@ -248,12 +267,7 @@ def run_sample(
                 f"the guidance model makes {guidance.scores.numel()} visual tokens for this "
                 f"image, the model {prepared.n_visual}: they must match one to one"
             )
-    if encode is None:
-        signals = adapter.vision_signals(prepared, plan.vision_signals)
-    else:
-        signals = encode(plan.vision_signals)
-    signals.generator = generator
-    signals.family, signals.want_diagnostics = adapter.family, diagnostics
+    signals = _vision_signals(adapter, prepared, plan, encode, generator, diagnostics)
     pre_inference = None
     if plan.pre_inference is not None:
         pre_inference = run_pre_inference(adapter, prepared, method, plan, signals, timer.mark)
@@ -344,12 +358,7 @@ def run_batch(
     encodes = list(encoders) or [None] * size
     llm_inputs, visions = [], []
     for sample, generator, want, encode in zip(prepared, generators, wants, encodes, strict=True):
-        if encode is None:
-            signals = adapter.vision_signals(sample, plan.vision_signals)
-        else:
-            signals = encode(plan.vision_signals)
-        signals.generator = generator
-        signals.family, signals.want_diagnostics = adapter.family, want
+        signals = _vision_signals(adapter, sample, plan, encode, generator, want)
         vision = None
         if plan.vision_keep is not None:
             vision = method.select_vision(signals, plan.vision_keep)

@@ -1,5 +1,6 @@
-"""``eval.timed_samples`` and ``workers.vision_cache_mb``: validated like every setting (a bad
-value exits 2 with one line naming it, nothing written), and neither changes a trial's key."""
+"""The throughput settings ``eval.timed_samples``, ``eval.batch_size`` (an int >= 1 or
+``auto``) and ``workers.vision_cache_mb``: validated like every setting (a bad value exits 2
+with one line naming it, nothing written), and none changes a trial's key."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ BAD: dict[str, Case] = {
     "vision_cache_mb nan": quick("workers.vision_cache_mb=nan"),
     "vision_cache_mb inf": quick("workers.vision_cache_mb=inf"),
     "vision_cache_mb a word": quick("workers.vision_cache_mb=lots"),
+    "batch_size zero": quick("eval.batch_size=0"),
+    "batch_size negative": quick("eval.batch_size=-2"),
+    "batch_size a fraction": quick("eval.batch_size=2.5"),
+    "batch_size a word": quick("eval.batch_size=lots"),
+    "batch_size a bool": quick("eval.batch_size=true"),
+    "batch_size nan": quick("eval.batch_size=nan"),
 }
 
 
@@ -46,6 +53,9 @@ def test_keys_do_not_change_with_timing_or_cache_settings() -> None:
     assert keys(["eval.timed_samples=32"]) == base  # the default, spelled out
     assert keys(["eval.timed_samples=4", "workers.vision_cache_mb=0"]) == base
     assert keys(["workers.vision_cache_mb=512.5"]) == base
+    assert keys(["eval.batch_size=1"]) == base
+    assert keys(["eval.batch_size=16"]) == base
+    assert keys(["eval.batch_size=auto"]) == base
 
 
 def test_settings_reach_the_plan() -> None:
@@ -55,3 +65,8 @@ def test_settings_reach_the_plan() -> None:
     default = load_sweep("quickstart", [])
     assert {t.eval.timed_samples for t in default.trials} == {32}
     assert default.workers.vision_cache_mb == 2048
+    assert {t.eval.batch_size for t in default.trials} == {1}
+    plan = load_sweep("quickstart", ["eval.batch_size=4"])
+    assert {t.eval.batch_size for t in plan.trials} == {4}
+    plan = load_sweep("quickstart", ["eval.batch_size=auto"])
+    assert {t.eval.batch_size for t in plan.trials} == {"auto"}
