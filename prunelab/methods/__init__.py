@@ -1,5 +1,7 @@
 """Pruning methods: one file each, registered by name. Importing this package registers them all
-(every module in this package other than ``base`` and ``registry`` is imported)."""
+(every module in this package other than ``base``, ``registry`` and the private ``_*`` ones is
+imported). None of them imports torch at import time: a method imports it where it computes
+with tensors, so that planning (``prunelab methods``, a dry run) does without torch."""
 
 import importlib
 import pkgutil
@@ -34,7 +36,7 @@ def build(
 
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in ("base", "registry"):
+    if _module.name not in ("base", "registry") and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [

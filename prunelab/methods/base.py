@@ -19,9 +19,10 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "BUDGET_MODES",
@@ -555,5 +556,7 @@ def _describe(tp: Any) -> str:
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest ``scores`` (V,), returned in increasing index order (k,)."""
+    import torch
+
     k = min(k, scores.shape[-1])
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values

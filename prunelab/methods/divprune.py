@@ -29,9 +29,7 @@ Choices (official ``DivPrune`` / ``pairwise_cosine_similarity`` in the authors' 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from prunelab.methods.base import (
     Plan,
@@ -41,6 +39,9 @@ from prunelab.methods.base import (
     VisionSignals,
 )
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DivPrune", "cosine_distances", "divprune_order"]
 
@@ -53,6 +54,8 @@ def cosine_distances(x: torch.Tensor) -> torch.Tensor:
 
 def divprune_order(x: torch.Tensor, keep: int) -> torch.Tensor:
     """Eqs. (2)-(3): the (keep,) greedy max-min selection, in the order it was chosen."""
+    import torch
+
     n = x.shape[0]
     keep = min(keep, n)
     distances = cosine_distances(x)
@@ -87,6 +90,8 @@ class DivPrune(PruningMethod):
         return Plan(vision_keep=ctx.budget.tokens(ctx.n_visual))
 
     def select_vision(self, signals: VisionSignals, keep: int) -> VisionSelection:
+        import torch
+
         tokens = signals.tokens
         kept = divprune_order(tokens, keep).sort().values
         assignment = torch.full((tokens.shape[0],), -1, dtype=torch.long, device=tokens.device)

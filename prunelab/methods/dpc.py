@@ -18,14 +18,18 @@ uniform noise * 1e-6 instead).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["density_peaks", "dpc_density", "dpc_knn", "merge_clusters"]
 
 
 def _distances(tokens: torch.Tensor) -> torch.Tensor:
     """Eq. (1): (n, n) distances ||x_i - x_j|| / sqrt(D) of tokens (n, D), in float32."""
+    import torch
+
     x = tokens.float()
     # direct differences, as the official ||x_i - x_j|| (the matmul form is inexact near 0)
     return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(x.shape[1])
@@ -33,6 +37,8 @@ def _distances(tokens: torch.Tensor) -> torch.Tensor:
 
 def dpc_density(dist: torch.Tensor, k: int) -> torch.Tensor:
     """Eq. (2): (n,) density from the (n, n) distances and the k nearest (the token included)."""
+    import torch
+
     k = max(1, min(k, dist.shape[0]))
     nearest = dist.topk(k, dim=-1, largest=False).values  # (n, k)
     return torch.exp(-(nearest**2).mean(dim=-1))
@@ -46,6 +52,8 @@ def density_peaks(
 
     Returns centers (c,) token indices, best center score first; the assignment (n,) of every
     token to a cluster in [0, c) (a center to its own cluster); and the densities rho (n,)."""
+    import torch
+
     n = tokens.shape[0]
     dist = _distances(tokens)  # (n, n)
     density = dpc_density(dist, n_clusters if k is None else k)  # (n,)
@@ -83,6 +91,8 @@ def merge_clusters(
     tokens: (n, D); assignment: (n,) cluster of each token in [0, n_clusters); weights: (n,)
     positive per-token weights (e.g. the densities rho, the minimiser of Polymorphic eq. 8) or
     None for the plain mean (eq. 7). Returns (c, D); an empty cluster gives zeros."""
+    import torch
+
     x = tokens.float()
     w = torch.ones(x.shape[0], device=x.device) if weights is None else weights.float()
     sums = torch.zeros(n_clusters, x.shape[1], dtype=torch.float32, device=x.device)

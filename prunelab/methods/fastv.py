@@ -16,9 +16,7 @@ Choices, with what the literature does:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prunelab.methods.base import (
     HyperparameterError,
@@ -30,6 +28,9 @@ from prunelab.methods.base import (
     top_k_sorted,
 )
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FastV", "fastv_scores"]
 

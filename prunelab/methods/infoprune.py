@@ -73,9 +73,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prunelab.methods.base import (
     HyperparameterError,
@@ -90,6 +88,9 @@ from prunelab.methods.base import (
 )
 from prunelab.methods.pdrop import PAPER_DEPTH, average_target, pdrop_scores
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "PAPER_LAYER",
@@ -114,11 +115,15 @@ ROUND_OFF = 1e-6  # residual energies below this share of the largest are float3
 
 def attention_prior(attention: torch.Tensor, tau: float, gamma: float) -> torch.Tensor:
     """Eq. (6): q = softmax(a / tau) ^ gamma. attention: (N,). Returns (N,) float32."""
+    import torch
+
     return torch.softmax(attention.float() / tau, dim=-1).pow(gamma)
 
 
 def candidate_pool(prior: torch.Tensor, size: int) -> torch.Tensor:
     """Algorithm 1 line 3: the ``size`` indices with the largest prior (N,), best first (P,)."""
+    import torch
+
     size = max(1, min(size, prior.shape[0]))
     return torch.sort(prior, descending=True, stable=True).indices[:size]
 
@@ -133,6 +138,8 @@ def _residual_steps(
     Returns picks (steps,) and the residual energy (steps,) of each pick when it was picked.
     A pick whose r is at float32 round-off (<= 1e-6 of the largest ||z_j||^2: in the span
     already) has energy 0 and leaves the others unchanged."""
+    import torch
+
     p = gram.shape[0]
     steps = min(steps, p)
     residual = gram.diagonal().clone()  # (P,) r_j = ||z_j||^2 with U empty
@@ -176,6 +183,8 @@ def fill_by_prior(
     """Algorithm 1 lines 17-23: ``selected`` (s,) pool positions, then the best-prior rest of
     the pool (P,) up to ``budget``; truncated by prior if longer. Returns (budget,) indices into
     the N tokens, in selection order (greedy picks first)."""
+    import torch
+
     chosen = pool[selected]
     if chosen.numel() > budget:  # line 22: truncate by q (not reached by the greedy loop)
         best = torch.sort(prior[chosen], descending=True, stable=True).indices[:budget]
@@ -194,6 +203,8 @@ def prototype_merge(
 
     tokens: (N, D). Returns merged (T, D) float32 in ``kept`` order, and owner (N,): the
     position in ``kept`` each token went to (a kept token to itself)."""
+    import torch
+
     x = tokens.float()
     n = x.shape[0]
     unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
@@ -215,6 +226,8 @@ def selection_curves(
     0, stride, 2 stride, ... (0-based: step t adds the (t+1)-th token to t tokens before).
 
     Returns {"step": [...], "mfi": [...], "mgi": [...]}."""
+    import torch
+
     x = tokens.float()[order]  # (T, D)
     gram = x @ x.T  # (T, T)
     _, energy = _residual_steps(gram, x.shape[0], torch.arange(x.shape[0], device=x.device))
@@ -357,6 +370,8 @@ class InfoPrune(PruningMethod):
         )
 
     def select_vision(self, signals: VisionSignals, keep: int) -> VisionSelection:
+        import torch
+
         if signals.cls_attention is None:
             raise ValueError("infoprune needs the cls_attention vision signal")
         selection, order = infoprune_select(

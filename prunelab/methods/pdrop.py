@@ -62,9 +62,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prunelab.methods.base import (
     Budget,
@@ -77,6 +75,9 @@ from prunelab.methods.base import (
     top_k_sorted,
 )
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "LOW_BUDGET_LAYERS",

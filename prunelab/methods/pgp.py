@@ -18,7 +18,9 @@ keeps the top-k tokens and hard-prunes the rest at decoder layer L (0: before th
     schedule   β(s) between τ_min = 0.2 and τ_max = 0.5 over γ warm-up steps      (§4.5)
 
 The head (Q_θ: a two-layer MLP giving the gate logits I_θ and log σ_θ², plus μ_p, log σ_p²) is
-:class:`VIBHead`; the training loop lives in ``prunelab.workers.vib`` (it needs the model).
+:class:`VIBHead` (a torch module in ``prunelab.methods._vib_head``, importable from here: this
+module imports torch only where it computes); the training loop lives in
+``prunelab.workers.vib`` (it needs the model).
 
 Choices where the paper is silent or inconsistent:
 - β schedule: §4.5 prints β(s) = τ_max − (τ_max − τ_min)·min(1, s/γ) (0.5 falling to 0.2) but
@@ -37,13 +39,9 @@ Choices where the paper is silent or inconsistent:
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from prunelab.methods.base import (
     LayerSignals,
@@ -56,6 +54,11 @@ from prunelab.methods.base import (
     top_k_sorted,
 )
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
+
+    from prunelab.methods._vib_head import VIBHead
 
 __all__ = [
     "PGP",
@@ -81,6 +84,8 @@ def posterior_mean(
     channel of μ lies strictly between μ_p and V' (|μ − μ_p| < |V' − μ_p|). ``"exp"`` is the
     paper's ablation (unbounded above). Returns (..., d).
     """
+    import torch
+
     f = torch.sigmoid(gate_logits) if gate == "sigmoid" else torch.exp(gate_logits)
     return f * (v - prior_mean) + prior_mean
 
@@ -92,6 +97,8 @@ def gaussian_kl(
 
     KL = ½ [ log σ_p² − log σ² + (σ² + (μ − μ_p)²) / σ_p² − 1 ]  (≥ 0, 0 iff equal).
     """
+    import torch
+
     var_ratio = torch.exp(logvar - prior_logvar)
     return 0.5 * (
         prior_logvar - logvar + var_ratio + (mean - prior_mean) ** 2 * torch.exp(-prior_logvar) - 1
@@ -110,6 +117,8 @@ def reparameterize(
     mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Eq. 4: Z = μ + σ ⊙ ε with ε ~ N(0, I) (differentiable in μ and log σ²). (..., d)."""
+    import torch
+
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + torch.exp(0.5 * logvar) * eps
 
@@ -132,51 +141,6 @@ def kl_weight(
     if schedule == "anneal":
         return tau_max - (tau_max - tau_min) * t
     return tau_min + (tau_max - tau_min) * t
-
-
-class VIBHead(nn.Module):
-    """Q_θ and the prior: a two-layer MLP V' (d) -> hidden -> (I_θ, log σ_θ²) (2d), and the
-    learnable per-channel prior μ_p, log σ_p² (d each, §3.1 / §4.1).
-
-    The prior starts at N(0, 1); the last MLP layer starts at zero except for its gate bias
-    (``gate_init``: sigmoid(2) ≈ 0.88 of V' passes) so training starts from a near-identity
-    bottleneck with unit posterior variance.
-    """
-
-    def __init__(
-        self, dim: int, hidden: int = 0, gate: Gate = "sigmoid", gate_init: float = 2.0
-    ) -> None:
-        super().__init__()
-        if gate not in ("sigmoid", "exp"):
-            raise ValueError(f"gate={gate!r}: expected 'sigmoid' or 'exp'")
-        self.dim = dim
-        self.hidden = hidden or dim
-        self.gate = gate
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, 2 * dim)
-        )
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
-        with torch.no_grad():  # exp gate: start at the same pass-through as sigmoid's
-            start = gate_init if gate == "sigmoid" else math.log(1 / (1 + math.exp(-gate_init)))
-            self.mlp[2].bias[:dim] = start
-        self.prior_mean = nn.Parameter(torch.zeros(dim))
-        self.prior_logvar = nn.Parameter(torch.zeros(dim))
-
-    def posterior(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, logvar) of Q_θ(Z | V') for v (..., d): eq. 3 for the mean. Each (..., d)."""
-        gate_logits, logvar = self.mlp(v).chunk(2, dim=-1)
-        return posterior_mean(v, gate_logits, self.prior_mean, self.gate), logvar
-
-    def kl(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-token KL (..., N) of eq. 2, posterior mean, posterior logvar)."""
-        mean, logvar = self.posterior(v)
-        return token_kl(mean, logvar, self.prior_mean, self.prior_logvar), mean, logvar
-
-    def scores(self, v: torch.Tensor) -> torch.Tensor:
-        """Importance of each visual token: (N, d) hidden states -> (N,) float32 KL (eq. 2)."""
-        param = self.prior_mean
-        return self.kl(v.to(param.device, param.dtype))[0].float()
 
 
 # -- the method --------------------------------------------------------------------------------
@@ -244,6 +208,8 @@ class PGP(PruningMethod):
         stay in ``guidance_lora`` for the worker to apply to the guide."""
         if "vib_head" not in assets:
             return self
+        from prunelab.methods._vib_head import VIBHead
+
         state, meta = assets["vib_head"]
         head = VIBHead(int(meta["dim"]), int(meta["hidden"]), meta["gate"])
         head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
@@ -289,6 +255,8 @@ class PGP(PruningMethod):
 
     def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, d) guide hidden states of the visual tokens -> (N,) KL importance (eq. 2)."""
+        import torch
+
         with torch.no_grad():
             return self.head.scores(hidden)
 
@@ -305,3 +273,11 @@ class PGP(PruningMethod):
 
     def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
         return top_k_sorted(self.score_layer(step, signals), step.keep)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "VIBHead":  # a torch module: imported on first use, not with the methods
+        from prunelab.methods._vib_head import VIBHead
+
+        return VIBHead
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

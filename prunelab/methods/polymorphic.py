@@ -66,9 +66,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prunelab.methods.base import (
     HyperparameterError,
@@ -96,6 +94,9 @@ from prunelab.methods.registry import register
 from prunelab.methods.sparsevlm import rater_scores
 from prunelab.methods.visionzip import visionzip_split
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "PAPER_LAYERS",
     "Polymorphic",
@@ -117,6 +118,8 @@ def cross_modal_raters(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. (9)-(10). visual (V, d), text (T, d) hidden states. Returns M (V, T) float32 and the
     raters (T,) bool: text tokens whose mean alignment s_j is above the mean of s."""
+    import torch
+
     scale = math.sqrt(visual.shape[-1])
     similarity = torch.softmax(visual.float() @ text.float().T / scale, dim=-1)  # (V, T)
     alignment = similarity.mean(dim=0)  # (T,)
@@ -126,6 +129,8 @@ def cross_modal_raters(
 def rater_importance(similarity: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:
     """Eq. (11): alpha_i = mean over the rater columns of M (V, T); every column if no rater.
     Returns (V,)."""
+    import torch
+
     if not bool(raters.any()):
         raters = torch.ones_like(raters)
     return similarity[:, raters].mean(dim=-1)
@@ -146,6 +151,8 @@ def consolidate(
     cluster centers' indices, merged (c, D) float32 tokens (row k: cluster of anchors[k]), and
     owner (n,): for each token the index (into the n) of the token it is now part of (-1:
     dropped, when there are no clusters)."""
+    import torch
+
     n = tokens.shape[0]
     keep = min(keep, n)
     clusters = min(clusters, keep)
@@ -260,6 +267,8 @@ class Polymorphic(PruningMethod):
         )
 
     def select_vision(self, signals: VisionSignals, keep: int) -> VisionSelection:
+        import torch
+
         if signals.cls_attention is None:
             raise ValueError("polymorphic needs the cls_attention vision signal")
         tokens = signals.tokens
@@ -280,6 +289,8 @@ class Polymorphic(PruningMethod):
         return VisionSelection(tokens=out.to(tokens.dtype), kept=kept, assignment=assignment)
 
     def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor | LayerSelection:
+        import torch
+
         assert signals.hidden is not None
         visual, hidden = signals.visual, signals.hidden  # (V,), (S, D)
         after = signals.text[signals.text > visual.max()]  # text after the image

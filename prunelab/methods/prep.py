@@ -65,9 +65,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prunelab.methods.base import (
     HyperparameterError,
@@ -83,6 +81,9 @@ from prunelab.methods.base import (
     top_k_sorted,
 )
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "PREP",
@@ -123,6 +124,8 @@ def pool_groups(
     ``pooling="grid"``: blocks of ``block_shape(group_size)`` on each tile's grid;
     ``"sequence"``: runs of ``group_size`` consecutive tokens of each tile.
     """
+    import torch
+
     coords = coords.long()
     n = coords.shape[0]
     tile, row, col = coords[:, 0], coords[:, 1], coords[:, 2]
@@ -166,6 +169,8 @@ def pool_groups(
 def pool_tokens(tokens: torch.Tensor, assignment: torch.Tensor, groups: int) -> torch.Tensor:
     """Eq. 5: V_p = mean of the tokens of each group. tokens (N, D), assignment (N,) in
     [0, groups) -> (groups, D) in ``tokens.dtype`` (summed in float32)."""
+    import torch
+
     assignment = assignment.to(tokens.device)
     total = torch.zeros(groups, tokens.shape[1], dtype=torch.float32, device=tokens.device)
     total.index_add_(0, assignment, tokens.float())
@@ -183,6 +188,8 @@ def alignment_from_hidden(
     Returns (r,) float32 Q^k: softmax over the visual axis of V T^T / sqrt(D) (r, M), mean over
     the M text tokens, L1-normalised.
     """
+    import torch
+
     v = hidden[visual.to(hidden.device)].float()  # (r, D)
     t = hidden[text.to(hidden.device)].float()  # (M, D)
     similarity = v @ t.T / math.sqrt(hidden.shape[-1])  # (r, M)
@@ -214,6 +221,8 @@ def layer_scores(
     """Eq. 4 for each candidate k: H(Q^k) + KL(Q^k || Q^{k-1}) (``"ekl"``), or one term
     (``"entropy"``, ``"kl"``). distributions: k -> (r,) Q^k, holding every candidate k and
     k - 1. Returns (len(candidates),) float32."""
+    import torch
+
     out = []
     for k in candidates:
         q, previous = distributions[k].float(), distributions[k - 1].float()
@@ -264,6 +273,8 @@ def multimodal_scores(
     Returns (N,) float32: s_v[i] = (1/N) sum_j A[v_j, v_i] plus s_t[i] = (1/M) sum_j A[t_j, v_i]
     with A the head mean (eq. 7), as selected by ``token_score``.
     """
+    import torch
+
     device = attention.device
     visual, text = visual.to(device), text.to(device)
     row_of = torch.full((attention.shape[-1],), -1, dtype=torch.long, device=device)

@@ -72,9 +72,7 @@ Choices (official = ``llava/model/multimodal_encoder/clip_encoder.py``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prunelab.methods.base import (
     HyperparameterError,
@@ -85,6 +83,9 @@ from prunelab.methods.base import (
     VisionSignals,
 )
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "PruMergePlus",
@@ -98,6 +99,8 @@ __all__ = [
 
 def iqr_outliers(attention: torch.Tensor, factor: float = 1.5) -> torch.Tensor:
     """Eq. (1): indices i with a_i > Q3 + factor * (Q3 - Q1), by decreasing attention."""
+    import torch
+
     a = attention.float()
     q1, q3 = torch.quantile(a, torch.tensor([0.25, 0.75], device=a.device))
     outliers = (a > q3 + factor * (q3 - q1)).nonzero().squeeze(-1)
@@ -106,6 +109,8 @@ def iqr_outliers(attention: torch.Tensor, factor: float = 1.5) -> torch.Tensor:
 
 def spatial_order(coords: torch.Tensor) -> torch.Tensor:
     """(N,) token indices sorted by (tile, row, col) of ``coords`` (N, 3)."""
+    import torch
+
     c = coords.long()
     base = int(c.max()) + 1 if c.numel() else 1
     key = (c[:, 0] * base + c[:, 1]) * base + c[:, 2]
@@ -115,6 +120,8 @@ def spatial_order(coords: torch.Tensor) -> torch.Tensor:
 def spatial_samples_adaptive(coords: torch.Tensor, n_outliers: int) -> torch.Tensor:
     """Eq. (2), adaptive: positions 0, s, 2s, ... < N - 1 of the spatial order, with
     s = max(1, floor(floor(N / |O|) / 3)) (official arithmetic sequence)."""
+    import torch
+
     n = coords.shape[0]
     stride = max(1, (n // max(1, n_outliers)) // 3)
     positions = torch.arange(0, max(1, n - 1), stride, device=coords.device)
@@ -124,6 +131,8 @@ def spatial_samples_adaptive(coords: torch.Tensor, n_outliers: int) -> torch.Ten
 def spatial_samples_budget(coords: torch.Tensor, exclude: torch.Tensor, need: int) -> torch.Tensor:
     """Eq. (2), budget: ``need`` tokens evenly spaced (floor(i * M / need)) over the M tokens not
     in ``exclude``, in spatial order."""
+    import torch
+
     order = spatial_order(coords)
     excluded = torch.zeros(coords.shape[0], dtype=torch.bool, device=coords.device)
     excluded[exclude] = True
@@ -145,6 +154,8 @@ def prumerge_merge(
     merge: Literal["official", "weighted_mean"] = "official",
 ) -> torch.Tensor:
     """Eq. (3): the (|K|, D) merged kept tokens, in the order of ``kept``."""
+    import torch
+
     x = tokens.float()
     a = attention.float()
     n = x.shape[0]
@@ -192,6 +203,8 @@ class PruMergePlus(PruningMethod):
 
     def kept_tokens(self, attention: torch.Tensor, coords: torch.Tensor, keep: int) -> torch.Tensor:
         """Eqs. (1)-(2): the sorted indices K of the kept (merge-target) tokens."""
+        import torch
+
         n = attention.shape[0]
         outliers = iqr_outliers(attention, self.iqr_factor)
         if outliers.numel() == 0:  # e.g. uniform attention: the most attended token stands in
@@ -210,6 +223,8 @@ class PruMergePlus(PruningMethod):
         return torch.cat([outliers, samples]).sort().values
 
     def select_vision(self, signals: VisionSignals, keep: int) -> VisionSelection:
+        import torch
+
         if signals.cls_attention is None or signals.key_metric is None:
             raise ValueError("prumerge_plus needs the cls_attention and key_metric vision signals")
         tokens = signals.tokens

@@ -7,9 +7,7 @@ stage), otherwise at the input of decoder layer ``prune_layer`` (original positi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from prunelab.methods.base import (
     LayerSignals,
@@ -22,11 +20,16 @@ from prunelab.methods.base import (
 )
 from prunelab.methods.registry import register
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["RandomPruning", "random_subset"]
 
 
 def random_subset(n: int, keep: int, generator: torch.Generator | None) -> torch.Tensor:
     """Sorted (keep,) indices drawn uniformly without replacement from range(n)."""
+    import torch
+
     return torch.randperm(n, generator=generator)[:keep].sort().values
 
 

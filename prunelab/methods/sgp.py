@@ -26,9 +26,7 @@ Choices:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prunelab.methods.base import (
     LayerSignals,
@@ -39,6 +37,9 @@ from prunelab.methods.base import (
     top_k_sorted,
 )
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SGP", "sgp_scores"]
 
@@ -53,6 +54,8 @@ def sgp_scores(
     visual: (N,) sequence positions of the visual tokens.
     Returns (N,) float32: the sum (or mean) over every row of the attention each token receives.
     """
+    import torch
+
     if not rows:
         raise ValueError("no guidance attention rows were recorded")
     total = torch.zeros(visual.numel(), dtype=torch.float32, device=rows[0].device)

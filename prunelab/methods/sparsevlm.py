@@ -114,9 +114,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prunelab.methods.base import (
     HyperparameterError,
@@ -139,6 +137,9 @@ from prunelab.methods.pdrop import (
     solve_keeps,
 )
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "OFFICIAL_DEPTH",
@@ -180,6 +181,8 @@ def rater_relevance(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 def text_after_image(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """(T,) bool over the ``text`` positions (T,): those after the last ``visual`` position
     (V,), the question and answer prefix; every one if none is after it."""
+    import torch
+
     after = text > visual.max()
     return after if bool(after.any()) else torch.ones_like(after)
 
@@ -187,6 +190,8 @@ def text_after_image(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 def rater_mask(states: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Eq. (1)-(2) on the (S, D) ``states`` of a sequence with ``visual`` (V,) and ``text`` (T,)
     positions: (T,) bool over ``text``, the raters among the text after the image."""
+    import torch
+
     after = text_after_image(visual, text)
     mask = torch.zeros_like(after)
     mask[after] = rater_relevance(states[visual], states[text[after]])
@@ -201,6 +206,8 @@ def rater_scores(
 ) -> torch.Tensor:
     """Eq. (3). attention: (H, Q, S) softmax rows of the queries at ``query_positions`` (Q,);
     raters: (R,) sequence positions of the rater tokens; visual: (V,) positions. Returns (V,)."""
+    import torch
+
     rows = torch.isin(query_positions, raters)
     if not bool(rows.any()):
         rows = torch.ones_like(rows)
@@ -358,6 +365,8 @@ class SparseVLM(PruningMethod):
 
     def stage_raters(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor:
         """(T,) bool over ``signals.text``: the raters of this stage (see ``raters``)."""
+        import torch
+
         if self.raters == "per_stage":
             assert signals.hidden is not None
             return rater_mask(signals.hidden, signals.visual, signals.text)
@@ -384,6 +393,8 @@ class SparseVLM(PruningMethod):
         return self._scores(signals, self.stage_raters(step, signals))
 
     def select_layer(self, step: LayerStep, signals: LayerSignals) -> torch.Tensor | LayerSelection:
+        import torch
+
         assert signals.attention is not None and signals.query_positions is not None
         assert signals.hidden is not None
         visual, hidden = signals.visual, signals.hidden  # (V,), (S, D)

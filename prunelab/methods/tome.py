@@ -49,9 +49,7 @@ Choices (official ``tome/merge.py``: ``bipartite_soft_matching``, ``merge_wavg``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prunelab.methods.base import (
     Plan,
@@ -61,6 +59,9 @@ from prunelab.methods.base import (
     VisionSignals,
 )
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ToMe", "bipartite_merge_round", "tome_merge"]
 
@@ -77,6 +78,8 @@ def bipartite_merge_round(
     Returns the new x (t - r, D), metric, size, ``target`` (t,): the index in the new order of
     the token each of the t inputs went to, and ``alive`` (t,): which inputs survive (in order).
     """
+    import torch
+
     t = x.shape[0]
     r = min(r, t // 2)
     device = x.device
@@ -110,6 +113,8 @@ def tome_merge(
     tokens: torch.Tensor, metric: torch.Tensor, keep: int, size_weighted: bool = True
 ) -> VisionSelection:
     """Bipartite soft matching rounds until ``keep`` of the N tokens (N, D) remain."""
+    import torch
+
     n = tokens.shape[0]
     device = tokens.device
     x = tokens.float()

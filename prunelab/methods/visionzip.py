@@ -68,9 +68,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prunelab.methods.base import (
     HyperparameterError,
@@ -81,6 +79,9 @@ from prunelab.methods.base import (
     VisionSignals,
 )
 from prunelab.methods.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["VisionZip", "visionzip_select", "visionzip_split"]
 
@@ -101,6 +102,8 @@ def visionzip_select(
 ) -> VisionSelection:
     """Eqs. (2)-(5). tokens (N, D), cls_attention (N,), keys (N, d); returns ``dominant +
     min(contextual, N - dominant)`` tokens anchored in index order, with ``assignment`` (N,)."""
+    import torch
+
     n = tokens.shape[0]
     device = tokens.device
     dominant = min(dominant, n)

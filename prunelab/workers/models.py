@@ -23,9 +23,10 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "LoadedModel",
@@ -36,7 +37,7 @@ __all__ = [
     "shipped_config",
 ]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # the names of torch dtypes a config may give
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models"  # prunelab/models/<name>
 HUB_CONFIGS_DIR = BUILTIN_DIR / "hub"
@@ -161,6 +162,8 @@ def _hash(obj: Any) -> str:
 
 
 def _resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -303,11 +306,13 @@ def _no_loading_bars() -> Iterator[None]:
 
 def load_model(cfg: dict[str, Any] | ModelSpec) -> LoadedModel:
     """Build (tiny) or ``from_pretrained`` (pretrained) the model, its processor and info."""
+    import torch
+
     spec = cfg if isinstance(cfg, ModelSpec) else ModelSpec.from_config(cfg)
     family = _family_module(spec.family)
     info = describe_model(spec)
     device = _resolve_device(spec.device)
-    dtype = DTYPES[spec.dtype]
+    dtype = getattr(torch, spec.dtype)
     if spec.source == "tiny":
         model, processor = family.build_tiny(spec, _config(spec))
         model = model.to(device=device, dtype=dtype)

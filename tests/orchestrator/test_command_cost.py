@@ -1,10 +1,10 @@
 """What the quick commands import (issue 18): ``status`` and ``report`` read prunelab's database
 only, so they import no torch, transformers, Ray or MLflow (nor matplotlib without
-``--pareto``) and stay quick enough for ``watch prunelab status``; ``methods`` needs torch (the
-methods) but no transformers, Ray or MLflow, and a dry run plans without Ray, MLflow, the worker
-or transformers' model code, and without transformers at all for models whose config the
-package ships (``describe_model`` reads the shipped config.json as JSON; checked here against
-transformers' config classes).
+``--pareto``) and stay quick enough for ``watch prunelab status``; ``methods`` imports the methods,
+which import torch only where they compute, so it imports no torch, transformers, Ray or
+MLflow; and a dry run plans without Ray, MLflow, the worker or transformers' model code, and
+without transformers at all for models whose config the package ships (``describe_model``
+reads the shipped config.json as JSON; checked here against transformers' config classes).
 
 Each command runs in a fresh interpreter, as the ``prunelab`` command does, with the
 ``PRUNELAB_*`` variables pointing at stores under ``tmp_path``. Nothing here is about time:
@@ -137,14 +137,17 @@ PLANNING_WATCHED = (
 
 
 def test_methods_and_dry_run_import_no_model_library(env: dict[str, str], tmp_path: Path) -> None:
-    """``methods`` imports the methods (torch) and nothing else watched. A dry run plans the
+    """``methods`` imports the methods and nothing watched: no torch (a method imports it
+    where it computes with tensors, and neither ``prunelab.methods`` nor
+    ``prunelab.workers.models`` imports it at import time). A dry run plans the
     trials and estimates their cost without Ray, MLflow or the worker, and without
     transformers for models whose config the package ships (the built-in toy-llava, the hub
     checkpoints' configs): the family registry and the adapter modules import no
     transformers. Tiny models are described through transformers' config classes (and the
-    word-level tokenizer), still without any model code. torch stays: ``prunelab.methods``
-    (which plans the trials) and ``prunelab.workers.models`` import it. A dry run writes
-    nothing: the stores under ``tmp_path`` are as they were."""
+    word-level tokenizer), still without any model code. torch stays for a dry run, through
+    ``prunelab.orchestrator.vib_stage`` (``prunelab.workers.vib``) and the family's adapter
+    module (``prunelab.workers.adapters.llava`` and ``.base``), which import it at the top.
+    A dry run writes nothing: the stores under ``tmp_path`` are as they were."""
     before = _files(tmp_path)
     steps = run_commands(
         [
@@ -157,7 +160,7 @@ def test_methods_and_dry_run_import_no_model_library(env: dict[str, str], tmp_pa
         env,
         tmp_path,
     )
-    assert steps[0] == (0, ["torch"])
+    assert steps[0] == (0, [])
     assert steps[1] == (0, ["torch"])
     assert steps[2] == (0, ["torch"])
     assert steps[3] == (0, ["torch", "transformers"])
