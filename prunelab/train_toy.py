@@ -744,8 +744,8 @@ def world_sizes(benchmark: str) -> dict[str, Any]:
     steps at lr 3e-3 give object-patch accuracy 0.91, and CLS attention at layer -2 puts 69%
     of its mass on the 15% of patches that hold an object. On those features, VQA with 12 turns
     at batch 16 reaches 0.56 after 1500 steps and 0.60 after 2000 (25 min; count 0.81, colour
-    0.37 then 0.63, relation and exist at chance), short of the 0.9 the shipped model needs: ``toy-llava`` is still trained on
-    ``shapes`` (issue 16)."""
+    0.37 then 0.63, relation and exist at chance), short of the 0.9 the shipped model needs:
+    ``toy-llava`` is still trained on ``shapes`` (issue 16)."""
     if benchmark != "scenes":
         return {"benchmark": benchmark}
     defaults = ToyConfig()

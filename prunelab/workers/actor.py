@@ -11,6 +11,10 @@ fidelity metrics) and the samples' prepared inputs and vision-tower outputs
 ``workers.vision_cache_mb``), both byte-bounded LRUs. A trial's result names the cache's size
 and the trial's hits and misses in its ``environment`` (MLflow tags ``prunelab.env.vision_cache_*``
 and ``prunelab.env.input_cache_*``), and the worker logs them.
+
+The orchestrator imports this module for the class alone (``ray.remote(Worker)``): torch,
+transformers and the runner are imported by the methods that use them, in the worker's own
+process, so the orchestrator holds no model library for the workers' sake.
 """
 
 from __future__ import annotations
@@ -23,18 +27,14 @@ import socket
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-import transformers
+from typing import TYPE_CHECKING, Any
 
 import prunelab
 from prunelab.trial import Trial, TrialResult
-from prunelab.workers.adapters import adapter_for
-from prunelab.workers.caches import DEFAULT_VISION_CACHE_MB, CacheStats, VisionCache
 from prunelab.workers.faults import inject as inject_faults
-from prunelab.workers.models import ModelSpec, load_model
-from prunelab.workers.runner import ReferenceCache, run_trial
+
+if TYPE_CHECKING:
+    from prunelab.workers.caches import CacheStats
 
 __all__ = ["WORKER_LOG_ENV", "TrialFailure", "Worker", "route_output"]
 
@@ -101,6 +101,11 @@ class Worker:
     def __init__(
         self, worker_id: str, threads: int | None = None, vision_cache_mb: float | None = None
     ) -> None:
+        import torch
+
+        from prunelab.workers.caches import DEFAULT_VISION_CACHE_MB, VisionCache
+        from prunelab.workers.runner import ReferenceCache
+
         route_output(worker_id)
         self.worker_id = worker_id
         if threads:
@@ -123,6 +128,9 @@ class Worker:
     def environment(self, cache: CacheStats | None = None) -> dict[str, str]:
         """What the trial ran on: software versions, the loaded model's settings and the
         vision cache's size (MiB); with ``cache``, the trial's lookups in it."""
+        import torch
+        import transformers
+
         env = {
             "prunelab": prunelab.__version__,
             "torch": torch.__version__,
@@ -149,6 +157,11 @@ class Worker:
         return self.model_key
 
     def _ensure_model(self, model_name: str, model_config: Mapping[str, Any]) -> float:
+        import torch
+
+        from prunelab.workers.adapters import adapter_for
+        from prunelab.workers.models import load_model
+
         if self.model_key == model_name and self.loaded is not None:
             return 0.0
         self.loaded = self.adapter = None
@@ -167,6 +180,9 @@ class Worker:
 
     def _ensure_guide(self, guide_config: Mapping[str, Any] | None) -> tuple[Any, float]:
         """The guidance model of a trial (loaded once, kept with the model), and load time."""
+        from prunelab.workers.adapters import adapter_for
+        from prunelab.workers.models import ModelSpec, load_model
+
         if guide_config is None:
             return None, 0.0
         spec = ModelSpec.from_config(dict(guide_config))
@@ -179,6 +195,10 @@ class Worker:
 
     def run(self, trial: Trial) -> TrialResult:
         """Run one trial; its result says how long it ran and where."""
+        import torch
+
+        from prunelab.workers.runner import run_trial
+
         try:
             load_s = self._ensure_model(trial.model, trial.model_config)
             guide, guide_s = self._ensure_guide(trial.guidance_config)

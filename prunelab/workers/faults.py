@@ -33,8 +33,6 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-import torch
-
 from prunelab.trial import Trial
 
 __all__ = ["FAULTS_ENV", "inject"]
@@ -90,6 +88,8 @@ def inject(trial: Trial) -> None:
         elif fault == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif fault == "oom":
+            import torch
+
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by a test)")
         elif fault == "error":
             raise RuntimeError(rule.get("message", "injected by a test"))

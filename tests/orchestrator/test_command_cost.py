@@ -182,3 +182,20 @@ def test_planning_describes_every_shipped_model_as_the_workers_do(name: str) -> 
     above)."""
     config = group_config("model", name)
     assert models.describe_model(config) == models.describe_model(config, library=True)
+
+
+def test_the_orchestrator_imports_no_model_library_for_its_workers() -> None:
+    """The sweep's modules and the worker class it hands to ``ray.remote`` import neither
+    torch nor transformers: the worker imports them in its own process (issue 20: the
+    orchestrator need not hold a model library)."""
+    code = (
+        "import sys, json\n"
+        "import prunelab.orchestrator.sweep, prunelab.orchestrator.scheduler\n"
+        "from prunelab.workers.actor import Worker\n"
+        "print(json.dumps([m for m in ('torch', 'transformers') if m in sys.modules]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []
