@@ -17,9 +17,10 @@ import contextlib
 import contextvars
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "PROBED_IMPLEMENTATIONS",
@@ -95,6 +96,8 @@ def attention_rows(
     encoder) or (B, 1|H, L, S) boolean (True = attend) or additive float.
     Returns (H, Q, S) float32 probabilities for batch element 0.
     """
+    import torch
+
     q = query[0, :, query_positions].float()  # (H, Q, hd)
     k = key[0].float()  # (Hkv, S, hd)
     groups = q.shape[0] // k.shape[0]
@@ -120,6 +123,8 @@ def _make_wrapper(inner_name: str, kernels: Mapping[str, Any]):
     at each call, as transformers does)."""
 
     def prunelab_attention(module, query, key, value, attention_mask, **kwargs):
+        import torch
+
         probe = _ACTIVE.get()
         layer = probe.modules.get(id(module)) if probe is not None else None
         if layer is not None:

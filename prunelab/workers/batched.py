@@ -24,13 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from prunelab.methods.base import LayerSelection, LayerSignals, LayerStep, PruningMethod
 from prunelab.workers.attention import AttentionProbe
 from prunelab.workers.pruning import LayerHooks, LayerLengths
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["BatchInput", "BatchedLayerPruner", "pad_batch", "step_problem"]
 
@@ -54,6 +56,8 @@ def pad_batch(
 ) -> BatchInput:
     """Left-pad B samples' (1, L_b, D) ``embeds`` with their (1, L_b) ``position_ids`` and
     (V_b,) ``visual_positions`` into one :class:`BatchInput`."""
+    import torch
+
     lengths = [int(e.shape[1]) for e in embeds]
     longest = max(lengths)
     first = embeds[0]
@@ -111,6 +115,8 @@ class BatchedLayerPruner(LayerHooks):
         probe: AttentionProbe | None = None,
         generators: Sequence[torch.Generator | None] = (),
     ) -> None:
+        import torch
+
         self.layers = list(layers)
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         self.method = method
@@ -147,6 +153,8 @@ class BatchedLayerPruner(LayerHooks):
     def _query_positions(step: LayerStep):
         """The probe's query rows: the last token (the same column in every sample) or every
         row, from which each sample's rows are taken (its text or visual tokens differ)."""
+        import torch
+
         if step.queries == "last":
             return lambda length: torch.tensor([length - 1])
         return "all"
@@ -177,6 +185,8 @@ class BatchedLayerPruner(LayerHooks):
     ) -> tuple[LayerSignals, torch.Tensor]:
         """Sample ``b``'s signals at ``step``: the unpadded view of its sequence (what its
         batch-1 run sees), and its (V,) visual positions in that view."""
+        import torch
+
         pad = self.pads[b]
         flags = self.is_visual[b, self.current[b]][pad:]
         visual = flags.nonzero().squeeze(-1)
@@ -210,6 +220,8 @@ class BatchedLayerPruner(LayerHooks):
         return signals, visual
 
     def _apply_step(self, step: LayerStep, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        import torch
+
         assert self.method is not None
         selected: list[torch.Tensor] = []
         replaced = False
@@ -245,6 +257,8 @@ class BatchedLayerPruner(LayerHooks):
 
     def _slice_kwargs(self, kwargs: dict) -> dict:
         """The per-layer inputs of the tokens each sample still has (prefill)."""
+        import torch
+
         current = self.current
         kwargs = dict(kwargs)
         cos_sin = kwargs.get("position_embeddings")
@@ -267,6 +281,8 @@ class BatchedLayerPruner(LayerHooks):
     def _decode_kwargs(self, index: int, kwargs: dict) -> dict:
         """A decode step at a pruned layer: its cache holds each sample's kept tokens only, so
         its mask keeps those columns (and the generated tokens')."""
+        import torch
+
         kept = self.layer_tokens.get(index)
         if kept is None:
             return kwargs

@@ -24,13 +24,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Self
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Self
 
 from prunelab.methods.base import LayerSelection, LayerSignals, LayerStep, PruningMethod
 from prunelab.workers.attention import AttentionProbe, attention_rows
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["LayerHooks", "LayerLengths", "LayerPruner"]
 
@@ -109,6 +110,8 @@ class LayerPruner(LayerHooks):
         generator: torch.Generator | None = None,
         guidance: torch.Tensor | None = None,
     ) -> None:
+        import torch
+
         self.layers = list(layers)
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         self.method = method
@@ -161,6 +164,8 @@ class LayerPruner(LayerHooks):
     # -- hooks -----------------------------------------------------------------------------
     def _query_positions(self, step: LayerStep) -> Callable[[int], torch.Tensor]:
         def positions(length: int) -> torch.Tensor:
+            import torch
+
             visual = self.is_visual[self.current]
             if step.queries == "last":
                 return torch.tensor([length - 1], device=self.current.device)
@@ -204,6 +209,8 @@ class LayerPruner(LayerHooks):
     def _apply_step(
         self, step: LayerStep, layer: nn.Module, hidden: torch.Tensor, kwargs: dict
     ) -> torch.Tensor:
+        import torch
+
         assert self.method is not None
         index = self._layer_index(layer)
         visual_flags = self.is_visual[self.current]
@@ -265,6 +272,8 @@ class LayerPruner(LayerHooks):
         on its input ``hidden`` (1, S, D): input norm, q/k projections (and q/k norms where the
         model has them), the rotary embedding of the current positions, causal mask, head by
         head. Only Q query rows and S keys are projected: O(S * D * D_kv) extra work."""
+        import torch
+
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)  # (1, S, D)
         length, head_dim = x.shape[1], attn.head_dim
@@ -286,6 +295,8 @@ class LayerPruner(LayerHooks):
     def _record_scores(self, index: int, visual: torch.Tensor, scores: torch.Tensor | None) -> None:
         """``scores_at[index]``: the (V,) ``scores`` of the visual tokens now at ``visual``
         placed on the (V0,) prefill visual tokens (NaN for those an earlier step dropped)."""
+        import torch
+
         if scores is None:
             return
         if scores.shape != visual.shape:
@@ -306,6 +317,8 @@ class LayerPruner(LayerHooks):
 
     def _guidance(self, visual: torch.Tensor) -> torch.Tensor | None:
         """Guidance scores (V,) of the visual tokens now at positions ``visual``."""
+        import torch
+
         if self.guidance is None:
             return None
         original = self.current[visual]  # positions in the prefill sequence
@@ -315,6 +328,8 @@ class LayerPruner(LayerHooks):
     def _decode_kwargs(self, index: int, kwargs: dict, hidden: torch.Tensor) -> dict:
         """A decode step at a pruned layer: its cache lacks the dropped keys, so must its mask;
         where positions were renumbered, the new token continues the renumbered sequence."""
+        import torch
+
         kept = self.layer_tokens.get(index)
         if kept is None:
             return kwargs
@@ -332,6 +347,8 @@ class LayerPruner(LayerHooks):
         return kwargs
 
     def _slice_kwargs(self, kwargs: dict, hidden: torch.Tensor) -> dict:
+        import torch
+
         current = self.current
         kwargs = dict(kwargs)
         if self.renumbered and self.rotary is not None:

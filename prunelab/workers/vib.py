@@ -28,18 +28,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-from torch import nn
-
-from prunelab.methods.pgp import VIBHead, kl_weight, reparameterize
+from prunelab.methods.pgp import kl_weight, reparameterize
 from prunelab.trial import Trial
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from prunelab.methods.pgp import VIBHead
 
 __all__ = [
     "HEAD_FILE",
@@ -116,6 +116,8 @@ def capture_hidden(adapter: Any, layer: int) -> Iterator[_Capture]:
 
 def _lora_modules(adapter: Any) -> dict[str, nn.Linear]:
     """The guide's LoRA targets: ``layers.<i>.self_attn.<q_proj|v_proj>`` -> module."""
+    from torch import nn
+
     modules = {}
     for i, layer in enumerate(adapter.layers):
         for target in LORA_TARGETS:
@@ -127,6 +129,8 @@ def _lora_modules(adapter: Any) -> dict[str, nn.Linear]:
 
 def init_lora(adapter: Any, rank: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """LoRA factors A (r, in) ~ Kaiming-uniform and B (out, r) = 0 per target (ΔW = B A = 0)."""
+    import torch
+
     lora = {}
     for name, module in _lora_modules(adapter).items():
         bound = 1.0 / math.sqrt(module.in_features)
@@ -139,6 +143,8 @@ def init_lora(adapter: Any, rank: int, generator: torch.Generator) -> dict[str, 
 @contextlib.contextmanager
 def lora_applied(adapter: Any, lora: dict[str, torch.Tensor], scale: float) -> Iterator[None]:
     """Add ``scale · x Aᵀ Bᵀ`` to each target projection's output during the block."""
+    import torch.nn.functional as F
+
     handles = []
     try:
         for name, module in _lora_modules(adapter).items():
@@ -161,6 +167,8 @@ def lora_applied(adapter: Any, lora: dict[str, torch.Tensor], scale: float) -> I
 # -- the loss ---------------------------------------------------------------------------------
 def _positions(llm_input: Any, extra: int) -> torch.Tensor | None:
     """Position ids of the prompt plus ``extra`` teacher-forced tokens (None: the model counts)."""
+    import torch
+
     if llm_input.position_ids is None:
         return None
     parts = [llm_input.position_ids]
@@ -177,6 +185,9 @@ def sample_loss(
     max_answer_tokens: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(answer cross-entropy, mean token KL) of one sample: the two terms of eq. 5."""
+    import torch
+    import torch.nn.functional as F
+
     model = adapter.model
     prepared = adapter.prepare(sample)
     with torch.no_grad():
@@ -226,6 +237,10 @@ def train_vib(
     ``guide`` (model config), ``benchmark`` (benchmark config of the training data), ``head``
     (``PGP.head_hparams()``), ``key``, and the settings of :data:`TRAIN_DEFAULTS`.
     ``loaded``: the guide as (LoadedModel, adapter), else loaded from ``guide``."""
+    import torch
+    from safetensors.torch import save as save_safetensors
+
+    from prunelab.methods.pgp import VIBHead
     from prunelab.workers.adapters import adapter_for
     from prunelab.workers.models import load_model
 
@@ -265,6 +280,8 @@ def train_vib(
     eval_set = samples[: max(1, int(settings["eval_samples"]))]
 
     def evaluate() -> float:
+        import torch
+
         noise = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad(), lora_applied(adapter, lora, scale):
             total = 0.0
@@ -327,6 +344,8 @@ def train_vib(
 # -- loading on a worker ----------------------------------------------------------------------
 def decode_head(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a head blob written by :func:`train_vib`."""
+    from safetensors.torch import load as load_safetensors
+
     tensors = load_safetensors(blob)
     header_len = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8 : 8 + header_len])

@@ -3,8 +3,9 @@ only, so they import no torch, transformers, Ray or MLflow (nor matplotlib witho
 ``--pareto``) and stay quick enough for ``watch prunelab status``; ``methods`` imports the methods,
 which import torch only where they compute, so it imports no torch, transformers, Ray or
 MLflow; and a dry run plans without Ray, MLflow, the worker or transformers' model code, and
-without transformers at all for models whose config the package ships (``describe_model``
-reads the shipped config.json as JSON; checked here against transformers' config classes).
+without torch or transformers at all for llava-family models whose config the package ships
+(``describe_model`` reads the shipped config.json as JSON; checked here against transformers'
+config classes).
 
 Each command runs in a fresh interpreter, as the ``prunelab`` command does, with the
 ``PRUNELAB_*`` variables pointing at stores under ``tmp_path``. Nothing here is about time:
@@ -144,10 +145,11 @@ def test_methods_and_dry_run_import_no_model_library(env: dict[str, str], tmp_pa
     transformers for models whose config the package ships (the built-in toy-llava, the hub
     checkpoints' configs): the family registry and the adapter modules import no
     transformers. Tiny models are described through transformers' config classes (and the
-    word-level tokenizer), still without any model code. torch stays for a dry run, through
-    ``prunelab.orchestrator.vib_stage`` (``prunelab.workers.vib``) and the family's adapter
-    module (``prunelab.workers.adapters.llava`` and ``.base``), which import it at the top.
-    A dry run writes nothing: the stores under ``tmp_path`` are as they were."""
+    word-level tokenizer), still without any model code. Nor torch for the llava families:
+    the VIB stage's module (``prunelab.workers.vib``), the adapters (``adapters.llava``,
+    ``.llava_next``, ``.base``) and the layer pruners import it where they compute (the tiny
+    models' config classes bring it with transformers). A dry run writes nothing: the stores
+    under ``tmp_path`` are as they were."""
     before = _files(tmp_path)
     steps = run_commands(
         [
@@ -161,8 +163,8 @@ def test_methods_and_dry_run_import_no_model_library(env: dict[str, str], tmp_pa
         tmp_path,
     )
     assert steps[0] == (0, [])
-    assert steps[1] == (0, ["torch"])
-    assert steps[2] == (0, ["torch"])
+    assert steps[1] == (0, [])
+    assert steps[2] == (0, [])
     assert steps[3] == (0, ["torch", "transformers"])
     assert _files(tmp_path) == before
 

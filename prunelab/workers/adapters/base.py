@@ -21,10 +21,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from prunelab.methods.base import LayerStep, PruningMethod, VisionSignals
 from prunelab.workers.attention import AttentionProbe, probe_attention, wrap_attention
@@ -32,6 +29,10 @@ from prunelab.workers.batched import BatchedLayerPruner, BatchInput, pad_batch
 from prunelab.workers.benchmarks.base import Sample
 from prunelab.workers.models import ModelSpec
 from prunelab.workers.pruning import LayerLengths, LayerPruner
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "TINY_TEXT",
@@ -148,6 +149,8 @@ class Adapter(Protocol):
 
 def grid_coords(rows: int, cols: int, tile: int = 0, device: Any = None) -> torch.Tensor:
     """(rows * cols, 3) (tile, row, col) of a row-major token grid."""
+    import torch
+
     r, c = torch.meshgrid(
         torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij"
     )
@@ -175,6 +178,8 @@ def tiny_text_config(
 def seeded_model(model_cls: type[nn.Module], spec: ModelSpec, config: Any) -> nn.Module:
     """A randomly initialised ``model_cls`` from ``config`` (seeded with ``spec.seed``), its
     LLM and vision tower on ``spec.attn_implementation``: the model of ``build_tiny``."""
+    import torch
+
     torch.manual_seed(spec.seed)
     config.text_config._attn_implementation = spec.attn_implementation
     config.vision_config._attn_implementation = spec.attn_implementation
@@ -208,6 +213,8 @@ def greedy_generate(
     (V,), and the ``clock()`` mark (a time, or a CUDA event) taken when the first token's logits
     were ready.
     """
+    import torch
+
     device = llm_input.inputs_embeds.device
     with pruner:
         kwargs: dict[str, Any] = {}
@@ -236,6 +243,8 @@ def _original_positions(
     order, or in increasing ``kept`` with ``sorted_kept``) with 1-D position ids from the
     unpruned sequence: each visual token at its anchor's position, each other token at its
     own, the generated tokens after the unpruned length."""
+    import torch
+
     if kept is None:
         return llm_input
     placeholders = prepared.visual_positions
@@ -320,6 +329,8 @@ class VLMAdapter:
         the tokens as they are). Default, for 1-D RoPE families: the first M placeholders take
         the tokens and the rest are removed, so positions stay contiguous.
         """
+        import torch
+
         ids = prepared.input_ids[0]
         placeholders = prepared.visual_positions
         m = visual_tokens.shape[0]
@@ -477,6 +488,8 @@ class VLMAdapter:
     def batch_input(self, llm_inputs: Sequence[LLMInput]) -> BatchInput:
         """Left-pad the 1-D RoPE LLM inputs of several samples into one batch (each sample
         keeps its own position ids: consecutive, or those of ``llm_input.position_ids``)."""
+        import torch
+
         if not self.batches:
             raise NotImplementedError(f"the {self.family} family does not batch")
         ids = []
@@ -518,6 +531,7 @@ class VLMAdapter:
         runs each sample's layer stages in the prefill (None: unpruned). Each sample stops at
         its own end-of-sequence token or ``max_new_tokens``; the generations are those of
         :meth:`generate` one sample at a time (in fp32, up to floating-point reassociation)."""
+        import torch
         from transformers import DynamicCache  # here: the module is imported where no model runs
 
         if pruner is None:
@@ -537,6 +551,8 @@ class VLMAdapter:
             return output.logits[:, -1]  # (B, V)
 
         def next_positions(t: int) -> torch.Tensor:  # (B, 1) of the t-th token fed back
+            import torch
+
             ids = []
             for llm_input, length in zip(llm_inputs, batch.lengths, strict=True):
                 if llm_input.next_position_ids is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from prunelab.methods.base import VisionSignals
@@ -35,6 +34,7 @@ from prunelab.workers.cost import projector_flops, vit_flops
 from prunelab.workers.models import ModelInfo, ModelSpec
 
 if TYPE_CHECKING:
+    import torch
     from transformers import LlavaConfig, LlavaNextConfig, LlavaProcessor
 
 __all__ = [
@@ -159,6 +159,8 @@ class LlavaAdapter(VLMAdapter):
 
     def vision_signals(self, prepared: Prepared, wanted: frozenset[str]) -> VisionSignals:
         """Projected patch tokens; CLS attention and keys at the feature layer (CLS dropped)."""
+        import torch
+
         config = self.model.config
         layer = feature_attention_layer(
             config.vision_feature_layer, config.vision_config.num_hidden_layers

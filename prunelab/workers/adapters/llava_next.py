@@ -47,7 +47,6 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from prunelab.methods.base import VisionSignals
@@ -69,6 +68,7 @@ from prunelab.workers.benchmarks.shapes import shapes_vocabulary
 from prunelab.workers.models import ModelInfo, ModelSpec
 
 if TYPE_CHECKING:
+    import torch
     from transformers import LlavaNextConfig, LlavaNextProcessor
 
 __all__ = [
@@ -206,6 +206,8 @@ class LlavaNextAdapter(VLMAdapter):
         """(T,) long: for each placeholder of the image, the flat patch index crop * patches +
         patch its feature comes from, or -1 for a newline; the model's ``pack_image_features``
         applied to a map of patch indices."""
+        import torch
+
         vision = self.model.config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         ids = torch.arange(crops * patches, dtype=torch.float64).view(crops, patches, 1)
@@ -221,6 +223,8 @@ class LlavaNextAdapter(VLMAdapter):
     def _coords(layout: torch.Tensor, side: int) -> torch.Tensor:
         """(N, 3) (tile, row, col) of the prunable tokens of ``layout`` (T,): the base grid
         (tile 0), then the unpadded tile grid (tile 1), row-major, one newline per row."""
+        import torch
+
         base, rest = layout[: side * side], layout[side * side :]
         if not torch.equal(base, torch.arange(side * side)):
             raise RuntimeError("llava_next layout: the base crop's patches do not come first")
@@ -272,6 +276,8 @@ class LlavaNextAdapter(VLMAdapter):
     def vision_signals(self, prepared: Prepared, wanted: frozenset[str]) -> VisionSignals:
         """Projected base + tile tokens (N, D) (newlines left out); CLS attention (N,) and
         head-mean keys (N, hd) of each crop at the feature layer, gathered like the features."""
+        import torch
+
         config = self.model.config
         layer = self._feature_layer()
         captured: dict[str, torch.Tensor] = {}
@@ -328,6 +334,8 @@ class LlavaNextAdapter(VLMAdapter):
     ) -> LLMInput:
         """Kept tokens on the placeholders of their anchors (original order), every newline in
         place with ``image_newline``, the other placeholders removed; contiguous positions."""
+        import torch
+
         ids = prepared.input_ids[0]
         placeholders = prepared.visual_positions
         if kept is None:
