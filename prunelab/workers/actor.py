@@ -133,7 +133,8 @@ class Worker:
 
         env = {
             "prunelab": prunelab.__version__,
-            "torch": torch.__version__,
+            # a plain str: a TorchVersion would import torch where the result is unpickled
+            "torch": str(torch.__version__),
             "transformers": transformers.__version__,
             "vision_cache_mb": f"{self.vision_cache_mb:g}",
         }

@@ -201,3 +201,12 @@ def test_the_orchestrator_imports_no_model_library_for_its_workers() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+def test_the_worker_environment_is_plain_strings() -> None:
+    """A trial's result crosses to the orchestrator pickled: a ``TorchVersion`` in it (what
+    ``torch.__version__`` is) would import torch there when unpickled."""
+    from prunelab.workers.actor import Worker
+
+    env = Worker("worker-test", vision_cache_mb=0).environment()
+    assert env and all(type(value) is str for value in env.values()), env
