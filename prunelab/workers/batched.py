@@ -117,11 +117,7 @@ class BatchedLayerPruner(LayerHooks):
     ) -> None:
         import torch
 
-        self.layers = list(layers)
-        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
-        self.method = method
-        self.steps = {s.layer: s for s in steps}
-        self.probe = probe
+        super().__init__(layers, method, steps, probe)
         self.pads = list(batch.pads)
         size = len(self.pads)
         self.generators = list(generators) or [None] * size
@@ -133,16 +129,11 @@ class BatchedLayerPruner(LayerHooks):
         self.lengths = [LayerLengths() for _ in range(size)]
         self.layer_tokens: dict[int, torch.Tensor] = {}  # pruned layer -> (B, S') its tokens
         self.carry: list[torch.Tensor | None] = [None] * size
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._prefill_done = False
         for step in steps:
             problem = step_problem(step)
             if problem is not None:
                 raise ValueError(f"a batched generation cannot run this plan: {problem}")
-            if not 1 <= step.layer < len(self.layers):
-                raise ValueError(
-                    f"layer step at {step.layer}: must be in [1, {len(self.layers) - 1}]"
-                )
+            self._check_layer(step)
             if step.queries is None:
                 continue
             if probe is None or not probe.chunks:
@@ -160,7 +151,7 @@ class BatchedLayerPruner(LayerHooks):
         return "all"
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        index = self._index[id(module)]
+        index = self._layer_index(module)
         hidden = args[0] if args else kwargs["hidden_states"]
         if self._prefill_done:
             return args, self._decode_kwargs(index, kwargs)

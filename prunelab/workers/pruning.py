@@ -47,13 +47,32 @@ class LayerLengths:
 class LayerHooks:
     """A forward pre-hook on each LLM decoder layer for the lifetime of one generation (a
     context manager): what :class:`LayerPruner` and the batched
-    :class:`~prunelab.workers.batched.BatchedLayerPruner` share. A subclass sets ``layers``,
-    ``probe``, ``_handles = []`` and ``_prefill_done = False`` and defines ``_pre_hook``."""
+    :class:`~prunelab.workers.batched.BatchedLayerPruner` share: the layers, the method and
+    its layer steps by layer, the attention probe. A subclass defines ``_pre_hook``."""
 
-    layers: list[nn.Module]
-    probe: AttentionProbe | None
-    _handles: list[torch.utils.hooks.RemovableHandle]
-    _prefill_done: bool
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        method: PruningMethod | None,
+        steps: Sequence[LayerStep],
+        probe: AttentionProbe | None,
+    ) -> None:
+        self.layers = list(layers)
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
+        self.method = method
+        self.steps = {s.layer: s for s in steps}
+        self.probe = probe
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._prefill_done = False
+
+    def _layer_index(self, module: nn.Module) -> int:
+        """The index of decoder layer ``module``."""
+        return self._index[id(module)]
+
+    def _check_layer(self, step: LayerStep) -> None:
+        """A layer step must come after the first decoder layer and before the end."""
+        if not 1 <= step.layer < len(self.layers):
+            raise ValueError(f"layer step at {step.layer}: must be in [1, {len(self.layers) - 1}]")
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         raise NotImplementedError
@@ -112,11 +131,7 @@ class LayerPruner(LayerHooks):
     ) -> None:
         import torch
 
-        self.layers = list(layers)
-        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
-        self.method = method
-        self.steps = {s.layer: s for s in steps}
-        self.probe = probe
+        super().__init__(layers, method, steps, probe)
         self.rotary = rotary
         self.generator = generator
         self.visual_positions = visual_positions
@@ -143,18 +158,13 @@ class LayerPruner(LayerHooks):
         # per layer: the prefill tokens it processed (its KV cache entries), when pruned
         self.layer_tokens: dict[int, torch.Tensor] = {}
         self.renumbered_layers: set[int] = set()  # layers that saw renumbered positions
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._prefill_done = False
         self._decode_step = 0  # generated tokens fed back so far (decode forwards)
         # (S0, D) the LLM's input embeddings of the prefill, kept when a step asks for them
         self.embeddings: torch.Tensor | None = None
         self._keep_embeddings = any(step.needs_embeddings for step in steps)
         self.carry: torch.Tensor | None = None  # the last layer step's LayerSelection.carry
         for step in steps:
-            if not 1 <= step.layer < len(self.layers):
-                raise ValueError(
-                    f"layer step at {step.layer}: must be in [1, {len(self.layers) - 1}]"
-                )
+            self._check_layer(step)
             if step.queries is None or step.attention_from == "self":
                 continue
             if probe is None:
@@ -202,9 +212,6 @@ class LayerPruner(LayerHooks):
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
-
-    def _layer_index(self, module: nn.Module) -> int:
-        return self._index[id(module)]
 
     def _apply_step(
         self, step: LayerStep, layer: nn.Module, hidden: torch.Tensor, kwargs: dict
