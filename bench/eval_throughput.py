@@ -126,6 +126,17 @@ def same_across_batches(one: TrialResult, other: TrialResult) -> bool:
     )
 
 
+def speedup(base: Cell, cell: Cell) -> str:
+    """``cell`` against ``base``, repeat by repeat: samples/s of the whole trial (median, min,
+    max) and of the evaluation loop (median)."""
+    ratios = [a / b for a, b in zip(base.trial_s, cell.trial_s, strict=True)]
+    evals = [b / a for a, b in zip(base.eval_per_s, cell.eval_per_s, strict=True)]
+    return (
+        f"samples/s {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max "
+        f"{max(ratios):.2f}x); eval samples/s {statistics.median(evals):.2f}x"
+    )
+
+
 def timed_run(loaded: LoadedModel, adapter: Any, trial: Trial, worker: Worker, cell: Cell) -> None:
     before = dataclasses.replace(worker.cache.stats) if worker.cache is not None else None
     start = time.perf_counter()
@@ -226,13 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         for size in sizes:
             off, on = cells[name, "off", size], cells[name, "on", size]
-            ratios = [a / b for a, b in zip(off.trial_s, on.trial_s, strict=True)]
-            evals = [b / a for a, b in zip(off.eval_per_s, on.eval_per_s, strict=True)]
-            print(
-                f"{name} batch {size}: cache on / off, samples/s "
-                f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max "
-                f"{max(ratios):.2f}x); eval samples/s {statistics.median(evals):.2f}x"
-            )
+            print(f"{name} batch {size}: cache on / off, {speedup(off, on)}")
             assert off.first is not None and on.first is not None
             if outputs(off.first) != outputs(on.first):
                 failed.append(f"{name} batch {size} (cache on / off)")
@@ -240,13 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             first = cells[name, setting, sizes[0]]
             for size in sizes[1:]:
                 cell = cells[name, setting, size]
-                ratios = [a / b for a, b in zip(first.trial_s, cell.trial_s, strict=True)]
-                evals = [b / a for a, b in zip(first.eval_per_s, cell.eval_per_s, strict=True)]
-                print(
-                    f"{name} cache {setting}: batch {size} / {sizes[0]}, samples/s "
-                    f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max "
-                    f"{max(ratios):.2f}x); eval samples/s {statistics.median(evals):.2f}x"
-                )
+                print(f"{name} cache {setting}: batch {size} / {sizes[0]}, {speedup(first, cell)}")
                 assert first.first is not None and cell.first is not None
                 if not same_across_batches(first.first, cell.first):
                     failed.append(f"{name} cache {setting} (batch {size} / {sizes[0]})")
