@@ -14,11 +14,16 @@ the whole evaluation loop.
 
 Batched evaluation (``eval.batch_size`` > 1, or ``auto``: :func:`resolve_batch_size`): the
 untimed samples go through prefill and greedy decode ``batch_size`` at a time
-(:func:`run_batch`: left padding, each sample its own vision-stage selection, layer-stage
-selection and KV cache; :mod:`prunelab.workers.batched`), with the outputs of batch 1 up to
-floating-point reassociation. Families whose adapter does not batch (``VLMAdapter.batches``:
-dynamic resolution, M-RoPE) and plans the batched pruner cannot run (:func:`batch_problem`)
-run at batch 1; the trial logs why once and records ``effective_batch_size``.
+(:func:`run_batch`: left padding, each sample its own position ids (M-RoPE rows included),
+plan, vision-stage selection, layer-stage selection and KV cache, whatever its image size;
+:mod:`prunelab.workers.batched`), with the outputs of batch 1 up to floating-point
+reassociation. Adapters without a batched path (``VLMAdapter.batches``) and plans the batched
+pruner cannot run (:func:`batch_problem`) run at batch 1; the trial logs why once and records
+``effective_batch_size``.
+
+Prefetch: the untimed samples are prepared (``adapter.prepare`` through the vision cache) on a
+background thread (:class:`Prefetcher`), the next sample or batch while the model runs the
+current one; the timed samples are prepared on the trial's thread with nothing alongside.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ import re
 import statistics
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -40,7 +46,7 @@ from prunelab.methods.base import Plan, PlanContext, PruningMethod, VisionSelect
 from prunelab.trial import Trial, TrialResult
 from prunelab.workers.adapters import Adapter, Generation, Prepared
 from prunelab.workers.attention import AttentionProbe, probe_attention
-from prunelab.workers.batched import step_problem
+from prunelab.workers.batched import step_problem, steps_problem
 from prunelab.workers.benchmarks import build_benchmark
 from prunelab.workers.benchmarks.base import Sample, cut_at_stops
 from prunelab.workers.benchmarks.resampling import score_replicates
@@ -58,8 +64,11 @@ DIAGNOSTIC_SAMPLES = 4  # samples whose vision-stage diagnostics go to a trial a
 AUTO_BATCH_CPU = 8  # eval.batch_size=auto on a CPU
 AUTO_BATCH_MAX = 64  # eval.batch_size=auto on a GPU: at most this many
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = [
+    "Prefetcher",
     "ReferenceCache",
     "SampleInputs",
     "SampleResult",
@@ -196,6 +205,70 @@ class SampleInputs:
         return encode
 
 
+class Prefetcher(Generic[T, R]):
+    """``work`` over ``items`` in order, computed ahead of the caller on one background thread.
+
+    Iterating yields ``(item, work(item))`` in order. Before waiting for item i it hands the
+    items up to i + ``ahead(i)`` to the thread, which runs them one after another: while the
+    caller uses item i, the next ones are being computed, and at most ``ahead(i) + 1``
+    results are ever pending (a bounded queue). ``ahead(i)`` 0 with item i not handed over
+    yet: the caller computes it itself, with nothing running alongside. An exception raised
+    by ``work`` is raised by the iteration at its item, as computing it there would raise it.
+    ``enabled`` False: every item is computed by the caller when its turn comes.
+
+    A context manager: on exit the work not started is cancelled and the thread joined.
+    ``work`` runs on another thread: thread-local state (``torch.inference_mode``, ...) is
+    its own to set.
+    """
+
+    def __init__(
+        self,
+        work: Callable[[T], R],
+        items: Sequence[T],
+        ahead: Callable[[int], int] = lambda index: 1,
+        enabled: bool = True,
+    ) -> None:
+        self._work = work
+        self._items = list(items)
+        self._ahead = ahead
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="prunelab-prefetch")
+            if enabled
+            else None
+        )
+        self._pending: dict[int, Future[R]] = {}
+        self._handed = 0  # items handed to the thread (or computed by the caller) so far
+
+    def __enter__(self) -> Prefetcher[T, R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the work not started, wait for the running one, stop the thread."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+    def __iter__(self) -> Iterator[tuple[T, R]]:
+        for index, item in enumerate(self._items):
+            if self._executor is None:
+                yield item, self._work(item)
+                continue
+            last = min(len(self._items) - 1, index + max(0, self._ahead(index)))
+            if self._handed == index and last == index:  # nothing ahead: compute it here
+                self._handed += 1
+                yield item, self._work(item)
+                continue
+            while self._handed <= last:
+                self._pending[self._handed] = self._executor.submit(
+                    self._work, self._items[self._handed]
+                )
+                self._handed += 1
+            yield item, self._pending.pop(index).result()
+
+
 def _sample_generator(seed: int | None, sample_id: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{sample_id}".encode()))
 
@@ -302,13 +375,11 @@ def batch_problem(adapter: Adapter, method: PruningMethod, plan: Plan) -> str | 
     """Why samples of ``method`` with ``plan`` cannot share a batch on ``adapter`` (None: they
     can; :func:`run_batch`)."""
     if not getattr(adapter, "batches", False):
-        return f"the {adapter.family} family does not batch yet (dynamic resolution or M-RoPE)"
+        return f"the {adapter.family} family does not batch (its adapter has no batched path)"
     if method.needs_guidance:
         return f"{method.name} runs a guidance model per sample"
     if plan.pre_inference is not None:
         return f"{method.name} runs a pre-inference pass per sample"
-    if len(plan.layers) > 1:
-        return f"{method.name} has several layer stages"
     for step in plan.layers:
         problem = step_problem(step)
         if problem is not None:
@@ -337,43 +408,56 @@ def run_batch(
     adapter: Adapter,
     prepared: Sequence[Prepared],
     method: PruningMethod,
-    plan: Plan,
+    plan: Plan | Sequence[Plan],
     generators: Sequence[torch.Generator],
     max_new_tokens: int,
     diagnostics: Sequence[bool] = (),
     vision_positions: str | None = None,
     encoders: Sequence[Callable[[frozenset[str]], VisionSignals] | None] = (),
-) -> list[tuple[Generation, VisionSelection | None]] | None:
-    """Samples that share ``plan`` through ``method`` in one batched generation: each
-    sample's vision signals and vision-stage selection (with its own ``generators`` entry),
-    then one left-padded prefill whose layer stages select per sample, and a greedy decode.
+) -> list[tuple[Generation, VisionSelection | None]]:
+    """Samples through ``method`` in one batched generation: each sample's vision signals and
+    vision-stage selection (with its own ``generators`` entry), then one left-padded prefill
+    whose layer stages select per sample, and a greedy decode.
 
-    Returns each sample's generation (no timings) and vision selection, in order; None when
-    the samples cannot share a batch after their vision stage (a layer stage would see
-    different visual-token counts): run them one at a time then. The plan must pass
-    :func:`batch_problem`. ``diagnostics`` / ``encoders``: per sample, as ``run_sample``'s.
+    ``plan``: the samples' plan, or each sample's (they differ where the samples' images make
+    different numbers of visual tokens: a budget is a share of each); every plan must pass
+    :func:`batch_problem` and their layer stages must be at the same layers
+    (:func:`~prunelab.workers.batched.steps_problem`). Returns each sample's generation (no
+    timings) and vision selection, in order. ``diagnostics`` / ``encoders``: per sample, as
+    ``run_sample``'s.
     """
     size = len(prepared)
+    plans = [plan] * size if isinstance(plan, Plan) else list(plan)
+    if len(plans) != size:
+        raise ValueError(f"{len(plans)} plans for {size} samples")
+    problem = steps_problem([p.layers for p in plans])
+    if problem is not None:
+        raise ValueError(f"these samples cannot share a batch: {problem}")
     wants = list(diagnostics) or [False] * size
     encodes = list(encoders) or [None] * size
     llm_inputs, visions = [], []
-    for sample, generator, want, encode in zip(prepared, generators, wants, encodes, strict=True):
-        signals = _vision_signals(adapter, sample, plan, encode, generator, want)
+    for sample, own, generator, want, encode in zip(
+        prepared, plans, generators, wants, encodes, strict=True
+    ):
+        signals = _vision_signals(adapter, sample, own, encode, generator, want)
         vision = None
-        if plan.vision_keep is not None:
-            vision = method.select_vision(signals, plan.vision_keep)
+        if own.vision_keep is not None:
+            vision = method.select_vision(signals, own.vision_keep)
         tokens, kept = (
             (vision.tokens, vision.kept) if vision is not None else (signals.tokens, None)
         )
         llm_inputs.append(adapter.llm_input(sample, tokens, kept, vision_positions))
         visions.append(vision)
-    if plan.layers and len({int(i.visual_positions.numel()) for i in llm_inputs}) > 1:
-        return None
     batch = adapter.batch_input(llm_inputs)  # type: ignore[attr-defined]
     probe = AttentionProbe(modules=adapter.attention_modules, chunks=True)
     with probe_attention(probe):
         pruner = adapter.batch_pruner(  # type: ignore[attr-defined]
-            batch, method=method, steps=plan.layers, probe=probe, generators=generators
+            batch,
+            method=method,
+            steps=plans[0].layers,
+            probe=probe,
+            generators=generators,
+            sample_steps=[p.layers for p in plans],
         )
         generations = adapter.generate_batch(  # type: ignore[attr-defined]
             prepared, llm_inputs, batch, max_new_tokens, pruner
@@ -410,6 +494,7 @@ def run_trial(
     progress: Callable[[int, int], None] | None = None,
     guide: tuple[LoadedModel, Adapter] | None = None,
     vision_cache: VisionCache | None = None,
+    prefetch: bool = True,
 ) -> TrialResult:
     """Evaluate one trial and measure its costs: its metrics, predictions and artifacts (how
     long and where it ran is the worker's to fill in).
@@ -431,6 +516,12 @@ def run_trial(
     (:func:`run_batch`), or one at a time where they cannot (:func:`batch_problem`; logged
     once). The metrics then hold ``batch_size`` (the resolved setting) and
     ``effective_batch_size`` (the largest batch that ran: 1 when the trial fell back).
+
+    ``prefetch``: prepare the samples after the timed subset (``adapter.prepare``, through the
+    vision cache) on a background thread, the next sample or batch while the model runs the
+    current one (:class:`Prefetcher`); the results are the same either way, and an error in
+    preparing a sample is raised here when the loop reaches it. False: each on this thread
+    when its turn comes.
     """
     method, budget = build_method(trial)
     settings = trial.eval
@@ -550,20 +641,18 @@ def run_trial(
         items = list(pending)
         pending.clear()
         plans = [_plan(method, budget, trial, adapter, p, info.n_layers) for _, _, p in items]
-        problem = batch_problem(adapter, method, plans[0])
-        if problem is None and any(p != plans[0] for p in plans):
-            problem = "samples of one batch have different plans"
+        problem = next(filter(None, (batch_problem(adapter, method, p) for p in plans)), None)
+        if problem is None:  # plans differ in their budgets where images differ in size
+            problem = steps_problem([p.layers for p in plans])
         runs = None
         if problem is None and len(items) > 1:
             runs = run_batch(
-                adapter, [p for _, _, p in items], method, plans[0],
+                adapter, [p for _, _, p in items], method, plans,
                 [_sample_generator(trial.seed, s.id) for _, s, _ in items], max_new,
                 diagnostics=[i < DIAGNOSTIC_SAMPLES for i, _, _ in items],
                 vision_positions=trial.vision_positions,
                 encoders=[inputs.encoder(s, p) for _, s, p in items],
             )  # fmt: skip
-            if runs is None:
-                problem = "samples of one batch keep different visual-token counts"
         if runs is None:
             if problem is not None and fallback is None:
                 fallback = problem
@@ -583,10 +672,18 @@ def run_trial(
                 curves.append({"sample": sample.id, **diagnostics})
             record(index, sample, prepared, plan, generation, False)
 
+    def prepare(sample: Sample) -> Prepared:  # on the prefetch thread: its own inference mode
+        with torch.inference_mode():
+            return inputs.prepare(sample)
+
+    def ahead(index: int) -> int:
+        """Samples prepared in the background while sample ``index`` runs: none while a timed
+        sample runs (its latency is the model's alone), else the next batch."""
+        return 0 if index < settings.timed_samples else batch_size or 1
+
     started = time.perf_counter()
-    with torch.inference_mode():
-        for index, sample in enumerate(samples):
-            prepared = inputs.prepare(sample)
+    with torch.inference_mode(), Prefetcher(prepare, samples, ahead, prefetch) as prepared_samples:
+        for index, (sample, prepared) in enumerate(prepared_samples):
             if batch_size is None:
                 tokens = prepared.input_ids.shape[1] + max_new
                 batch_size = resolve_batch_size(settings.batch_size, loaded, tokens)

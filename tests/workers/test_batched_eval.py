@@ -104,15 +104,19 @@ def test_batched_tokens_equal_batch_1(method: str) -> None:
 
 
 @pytest.mark.parametrize("model", ["tiny-llava-next", "tiny-qwen2-vl"])
-def test_families_that_cannot_batch_fall_back(model: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_families_that_cannot_batch_fall_back(
+    model: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter without a batched path (``batches`` False) runs at batch 1 and says why."""
     loaded, adapter = load_tiny(model)
+    monkeypatch.setattr(adapter, "batches", False)
     trial = tiny_trial(model, "fastv", 5, keep_ratio=0.25, prune_layer=2)
     with caplog.at_level(logging.INFO, logger="prunelab.workers.runner"):
         many = run_trial(loaded, adapter, batched(trial, 4))
     one = run_trial(loaded, adapter, batched(trial, 1))
     assert many.metrics["batch_size"] == 4 and many.metrics["effective_batch_size"] == 1
     said = [r.getMessage() for r in caplog.records if "running at batch 1" in r.getMessage()]
-    assert len(said) == 1 and "does not batch" in said[0]  # once per trial
+    assert len(said) == 1 and f"the {adapter.family} family does not batch" in said[0]  # once
     assert [p["prediction"] for p in many.predictions] == [p["prediction"] for p in one.predictions]
 
 

@@ -283,8 +283,8 @@ class VLMAdapter:
     # (each keeps its position in the unpruned sequence)
     vision_positions: ClassVar[tuple[str, ...]] = ("packed", "original")
     sorts_kept: ClassVar[bool] = False  # ``_sequence`` lays the kept tokens out in input order
-    # several samples can share one prefill and decode (:meth:`generate_batch`): fixed-length
-    # 1-D RoPE layouts only (dynamic resolution and M-RoPE families run one sample at a time)
+    # several samples can share one prefill and decode (:meth:`generate_batch`): left-padded,
+    # each with its own position ids (1-D, or M-RoPE rows), lengths and visual-token counts
     batches: ClassVar[bool] = False
 
     def __init__(self, loaded) -> None:
@@ -486,8 +486,9 @@ class VLMAdapter:
 
     # -- batched generation (families with ``batches``) ----------------------------------
     def batch_input(self, llm_inputs: Sequence[LLMInput]) -> BatchInput:
-        """Left-pad the 1-D RoPE LLM inputs of several samples into one batch (each sample
-        keeps its own position ids: consecutive, or those of ``llm_input.position_ids``)."""
+        """Left-pad the LLM inputs of several samples into one batch. Each sample keeps its
+        own position ids: those of ``llm_input.position_ids`` ((1, L) 1-D or (R, 1, L) rows,
+        e.g. M-RoPE's (3, 1, L)), or consecutive 1-D ids; samples may differ in length."""
         import torch
 
         if not self.batches:
@@ -511,11 +512,19 @@ class VLMAdapter:
         steps: Sequence[LayerStep] = (),
         probe: AttentionProbe | None = None,
         generators: Sequence[torch.Generator | None] = (),
+        sample_steps: Sequence[Sequence[LayerStep]] = (),
     ) -> BatchedLayerPruner:
         """The layer-stage pruner of a batched generation of ``batch`` (see
-        :class:`~prunelab.workers.batched.BatchedLayerPruner`)."""
+        :class:`~prunelab.workers.batched.BatchedLayerPruner`; ``sample_steps``: each
+        sample's own steps, default ``steps``)."""
         return BatchedLayerPruner(
-            self.layers, batch, method=method, steps=steps, probe=probe, generators=generators
+            self.layers,
+            batch,
+            method=method,
+            steps=steps,
+            probe=probe,
+            generators=generators,
+            sample_steps=sample_steps,
         )
 
     def generate_batch(
@@ -550,16 +559,18 @@ class VLMAdapter:
             )  # fmt: skip
             return output.logits[:, -1]  # (B, V)
 
-        def next_positions(t: int) -> torch.Tensor:  # (B, 1) of the t-th token fed back
-            import torch
+        rows = batch.position_ids.shape[0] if batch.position_ids.dim() == 3 else None
 
+        def next_positions(t: int) -> torch.Tensor:
+            """(B, 1), or (R, B, 1) for R rows (M-RoPE), of the t-th token fed back."""
             ids = []
             for llm_input, length in zip(llm_inputs, batch.lengths, strict=True):
                 if llm_input.next_position_ids is not None:
-                    ids.append(llm_input.next_position_ids(t).reshape(1, 1).to(device))
+                    ids.append(llm_input.next_position_ids(t).reshape(rows or 1, 1, 1))
                 else:
-                    ids.append(torch.full((1, 1), length + t - 1, device=device))
-            return torch.cat(ids)
+                    ids.append(torch.full((rows or 1, 1, 1), length + t - 1))
+            stacked = torch.cat([i.to(device) for i in ids], dim=1)  # (R, B, 1)
+            return stacked if rows is not None else stacked[0]
 
         with pruner:
             logits = forward(batch.inputs_embeds, batch.position_ids)

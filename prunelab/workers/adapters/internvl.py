@@ -233,6 +233,7 @@ def tile_coords(tiles: int, side: int, device: Any = None) -> torch.Tensor:
 
 class InternVLAdapter(VLMAdapter):
     family = "internvl"
+    batches = True  # left-padded batches: each sample its own tiles and visual-token count
     sorts_kept = True  # ``_sequence`` lays the kept tokens out in input order
 
     def _vision_attention(self) -> list[torch.nn.Module]:

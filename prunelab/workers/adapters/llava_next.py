@@ -189,6 +189,7 @@ class LlavaNextAdapter(VLMAdapter):
     """
 
     family = "llava_next"
+    batches = True  # left-padded batches: each sample its own tiles and visual-token count
     sorts_kept = True  # ``_sequence`` lays the kept tokens out in input order
 
     def _vision_attention(self) -> list[torch.nn.Module]:

@@ -17,6 +17,9 @@ the columns of the kept tokens (each kept visual token keeps its original 3-D po
 own); the t-th generated token fed back gets max position + t in all rows (what transformers'
 ``rope_deltas`` gives). Renumbering at a layer stage (``positions="renumber"``) rebuilds cos/sin
 from 1-D ids expanded to all three rows: from that layer on, M-RoPE collapses to plain 1-D RoPE.
+Batched (``eval.batch_size``): each sample's (3, L_b) rows, left-padded into (3, B, L), its
+own next position when decoding (its max + t), its own grid and budget
+(:mod:`prunelab.workers.batched`).
 
 Signals (at ``vision_signal_layer``, default the last encoder block, whose output the merger
 projects): ``cls_attention`` = attention each patch receives, head mean, averaged over all the
@@ -307,6 +310,9 @@ def from_pretrained(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
 
 class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
+    # left-padded batches: each sample its own grid (visual-token count) and M-RoPE position
+    # rows, (3, B, L), and its own next position (max + t) when decoding
+    batches = True
     # M-RoPE: a kept token keeps its 3-D (t, h, w) position; packing has no 1-D meaning here
     vision_positions: ClassVar[tuple[str, ...]] = ("original",)
     vision_signal_layer: ClassVar[int] = -1  # encoder block of cls_attention / key_metric
