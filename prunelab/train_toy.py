@@ -22,11 +22,20 @@ stall in OpenMP spin-waits):
    slowly on a CPU budget.
    A third head predicts which cell each patch lies in, so the features carry their absolute
    position (the LLM's RoPE sees only relative offsets, and the question length varies).
-2. VQA. Projector + LLM learn to answer the ``shapes`` questions on the frozen tower (its
-   features computed once): cross-entropy on the answer word and ``</s>`` only. Each training
-   image carries ``turns`` = 4 questions as chat turns, the first in exactly the evaluation
-   prompt: with one question per image the LLM stayed at chance on colour / shape questions
-   for the first 200 steps (the 36 visual tokens dominate the cost, the extra turns are cheap).
+   On ``scenes`` (:class:`VisionHeads`) CLS predicts the set of objects instead of counts, a
+   head marks the patch under each object's centre, and one regresses the patch's row and
+   column, so that positions are ordered along a direction (left of / above compare them).
+2. VQA. Projector + LLM learn to answer the questions on the frozen tower (its features
+   computed once): cross-entropy on the answer word and ``</s>`` only. Each training image
+   carries ``turns`` questions packed after one shared image prompt; each turn sees only the
+   image prompt and itself (a block-diagonal mask) and is numbered from where the image prompt
+   ends, so every turn is exactly the evaluation prompt of its question and no turn can copy
+   another's answer (``_token_rows``; the 144 visual tokens dominate the cost, the extra turns
+   are cheap). On ``scenes`` an alignment loss (``align_weight``) maps each projected visual
+   token near the input embeddings of the words that describe its patch (its object's colour
+   and shape, its side of each midline), as LLaVA's first stage aligns the projector with the
+   word embeddings: the LLM then need not discover from the answers alone which question word
+   goes with which visual feature.
 3. ``toy-llava-small``: a narrower, shallower LLM on a copy of the trained (frozen) tower,
    trained as in 2: the guidance model of ``sgp`` / ``pgp``.
 
@@ -135,6 +144,7 @@ class ToyConfig:
     vqa_steps: int = 6000
     vqa_lr: float = 1e-3
     small_steps: int = 3000
+    align_weight: float = 1.0  # scenes: the visual-token / word-embedding alignment loss
     weight_decay: float = 0.01
     warmup_steps: int = 30
 
@@ -226,9 +236,12 @@ class ShapesTensors:
     """A split of ``shapes`` as training tensors (prompts right-padded, answer appended)."""
 
     pixel_values: torch.Tensor  # (N, 3, H, W) float32
-    input_ids: torch.Tensor  # (N, L): prompt, answer word, </s>, then <pad>
+    input_ids: torch.Tensor  # (N, L): image prompt, then per turn question, answer, </s>; <pad>
     attention_mask: torch.Tensor  # (N, L)
+    segments: torch.Tensor  # (N, L): 0 image prompt, k turn k, -1 padding (see _token_rows)
+    position_ids: torch.Tensor  # (N, L): each turn numbered as if it were alone
     answer_pos: torch.Tensor  # (N, T) position of the answer word of each of T turns
+    answer_mask: torch.Tensor  # (N, T) bool: which answer slots the row fills
     patch_labels: torch.Tensor  # (N, P) cell / object class under each patch
     # (N, 5) long: shapes of each colour in the image (shapes); (N, 20) float: multi-hot of the
     # (colour, shape) objects it holds (scenes): the target of the CLS head
@@ -239,6 +252,9 @@ class ShapesTensors:
     anchors: torch.Tensor | None = None
     # (N, P, d) layer -2 patch features of the frozen tower (stage 2 reads them, not the pixels)
     features: torch.Tensor | None = None
+    # (N, P, 4) word ids each visual token is aligned with (scenes; -100: none): the colour and
+    # shape words of the object under the patch, and left / right, top / bottom of the patch
+    patch_words: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -248,12 +264,17 @@ class ShapesTensors:
         extra = {} if self.features is None else {"features": self.features[index]}
         if self.anchors is not None:
             extra["anchors"] = self.anchors[index]
+        if self.patch_words is not None:
+            extra["patch_words"] = self.patch_words[index]
         return {
             **extra,
             "pixel_values": self.pixel_values[index],
             "input_ids": self.input_ids[index, :length],
             "attention_mask": self.attention_mask[index, :length],
+            "segments": self.segments[index, :length],
+            "position_ids": self.position_ids[index, :length],
             "answer_pos": self.answer_pos[index],
+            "answer_mask": self.answer_mask[index],
             "patch_labels": self.patch_labels[index],
             "colour_counts": self.colour_counts[index],
             "patch_cells": self.patch_cells,
@@ -295,12 +316,9 @@ def encode(
         )
         counts.append([sum(1 for c in cells if c and c[0] == k) for k in COLORS])
         categories.append(s.category)
-    input_ids, attention_mask, answer_pos = _pack(rows, tokenizer.pad_token_id)
     return ShapesTensors(
         pixel_values=torch.cat(pixels),
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        answer_pos=answer_pos,
+        **_pack(rows, tokenizer.pad_token_id),
         patch_labels=torch.tensor(patch_labels, dtype=torch.long),
         colour_counts=torch.tensor(counts, dtype=torch.long).clamp(max=MAX_COUNT - 1),
         patch_cells=torch.tensor(
@@ -329,40 +347,78 @@ def _prompted(
             yield start + i, s, batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
 
 
-def _pack(
-    rows: list[tuple[list[int], list[int]]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, answer_pos) of the rows' chats, right-padded. An image with
-    fewer turns than the most repeats its first answer's position (same target, same loss)."""
+def _pack(rows: list[TurnRow], pad_id: int) -> dict[str, torch.Tensor]:
+    """The rows' chats as right-padded tensors: ``input_ids``, ``attention_mask``,
+    ``segments`` (0 the shared image prompt, k the k-th turn, -1 padding), ``position_ids``
+    (each turn numbered as if it were the only one), ``answer_pos`` and ``answer_mask`` (which
+    of the T answer slots a row fills)."""
     n = len(rows)
-    length = max(len(ids) for ids, _ in rows)
-    most = max(len(positions) for _, positions in rows)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    answer_pos = torch.zeros((n, most), dtype=torch.long)
-    for i, (ids, positions) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        answer_pos[i] = torch.tensor(positions + [positions[0]] * (most - len(positions)))
-    return input_ids, attention_mask, answer_pos
+    length = max(len(row.ids) for row in rows)
+    most = max(len(row.answers) for row in rows)
+    out = {
+        "input_ids": torch.full((n, length), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((n, length), dtype=torch.long),
+        "segments": torch.full((n, length), -1, dtype=torch.long),
+        "position_ids": torch.zeros((n, length), dtype=torch.long),
+        "answer_pos": torch.zeros((n, most), dtype=torch.long),
+        "answer_mask": torch.zeros((n, most), dtype=torch.bool),
+    }
+    for i, row in enumerate(rows):
+        k = len(row.ids)
+        out["input_ids"][i, :k] = torch.tensor(row.ids)
+        out["attention_mask"][i, :k] = 1
+        out["segments"][i, :k] = torch.tensor(row.segments)
+        out["position_ids"][i, :k] = torch.tensor(row.positions)
+        out["answer_pos"][i, : len(row.answers)] = torch.tensor(row.answers)
+        out["answer_mask"][i, : len(row.answers)] = True
+    return out
 
 
-def _token_rows(
-    prompt: list[int], qa: list[tuple[str, str]], tokenizer: Any
-) -> tuple[list[int], list[int]]:
-    """The training ids of one image's chat: the prompt (first question), then each answer and
-    ``</s>``, further questions as ``USER: q ASSISTANT:`` turns; and each answer's position."""
-    ids, positions = list(prompt), []
-    for turn, (question, answer) in enumerate(qa):
-        if turn:
-            text = f" USER: {question} ASSISTANT:"
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+@dataclass
+class TurnRow:
+    """One training image's chat: token ids, each token's segment and position id, and the
+    position of each turn's answer word."""
+
+    ids: list[int]
+    segments: list[int]
+    positions: list[int]
+    answers: list[int]
+
+
+def _token_rows(prompt: list[int], qa: list[tuple[str, str]], tokenizer: Any) -> TurnRow:
+    """One image's questions as independent turns packed after one shared image prompt.
+
+    ``prompt`` is the first question's evaluation prompt (image tokens expanded). It splits
+    after its last image token into the shared part (``USER: <image>...``) and the question
+    part; every further question's evaluation prompt is split the same way. Each turn is its
+    question part, the answer word and ``</s>``; it sees only the shared part and itself
+    (segments) and is numbered from where the shared part ends (position ids), so each turn
+    is exactly the evaluation prompt of its question, and no turn can read another's answer.
+    """
+    from prunelab.workers.text import IMAGE_TOKEN
+
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    cut = max(i for i, t in enumerate(prompt) if t == image_id) + 1
+    shared = list(prompt[:cut])
+    row = TurnRow(list(shared), [0] * cut, list(range(cut)), [])
+    for turn, (question, answer) in enumerate(qa, start=1):
+        if turn == 1:
+            part = list(prompt[cut:])
+        else:
+            ids = tokenizer(PROMPT_TEMPLATE.format(question=question))["input_ids"]
+            at = ids.index(image_id)
+            if [t for t in shared if t != image_id] != ids[:at]:
+                raise ValueError(f"{question!r}: its prompt does not share the image prompt")
+            part = ids[at + 1 :]
         answer_id = tokenizer.convert_tokens_to_ids(answer)
         if answer_id == tokenizer.unk_token_id:
             raise ValueError(f"answer {answer!r} is not in the toy vocabulary")
-        positions.append(len(ids))
-        ids += [answer_id, tokenizer.eos_token_id]
-    return ids, positions
+        row.answers.append(len(row.ids) + len(part))
+        part += [answer_id, tokenizer.eos_token_id]
+        row.ids += part
+        row.segments += [turn] * len(part)
+        row.positions += list(range(cut, cut + len(part)))
+    return row
 
 
 def encode_scenes(
@@ -381,7 +437,7 @@ def encode_scenes(
 
     bench = ScenesBenchmark(split=split, size=n, image_size=vision["image_size"])
     tokenizer = processor.tokenizer
-    pixels, rows, labels, sets, categories, anchors = [], [], [], [], [], []
+    pixels, rows, labels, sets, categories, anchors, words = [], [], [], [], [], [], []
     side = vision["image_size"] // vision["patch_size"]
     for index, s, prompt in _prompted(bench, n, processor, chunk, pixels):
         objects = s.extra["objects"]
@@ -389,13 +445,13 @@ def encode_scenes(
         qa = [(s.question, s.answers[0])]
         others = [c for c in CATEGORIES if c != s.category]
         order = [others[int(k)] for k in rng.permutation(len(others))]
-        for _ in range(turns // len(CATEGORIES)):  # more turns than categories: more rounds
+        for _ in range(2 * turns // len(CATEGORIES)):  # more turns than categories: more rounds
             order += [CATEGORIES[int(k)] for k in rng.permutation(len(CATEGORIES))]
         for category in order:
             if len(qa) >= turns:
                 break
             extra = bench._question(category, objects, rng, bool(rng.random() < 0.5))
-            if extra is not None:
+            if extra is not None and extra[0] not in {q for q, _ in qa}:
                 qa.append(extra)
         rows.append(_token_rows(prompt, qa, tokenizer))
         labels.append(patch_labels(objects, vision["image_size"], vision["patch_size"]))
@@ -406,18 +462,43 @@ def encode_scenes(
             row, col = (min(side - 1, int(obj[k] // vision["patch_size"])) for k in ("cy", "cx"))
             anchor[row * side + col] = 1.0
         anchors.append(anchor)
-    input_ids, attention_mask, answer_pos = _pack(rows, tokenizer.pad_token_id)
+        words.append(_patch_words(objects, vision, tokenizer))
     return ShapesTensors(
         pixel_values=torch.cat(pixels),
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        answer_pos=answer_pos,
+        **_pack(rows, tokenizer.pad_token_id),
         patch_labels=torch.tensor(labels, dtype=torch.long),
         colour_counts=torch.tensor(sets, dtype=torch.float32),
         patch_cells=torch.arange(side * side),
         categories=categories,
         anchors=torch.tensor(anchors, dtype=torch.float32),
+        patch_words=torch.tensor(words, dtype=torch.long),
     )
+
+
+def _patch_words(objects: list[dict[str, Any]], vision: dict[str, int], tokenizer: Any):
+    """Per patch (row-major), the ids of the words its visual token is aligned with: the colour
+    and shape of the object under it (-100 on background) and its side of each midline."""
+    from prunelab.workers.benchmarks.scenes import COLORS, SHAPES, patch_labels
+
+    side = vision["image_size"] // vision["patch_size"]
+    ids = tokenizer.convert_tokens_to_ids
+    colours, shapes = ids(list(COLORS)), ids(list(SHAPES))
+    rows = []
+    for index, label in enumerate(
+        patch_labels(objects, vision["image_size"], vision["patch_size"])
+    ):
+        row, col = divmod(index, side)
+        what = (
+            [-100, -100]
+            if label == 0
+            else [colours[(label - 1) // len(SHAPES)], shapes[(label - 1) % len(SHAPES)]]
+        )
+        where = [
+            ids("left" if col < side / 2 else "right"),
+            ids("top" if row < side / 2 else "bottom"),
+        ]
+        rows.append(what + where)
+    return rows
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -448,6 +529,9 @@ class VisionHeads(nn.Module):
         self.objects = objects
         self.count = nn.Linear(hidden, n_classes - 1 if objects else N_COLOURS * MAX_COUNT)
         self.anchor = nn.Linear(hidden, 1) if objects else None
+        # scenes: the patch's row and column as two numbers, so that the features order
+        # positions linearly (left of / above compare them), not only tell them apart
+        self.xy = nn.Linear(hidden, 2) if objects else None
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """The heads' summed loss, and accuracies: per patch (all, object patches only), of the
@@ -486,6 +570,12 @@ class VisionHeads(nn.Module):
             metrics["anchor"] = (
                 ((anchor_logits > 0) == (anchors > 0.5)).all(-1).float().mean().item()
             )
+            side = math.isqrt(labels.shape[1])
+            cells = batch["patch_cells"]
+            grid = torch.stack([cells // side, cells % side], dim=-1).float() / (side - 1)
+            xy = self.xy(features[:, 1:])
+            loss = loss + F.mse_loss(xy, (2 * grid - 1).expand_as(xy))
+            metrics["xy_error"] = ((xy - (2 * grid - 1)).abs().mean() * (side - 1) / 2).item()
         else:
             counts = cls_logits.view(-1, N_COLOURS, MAX_COUNT)
             loss = loss + F.cross_entropy(counts.flatten(0, 1), batch["colour_counts"].flatten())
@@ -505,38 +595,75 @@ def tower_features(model: nn.Module, pixel_values: torch.Tensor, chunk: int = 25
     return torch.cat(out)
 
 
+def turn_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) bool attention mask of packed turns: causal, and a token sees the shared
+    image prompt (segment 0) and its own turn only; padding (segment -1) sees the prompt."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    return (causal & ((key == 0) | (key == query))).unsqueeze(1)
+
+
 def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T, 2, V) logits predicting each turn's answer word and the ``</s>`` after it. With
-    cached tower ``features`` in the batch, the same computation as the model's forward from
-    the projector on (image features scattered over the ``<image>`` placeholders)."""
+    """(B, T, 2, V) logits predicting each turn's answer word and the ``</s>`` after it.
+
+    The forward from the projector on, as the model's own (image features scattered over the
+    ``<image>`` placeholders), with the turns' mask and position ids, from the cached tower
+    ``features`` in the batch. Without them (single-turn rows only), the model's own forward
+    from the pixels: the check that the shortcut computes what the model does."""
     rows = torch.arange(batch["input_ids"].shape[0]).unsqueeze(1)
     pos = batch["answer_pos"]  # (B, T)
+    ids = batch["input_ids"]
     if "features" not in batch:
+        if batch["answer_mask"].sum(dim=1).max() > 1:
+            raise ValueError("the full forward takes single-turn rows (the evaluation prompt)")
         out = model(
-            input_ids=batch["input_ids"],
+            input_ids=ids,
             pixel_values=batch["pixel_values"],
             attention_mask=batch["attention_mask"],
         )
         return torch.stack([out.logits[rows, pos - 1], out.logits[rows, pos]], dim=2)
-    ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(ids)
     image = model.model.multi_modal_projector(batch["features"]).to(embeds.dtype)
     mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
     embeds = embeds.masked_scatter(mask, image)
     hidden = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=batch["attention_mask"]
+        inputs_embeds=embeds,
+        attention_mask=torch.zeros(
+            embeds.shape[0], 1, *ids.shape[1:] * 2, dtype=embeds.dtype
+        ).masked_fill(~turn_mask(batch["segments"]), torch.finfo(embeds.dtype).min),
+        position_ids=batch["position_ids"],
     ).last_hidden_state
     return model.lm_head(torch.stack([hidden[rows, pos - 1], hidden[rows, pos]], dim=2))
 
 
-def vqa_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """Cross-entropy on every turn's answer word and ``</s>``; the first turn's accuracy."""
+def align_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy aligning each projected visual token with the input embeddings of the
+    words that describe its patch (``patch_words``): the token's dot product with every word
+    embedding as logits, as LLaVA's stage 1 aligns the projector with the word embeddings. A
+    question's words and the visual tokens it asks about then start out similar, so the LLM
+    does not have to discover which word goes with which feature from the answers alone."""
+    image = model.model.multi_modal_projector(batch["features"])  # (B, P, d)
+    logits = image @ model.get_input_embeddings().weight.T  # (B, P, V)
+    words = batch["patch_words"]  # (B, P, K)
+    logits = logits.unsqueeze(2).expand(*words.shape, -1)
+    return F.cross_entropy(logits.flatten(0, 2), words.flatten(), ignore_index=-100)
+
+
+def vqa_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], align: float = 0.0
+) -> tuple[torch.Tensor, float]:
+    """Cross-entropy on every turn's answer word and ``</s>`` (plus ``align`` times
+    :func:`align_loss` where the batch has ``patch_words``); the first turn's accuracy."""
     logits = answer_logits(model, batch)  # (B, T, 2, V)
     rows = torch.arange(logits.shape[0]).unsqueeze(1)
     pos = batch["answer_pos"]
     ids = batch["input_ids"]
     targets = torch.stack([ids[rows, pos], ids[rows, pos + 1]], dim=2)  # (B, T, 2)
-    loss = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten())
+    filled = batch["answer_mask"]
+    loss = F.cross_entropy(logits[filled].flatten(0, 1).float(), targets[filled].flatten())
+    if align and "patch_words" in batch:
+        loss = loss + align * align_loss(model, batch)
     accuracy = (logits[:, 0, 0].argmax(-1) == targets[:, 0, 0]).float().mean().item()
     return loss, accuracy
 
@@ -632,7 +759,7 @@ def train_vqa(
     for step, index in enumerate(itertools.islice(stream, steps)):
         for group in opt.param_groups:
             group["lr"] = cfg.vqa_lr * _schedule(step, steps, cfg.warmup_steps)
-        loss, acc = vqa_loss(model, data.batch(index))
+        loss, acc = vqa_loss(model, data.batch(index), cfg.align_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -120,6 +120,47 @@ def test_training_turns_start_with_the_evaluation_prompt() -> None:
     assert (data.patch_labels[:, :2] == data.patch_labels[:, :1]).all()  # 2 x 2 patches / cell
 
 
+def test_each_packed_turn_computes_its_evaluation_prompt() -> None:
+    """A training row packs several questions about one image after one image prompt; each
+    turn's answer logits equal those of the model run on that question's evaluation prompt
+    alone, and no turn sees another's tokens."""
+    from transformers import LlavaForConditionalGeneration
+
+    from prunelab.train_toy import (
+        answer_logits,
+        build_processor,
+        build_toy_config,
+        encode,
+        tower_features,
+        world_sizes,
+    )
+
+    sizes = world_sizes("scenes")
+    vision = sizes["vision"]
+    processor = build_processor(vision, "scenes")
+    data = encode("train", 2, processor, vision, turns=8, benchmark="scenes")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(
+        build_toy_config(vision, sizes["text"], processor.tokenizer)
+    ).eval()
+    with torch.no_grad():
+        data.features = tower_features(model, data.pixel_values)
+        packed = answer_logits(model, data.batch(torch.arange(2)))  # (2, T, 2, V)
+    for i in range(2):
+        turns = int(data.answer_mask[i].sum())
+        assert turns >= 6  # every category at least once
+        shared = int((data.segments[i] == 0).sum())
+        for t in range(turns):
+            pos = int(data.answer_pos[i, t])
+            start = int((data.segments[i] == data.segments[i, pos]).nonzero()[0])
+            # the turn alone: the image prompt, then its question, as the model sees it at eval
+            alone = torch.cat([data.input_ids[i, :shared], data.input_ids[i, start:pos]])
+            with torch.no_grad():
+                logits = model(input_ids=alone[None], pixel_values=data.pixel_values[i : i + 1])
+            torch.testing.assert_close(packed[i, t, 0], logits.logits[0, -1], atol=1e-5, rtol=1e-5)
+            assert int(data.position_ids[i, pos - 1]) == len(alone) - 1
+
+
 def test_scenes_training_targets() -> None:
     """On ``scenes``: one anchor per object, on the patch under its centre; more turns than
     question categories ask again; the balanced class loss and the heads run on a batch."""
@@ -143,7 +184,23 @@ def test_scenes_training_targets() -> None:
         centres = {int(o["cy"] // 8) * side + int(o["cx"] // 8) for o in objects}
         assert marked == centres and len(marked) == len(objects)
         assert all(data.patch_labels[i, k] > 0 for k in marked)  # a centre lies on its object
-    assert data.answer_pos.shape[1] > 6  # a second round of categories
+    assert data.answer_mask.sum(dim=1).min() > 6  # a second round of categories
+    # each visual token's alignment words: its object's colour and shape, its side of each midline
+    tokenizer = processor.tokenizer
+    for i in range(4):
+        objects = bench.sample(i).extra["objects"]
+        for k in range(side * side):
+            row, col = divmod(k, side)
+            words = data.patch_words[i, k].tolist()
+            horizontal, vertical = tokenizer.convert_ids_to_tokens(words[2:])
+            assert horizontal == ("left" if col < side // 2 else "right")
+            assert vertical == ("top" if row < side // 2 else "bottom")
+            label = int(data.patch_labels[i, k])
+            if label == 0:
+                assert words[:2] == [-100, -100]
+            else:
+                colour, shape = tokenizer.convert_ids_to_tokens(words[:2])
+                assert (colour, shape) in {(o["color"], o["shape"]) for o in objects}
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
@@ -152,4 +209,18 @@ def test_scenes_training_targets() -> None:
     )
     heads = VisionHeads(vision["hidden_size"], 21, side * side, objects=True)
     loss, metrics = heads.loss(model, data.batch(torch.arange(4)))
-    assert loss.isfinite() and set(metrics) == {"patch", "object", "set", "anchor"}
+    assert loss.isfinite() and set(metrics) == {"patch", "object", "set", "anchor", "xy_error"}
+    # the alignment loss: lower once the projector maps each token near its words' embeddings
+    from prunelab.train_toy import align_loss, tower_features
+
+    with torch.no_grad():
+        data.features = tower_features(model, data.pixel_values)
+    batch = data.batch(torch.arange(4))
+    before = align_loss(model, batch).item()
+    projector = model.model.multi_modal_projector
+    opt = torch.optim.Adam(projector.parameters(), lr=1e-2)
+    for _ in range(20):
+        opt.zero_grad()
+        align_loss(model, batch).backward()
+        opt.step()
+    assert align_loss(model, batch).item() < 0.8 * before
