@@ -28,10 +28,11 @@ stall in OpenMP spin-waits):
 2. VQA. Projector + LLM learn to answer the questions on the frozen tower (its features
    computed once): cross-entropy on the answer word and ``</s>`` only. Each training image
    carries ``turns`` questions packed after one shared image prompt; each turn sees only the
-   image prompt and itself (a block-diagonal mask) and is numbered from where the image prompt
-   ends, so every turn is exactly the evaluation prompt of its question and no turn can copy
-   another's answer (``_token_rows``; the 144 visual tokens dominate the cost, the extra turns
-   are cheap). On ``scenes`` an alignment loss (``align_weight``) maps each projected visual
+   image prompt and itself (the image prompt runs once; its KV cache is repeated for each turn)
+   and is numbered from where the image prompt ends, so every turn is exactly the evaluation
+   prompt of its question and no turn can copy another's answer (``_token_rows``,
+   :func:`answer_logits`; the image prompt dominates the cost, the extra turns are cheap).
+   On ``scenes`` an alignment loss (``align_weight``) maps each projected visual
    token near the input embeddings of the words that describe its patch (its object's colour
    and shape, its side of each midline), as LLaVA's first stage aligns the projector with the
    word embeddings: the LLM then need not discover from the answers alone which question word
@@ -595,22 +596,34 @@ def tower_features(model: nn.Module, pixel_values: torch.Tensor, chunk: int = 25
     return torch.cat(out)
 
 
-def turn_mask(segments: torch.Tensor) -> torch.Tensor:
-    """(B, 1, L, L) bool attention mask of packed turns: causal, and a token sees the shared
-    image prompt (segment 0) and its own turn only; padding (segment -1) sees the prompt."""
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    query, key = segments[:, :, None], segments[:, None, :]
-    return (causal & ((key == 0) | (key == query))).unsqueeze(1)
+def _turns(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The filled turns of a packed batch, one per row: ``row`` and ``slot`` (which answer of
+    which image), ``ids`` (n, Lt) right-padded, ``valid`` (n, Lt), and ``answer`` (n,) the
+    answer word's index within the turn."""
+    segments, filled = batch["segments"], batch["answer_mask"]
+    row, slot = filled.nonzero(as_tuple=True)  # turn t of an image is segment t + 1
+    member = segments[row] == (slot + 1).unsqueeze(1)  # (n, L)
+    lengths = member.sum(dim=1)
+    longest = int(lengths.max())
+    # each turn's token indices in order, then the rest: a stable sort of "not mine"
+    order = torch.sort((~member).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
+    valid = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)
+    ids = batch["input_ids"][row.unsqueeze(1), order]
+    answer = batch["answer_pos"][row, slot] - order[:, 0]
+    return {"row": row, "slot": slot, "ids": ids, "valid": valid, "answer": answer}
 
 
 def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T, 2, V) logits predicting each turn's answer word and the ``</s>`` after it.
+    """(B, T, 2, V) logits predicting each turn's answer word and the ``</s>`` after it
+    (zeros where a row has fewer than T turns).
 
-    The forward from the projector on, as the model's own (image features scattered over the
-    ``<image>`` placeholders), with the turns' mask and position ids, from the cached tower
-    ``features`` in the batch. Without them (single-turn rows only), the model's own forward
-    from the pixels: the check that the shortcut computes what the model does."""
+    From cached tower ``features`` in the batch: the image prompt (shared by all of a row's
+    turns, segment 0) runs once through the LLM, image features scattered over its
+    ``<image>`` placeholders as in the model's forward; its KV cache is then repeated for each
+    of the row's turns, which run as a batch of their own, numbered from where the image prompt
+    ends. Each turn so computes exactly its evaluation prompt (tested), for the image prompt's
+    cost once. Without ``features`` (single-turn rows only), the model's own forward from the
+    pixels: the check that the shortcut computes what the model does."""
     rows = torch.arange(batch["input_ids"].shape[0]).unsqueeze(1)
     pos = batch["answer_pos"]  # (B, T)
     ids = batch["input_ids"]
@@ -623,18 +636,32 @@ def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
             attention_mask=batch["attention_mask"],
         )
         return torch.stack([out.logits[rows, pos - 1], out.logits[rows, pos]], dim=2)
-    embeds = model.get_input_embeddings()(ids)
-    image = model.model.multi_modal_projector(batch["features"]).to(embeds.dtype)
-    mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(mask, image)
-    hidden = model.model.language_model(
-        inputs_embeds=embeds,
-        attention_mask=torch.zeros(
-            embeds.shape[0], 1, *ids.shape[1:] * 2, dtype=embeds.dtype
-        ).masked_fill(~turn_mask(batch["segments"]), torch.finfo(embeds.dtype).min),
-        position_ids=batch["position_ids"],
+    shared = int((batch["segments"][0] == 0).sum())
+    if not (batch["segments"][:, :shared] == 0).all():
+        raise ValueError("every row must start with the same image prompt")
+    embed = model.get_input_embeddings()
+    prompt = embed(ids[:, :shared])
+    image = model.model.multi_modal_projector(batch["features"]).to(prompt.dtype)
+    mask = (ids[:, :shared] == model.config.image_token_id).unsqueeze(-1).expand_as(prompt)
+    prompt = prompt.masked_scatter(mask, image)
+    llm = model.model.language_model
+    cache = llm(inputs_embeds=prompt, use_cache=True).cache
+    turns = _turns(batch)
+    cache.batch_select_indices(turns["row"])
+    count, longest = turns["ids"].shape
+    hidden = llm(
+        inputs_embeds=embed(turns["ids"]),
+        cache=cache,
+        attention_mask=torch.cat(
+            [torch.ones(count, shared, dtype=torch.long), turns["valid"].long()], dim=1
+        ),
+        position_ids=(shared + torch.arange(longest)).expand(count, -1),
     ).last_hidden_state
-    return model.lm_head(torch.stack([hidden[rows, pos - 1], hidden[rows, pos]], dim=2))
+    at = turns["answer"].unsqueeze(1) + torch.tensor([-1, 0])  # (n, 2)
+    logits = model.lm_head(hidden[torch.arange(count).unsqueeze(1), at])  # (n, 2, V)
+    out = logits.new_zeros(*pos.shape, *logits.shape[1:])
+    out[turns["row"], turns["slot"]] = logits
+    return out
 
 
 def align_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
