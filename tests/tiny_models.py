@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from prunelab.sweeps import group_config
-from prunelab.trial import Trial
+from prunelab.trial import Trial, TrialResult
 from prunelab.workers.adapters import adapter_for
 from prunelab.workers.models import load_model
 
@@ -95,3 +97,17 @@ def average_trial_metrics(model: str, method: str, limit: int, keep_ratio: float
     average, budget = metrics["avg_visual_tokens"], keep_ratio * metrics["visual_tokens_in"]
     assert abs(average - budget) <= 1.0, f"{method} on {model}: average {average}, budget {budget}"
     return metrics
+
+
+def assert_same_outputs(one: TrialResult, many: TrialResult) -> None:
+    """Batched trial ``many`` gave the outputs of batch-1 trial ``one``: predictions, scores and
+    kept counts exact, fidelity KL within 1e-5 (floating-point reassociation)."""
+    fields = ("id", "prediction", "score", "visual_kept", "fidelity_top1")
+    assert [{k: p[k] for k in fields} for p in many.predictions] == [
+        {k: p[k] for k in fields} for p in one.predictions
+    ]
+    for a, b in zip(one.predictions, many.predictions, strict=True):
+        assert b["fidelity_kl"] == pytest.approx(a["fidelity_kl"], abs=1e-5)
+    for name in ("score", "visual_tokens_kept", "avg_visual_tokens", "tflops", "fidelity_top1"):
+        assert many.metrics[name] == pytest.approx(one.metrics[name], rel=1e-9), name
+    assert many.metrics["fidelity_kl"] == pytest.approx(one.metrics["fidelity_kl"], abs=1e-5)

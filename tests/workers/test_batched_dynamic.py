@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import load_tiny, tiny_trial
+from tiny_models import assert_same_outputs, load_tiny, tiny_trial
 
 import prunelab.workers.runner as runner
 from prunelab.methods.base import LayerStep, Plan
@@ -94,18 +94,6 @@ def result(model: str, method: str, batch_size: int) -> TrialResult:
         loaded, adapter = load_tiny(model)
         _RESULTS[key] = run_trial(loaded, adapter, batched(trial_of(model, method), batch_size))
     return _RESULTS[key]
-
-
-def assert_same_outputs(one: TrialResult, many: TrialResult) -> None:
-    fields = ("id", "prediction", "score", "visual_kept", "fidelity_top1")
-    assert [{k: p[k] for k in fields} for p in many.predictions] == [
-        {k: p[k] for k in fields} for p in one.predictions
-    ]
-    for a, b in zip(one.predictions, many.predictions, strict=True):
-        assert b["fidelity_kl"] == pytest.approx(a["fidelity_kl"], abs=1e-5)
-    for name in ("score", "visual_tokens_kept", "avg_visual_tokens", "tflops", "fidelity_top1"):
-        assert many.metrics[name] == pytest.approx(one.metrics[name], rel=1e-9), name
-    assert many.metrics["fidelity_kl"] == pytest.approx(one.metrics["fidelity_kl"], abs=1e-5)
 
 
 @pytest.mark.usefixtures("varied_sizes")
