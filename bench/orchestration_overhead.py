@@ -22,8 +22,9 @@ MLflow run on a fresh SQLite store of the peer's own.
 - ``tune+callback``: the same, with MLflow logged by Ray's ``MLflowLoggerCallback`` in the
   driver instead (the trial's params as the config, its metrics as the result; the callback
   logs them one call each, adds Tune's own result fields and logs no artifacts).
-- ``prunelab``: ``prunelab sweep quickstart ...`` (the CLI's ``main``, in a process of its
-  own: Ray start, one worker, both SQLite stores, MLflow child runs, Ray stop).
+- ``prunelab``: ``prunelab sweep quickstart ...`` (the CLI's ``main``, called as the command
+  calls it, in a process of its own: Ray start, one worker, both SQLite stores, MLflow child
+  runs, Ray stop).
 
 Every peer runs as a fresh process (``python bench/orchestration_overhead.py --peer ...``),
 in a temporary directory of its own, ``RAY_ADDRESS`` unset (a Ray started by the peer is its
@@ -45,8 +46,8 @@ What is printed for each peer (medians over the repeats):
   reaped), read from ``/proc`` at the first and the last trial end, over ``n - 1``;
 - wall: end to end, from the peer's process start to its exit (imports, Ray start and stop,
   model load, stores);
-- peak RSS of the orchestrator: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the peer's
-  own process at its end (prunelab: the CLI process that runs the sweep; Tune: the driver;
+- peak RSS of the orchestrator: ``VmHWM`` of the peer's own process at its end
+  (:func:`peak_rss_kib`; prunelab: the CLI process that runs the sweep; Tune: the driver;
   the loop: its one process, which also holds the model), Ray's processes and workers not
   included.
 
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import pickle
@@ -128,6 +130,17 @@ def tree_cpu_s(root: int) -> tuple[float, int]:
     return total / os.sysconf("SC_CLK_TCK"), len(tree)
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB: ``VmHWM`` of ``/proc/self/status``, the
+    high-water mark of its own address space. Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux
+    carries that across ``execve`` from the process that forked it, so a peer's would never
+    read below this bench's parent process (which has imported torch and MLflow)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 class Clock:
     """A peer's trial completions as its orchestrator sees them: when, the trial's own work,
     the process tree's CPU at the first and the last, and the model loads of each worker."""
@@ -149,8 +162,8 @@ class Clock:
             self.cpu.append(cpu)
 
     def save(self, path: Path, **extra: Any) -> None:
-        """The measurements and this process's peak RSS (KiB on Linux) as JSON."""
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        """The measurements and this process's peak RSS (KiB, :func:`peak_rss_kib`) as JSON."""
+        peak = peak_rss_kib()
         fields = {"ends": self.ends, "work": self.work, "cpu": self.cpu, "loads": self.loads}
         heavy = [m for m in HEAVY if m in sys.modules]
         record = {**fields, "processes": self.processes, "rss_kib": peak, "heavy": heavy, **extra}
@@ -370,7 +383,9 @@ def peer_tune(spec: dict[str, Any], callback: bool) -> dict[str, Any]:
 
 def peer_prunelab(spec: dict[str, Any]) -> dict[str, Any]:
     """``prunelab sweep ...`` through the CLI's ``main`` in this process, its recorder's
-    ``done`` timed (the stores come from the ``PRUNELAB_*`` variables)."""
+    ``done`` timed (the stores come from the ``PRUNELAB_*`` variables). The process exits once
+    its measurements are saved, as the ``prunelab`` command exits once ``main`` returns: it
+    is called as the command calls it (``exiting=True``)."""
     from prunelab.orchestrator import sweep
     from prunelab.orchestrator.cli import main
 
@@ -386,7 +401,10 @@ def peer_prunelab(spec: dict[str, Any]) -> dict[str, Any]:
         recording.append(time.perf_counter() - start)
 
     sweep.Recorder.done = done  # type: ignore[method-assign]
-    status = main(spec["argv"])
+    # as the command calls it; a checkout from before ``exiting`` (a before/after comparison)
+    # has no such argument
+    exiting = {"exiting": True} if "exiting" in inspect.signature(main).parameters else {}
+    status = main(spec["argv"], **exiting)
     if status != 0:
         raise RuntimeError(f"the prunelab sweep failed (exit {status})")
     return {"clock": clock, "recording": recording}

@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ __all__ = [
     "is_local",
     "placement_problems",
     "replay_logs",
+    "runs_own_local_ray",
     "start_ray",
 ]
 
@@ -105,6 +106,20 @@ def is_local(address: str | None) -> bool:
     return not address or address == "local"
 
 
+_own_session: str | None = None  # the node id of the local Ray start_ray started, if any
+
+
+def runs_own_local_ray() -> bool:
+    """Whether this process is connected to a local Ray that :func:`start_ray` started here
+    (the one of a ``prunelab`` command, which ends with it), not a cluster it joined or a Ray
+    its caller started."""
+    return (
+        _own_session is not None
+        and ray.is_initialized()
+        and ray.get_runtime_context().get_node_id() == _own_session
+    )
+
+
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (the CLI passes ``--ray-address`` or ``RAY_ADDRESS``;
     ``auto`` joins a cluster started on this machine with ``ray start``), else start a new
@@ -133,6 +148,8 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
             # a cluster's own settings are fixed when it starts: only a new local Ray takes these
             system = {"prestart_worker_first_driver": False}
             ray.init(address="local", num_cpus=num_cpus, _system_config=system, **kwargs)
+            global _own_session
+            _own_session = ray.get_runtime_context().get_node_id()
         else:
             ray.init(address=address, **kwargs)
     finally:
@@ -366,6 +383,27 @@ class WorkerPool:
             **options,
         ).remote(name, threads=max(1, int(self.cpus)), **self.worker_options)
         return _Slot(name=name, actor=actor, ready_ref=actor.identity.remote())
+
+    def preload(self, trials: Sequence[Dispatch]) -> None:
+        """Have each worker that holds no model yet load the one :meth:`run` will give it
+        first (the trial :meth:`_pick` chooses among ``trials``: baselines first, a model no
+        other worker holds), as soon as it has started.
+
+        A caller that starts the pool before its own set-up (opening its stores) and calls
+        :meth:`run` after it then finds the workers with their models loaded: the loads
+        overlap that set-up instead of following it. Nothing else changes: the trials run in
+        :meth:`run`, whose first trial on a worker waits for the load when it is not done
+        (its ``trial_timeout_s`` counting from its dispatch, as before), and a load that fails
+        fails that trial there. Workers of a class without ``prepare`` (a test's) load
+        nothing ahead."""
+        pending = sorted(trials, key=lambda t: t.priority)
+        for slot in self.slots:
+            if not pending or slot.model is not None or not hasattr(slot.actor, "prepare"):
+                continue
+            first = self._pick(slot, pending)
+            slot.model = first.model  # what the worker holds once the load is done
+            # its result is not awaited: the worker's own log has a load that failed
+            slot.actor.prepare.remote(first.trial)
 
     def shutdown(self) -> None:
         for slot in self.slots:

@@ -33,7 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from sqlalchemy import Engine
@@ -59,6 +59,9 @@ from prunelab.orchestrator.tracking import (
 )
 from prunelab.trial import TrialResult
 
+if TYPE_CHECKING:  # the scheduler imports Ray: only where workers start
+    from prunelab.orchestrator.scheduler import WorkerPool
+
 __all__ = [
     "Recorder",
     "RecordingError",
@@ -71,6 +74,7 @@ __all__ = [
     "extension_state",
     "in_table_units",
     "resume_sweep",
+    "start_workers",
     "submit_sweep",
     "sweep_table",
 ]
@@ -161,7 +165,6 @@ def submit_sweep(plan: Any, stores: Stores, rerun: bool = False, fresh: bool = F
     name: a new sweep. :class:`SweepBusy` when that sweep's orchestrator may be running it.
     """
     engine = init_db(stores.db_url)
-    tracker = Tracker(stores.tracking_uri, stores.artifact_root)
     sessions = session_factory(engine)
     orchestrator = orchestrator_id()
     trials = [(t.key, t.to_dict(), t.is_baseline) for t in plan.trials]
@@ -223,19 +226,29 @@ def submit_sweep(plan: Any, stores: Stores, rerun: bool = False, fresh: bool = F
             "--retry-failed` reruns them)"
         )
     print(line)
-    if not extending:
-        params = {"spec": plan.spec_yaml[:6000], "trials": len(ids)}
-        parent = tracker.start_sweep(plan.name, sweep_id, params, _ms(created))
-        with sessions.begin() as session:
-            repo.set_sweep_mlflow_run(session, sweep_id, parent)
-    else:  # the sweep's own parent run (found again, or made again if it was lost)
-        lost = _restore_tracking(sessions, tracker, sweep_id, plan.name, plan.spec_yaml, created)
-        if lost:
-            print(f"{lost} finished trial(s) whose MLflow run is gone will be logged again")
-        with sessions() as session:
-            parent = repo.get_sweep(session, sweep_id).mlflow_run_id
-    _log_submission(tracker, parent, plan.spec_yaml, submission)
-    return execute(engine, tracker, sweep_id, plan.workers, orchestrator, stores.ray_address)
+    # the workers start (and load their first model) while MLflow's store opens
+    pool = start_workers(sessions, sweep_id, plan.workers)
+    try:
+        tracker = Tracker(stores.tracking_uri, stores.artifact_root)
+        if not extending:
+            params = {"spec": plan.spec_yaml[:6000], "trials": len(ids)}
+            parent = tracker.start_sweep(plan.name, sweep_id, params, _ms(created))
+            with sessions.begin() as session:
+                repo.set_sweep_mlflow_run(session, sweep_id, parent)
+        else:  # the sweep's own parent run (found again, or made again if it was lost)
+            lost = _restore_tracking(
+                sessions, tracker, sweep_id, plan.name, plan.spec_yaml, created
+            )
+            if lost:
+                print(f"{lost} finished trial(s) whose MLflow run is gone will be logged again")
+            with sessions() as session:
+                parent = repo.get_sweep(session, sweep_id).mlflow_run_id
+        _log_submission(tracker, parent, plan.spec_yaml, submission)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown()
+        raise
+    return _execute_on(pool, engine, tracker, sweep_id, plan.workers, orchestrator, stores)
 
 
 def _log_submission(tracker: Tracker, parent: str, spec_yaml: str, submission: int) -> None:
@@ -260,7 +273,6 @@ def resume_sweep(ref: str, stores: Stores, retry_failed: bool = False) -> int:
     unless ``retry_failed``: then they go back to pending too, with a fresh set of attempts.
     """
     engine = init_db(stores.db_url)
-    tracker = Tracker(stores.tracking_uri, stores.artifact_root)
     sessions = session_factory(engine)
     orchestrator = orchestrator_id()
     with sessions.begin() as session:
@@ -286,10 +298,34 @@ def resume_sweep(ref: str, stores: Stores, retry_failed: bool = False) -> int:
             f"{len(failed)} failed trial(s), not run again; rerun them with "
             f"`prunelab resume {ref} --retry-failed`"
         )
-    lost = _restore_tracking(sessions, tracker, sweep_id, name, spec_yaml, created)
+    # the workers start (and load their first model) while MLflow's store opens
+    pool = start_workers(sessions, sweep_id, workers)
+    try:
+        tracker = Tracker(stores.tracking_uri, stores.artifact_root)
+        lost = _restore_tracking(sessions, tracker, sweep_id, name, spec_yaml, created)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown()
+        raise
     if lost:
         print(f"{lost} finished trial(s) whose MLflow run is gone will be logged again")
-    return execute(engine, tracker, sweep_id, workers, orchestrator, stores.ray_address)
+    return _execute_on(pool, engine, tracker, sweep_id, workers, orchestrator, stores)
+
+
+def _execute_on(
+    pool: WorkerPool | None,
+    engine: Engine,
+    tracker: Tracker,
+    sweep_id: str,
+    workers: WorkersConfig,
+    orchestrator: str,
+    stores: Stores,
+) -> int:
+    """:func:`execute`, on the workers started ahead when there are (``execute`` is called as
+    before when there are none)."""
+    if pool is None:
+        return execute(engine, tracker, sweep_id, workers, orchestrator, stores.ray_address)
+    return execute(engine, tracker, sweep_id, workers, orchestrator, stores.ray_address, pool=pool)
 
 
 def _restore_tracking(
@@ -716,6 +752,46 @@ class Recorder:
     max_attempts: int = 3
 
 
+def _new_pool(workers: WorkersConfig, pending: int) -> WorkerPool:
+    """The workers of a sweep with ``pending`` trials to run: ``workers.count`` of them, or
+    fewer when there are fewer trials."""
+    from prunelab.orchestrator.scheduler import WorkerPool
+
+    return WorkerPool(
+        max(1, min(workers.count, pending)),
+        cpus=workers.cpus_per_worker,
+        gpus=workers.gpus_per_worker,
+        trial_timeout_s=workers.trial_timeout_s,
+        worker_options={"vision_cache_mb": workers.vision_cache_mb},
+    )
+
+
+def start_workers(sessions: Any, sweep_id: str, workers: WorkersConfig) -> WorkerPool | None:
+    """The sweep's workers, started now for its pending trials, each loading the model of
+    the trial it will run first (:meth:`~prunelab.orchestrator.scheduler.WorkerPool.preload`),
+    so that their start (a process, its imports, the model load) overlaps what the
+    orchestrator still does before the first trial: opening MLflow's store, the sweep's
+    parent run, the runs of trials finished earlier. :func:`execute` runs the trials on them.
+
+    Only on a local Ray this process started for the sweep (the ``prunelab`` command starts
+    it to check placement, :func:`~prunelab.orchestrator.scheduler.runs_own_local_ray`);
+    elsewhere (a cluster, a caller's Ray) :func:`execute` starts the workers, as it does when
+    this returns None: no trial pending, or one that needs a VIB head (heads are trained, or
+    found, first, on a worker's resources, which workers started now would hold)."""
+    from prunelab.orchestrator import scheduler
+
+    if not scheduler.runs_own_local_ray():
+        return None
+    with sessions() as session:
+        pending = [t for t in repo.sweep_trials(session, sweep_id) if t.status == "pending"]
+        dispatches = [scheduler.Dispatch(t.id, t.trial) for t in pending]
+    if not dispatches or any(d.trial.vib_head for d in dispatches):
+        return None
+    pool = _new_pool(workers, len(dispatches))
+    pool.preload(dispatches)
+    return pool
+
+
 def execute(
     engine: Engine,
     tracker: Tracker,
@@ -723,9 +799,30 @@ def execute(
     workers: WorkersConfig,
     orchestrator: str,
     ray_address: str | None = None,
+    pool: WorkerPool | None = None,
 ) -> int:
-    """Run the sweep's unfinished trials on Ray workers; log everything; print the table."""
-    from prunelab.orchestrator.scheduler import Dispatch, WorkerPool, start_ray
+    """Run the sweep's unfinished trials on Ray workers; log everything; print the table.
+
+    ``pool``: workers started ahead for the sweep (:func:`start_workers`); they run its
+    trials (else a pool is started here when there are trials to run), and are shut down
+    before this returns or raises, like a pool started here."""
+    try:
+        return _execute(engine, tracker, sweep_id, workers, orchestrator, ray_address, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()  # nothing left to do when the trials' end shut it down
+
+
+def _execute(
+    engine: Engine,
+    tracker: Tracker,
+    sweep_id: str,
+    workers: WorkersConfig,
+    orchestrator: str,
+    ray_address: str | None,
+    started: WorkerPool | None,
+) -> int:
+    from prunelab.orchestrator.scheduler import Dispatch, start_ray
     from prunelab.orchestrator.vib_stage import attach_heads, ensure_heads, fail_untrained
 
     recorder = Recorder(engine, tracker, sweep_id, orchestrator)
@@ -754,7 +851,7 @@ def execute(
         start_ray(ray_address)
         bar = Progress(recorder.name, total, finished)  # done / running / failed / ETA
         loads: dict[str, int] = {}  # worker -> models it loaded
-        pool: WorkerPool | None = None
+        pool = started
         waited = False
         run_status: RunStatus = "KILLED"  # the parent run's, if the sweep stops early
 
@@ -794,13 +891,7 @@ def execute(
                         bar.failed(count=len(lost))
                 if todo:
                     if pool is None:
-                        pool = WorkerPool(
-                            max(1, min(workers.count, len(todo))),
-                            cpus=workers.cpus_per_worker,
-                            gpus=workers.gpus_per_worker,
-                            trial_timeout_s=workers.trial_timeout_s,
-                            worker_options={"vision_cache_mb": workers.vision_cache_mb},
-                        )
+                        pool = _new_pool(workers, len(todo))
                     pool.run(todo, claim, done, failed)
                 # trials of this sweep claimed by another orchestrator (a shared trial_key):
                 # wait for them; run them here if that orchestrator gives them back

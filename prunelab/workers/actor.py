@@ -194,6 +194,34 @@ class Worker:
         self.guides[spec.name] = (loaded, adapter_for(loaded))
         return self.guides[spec.name], time.perf_counter() - start
 
+    def prepare(self, trial: Trial) -> bool:
+        """Load what ``trial`` runs on (its model and guidance model) ahead of it; whether
+        that worked.
+
+        The pool asks a worker to do this as soon as it has started, for the trial it will
+        hand it first, so that the load overlaps the orchestrator's own set-up instead of
+        following it. A load that fails here is only logged: the worker is left holding no
+        model, and the trial loads it again when it runs, failing (or being retried) as any
+        trial whose load fails does."""
+        import torch
+
+        try:
+            self._ensure_model(trial.model, trial.model_config)
+            self._ensure_guide(trial.guidance_config)
+        except Exception as exc:  # out of memory included: the trial's own load reports it
+            self.loaded = self.adapter = None
+            self.model_key = None
+            self.guides.clear()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning(
+                "loading %s ahead of trial %s failed (the trial loads it again): %s: %s",
+                trial.model, trial.key[:10], type(exc).__name__, exc,
+            )  # fmt: skip
+            return False
+        return True
+
     def run(self, trial: Trial) -> TrialResult:
         """Run one trial; its result says how long it ran and where."""
         import torch

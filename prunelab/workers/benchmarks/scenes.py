@@ -7,7 +7,8 @@ the toy tower's 8 px patches; 192 px gives 576) has a dark, mildly textured back
 4 non-overlapping objects, each a distinct (colour, shape) from ``shapes``' COLORS x SHAPES,
 about half of them large (28-40 px, at least 9 patches) and the rest small (14-18 px, 1 to 6
 patches: big enough that the toy tower at 8 px patches can tell their shapes apart; at 10-14 px
-a linear probe on its features named 67% of small objects right, against 97% of large ones). On average well over 60 % of the patches hold no object pixel.
+a linear probe on its features named 67% of small objects right, against 97% of large ones).
+On average well over 60 % of the patches hold no object pixel.
 
 Questions cycle by index through six categories. ``color``, ``shape`` and ``position`` are about
 one object (a few tokens hold the answer); ``relation``, ``count`` and ``exist`` need more of the
