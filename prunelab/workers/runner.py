@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 import torch
 
 import prunelab.methods as methods
@@ -795,7 +796,7 @@ def _importance_heatmaps(
             )  # fmt: skip
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", sample.id)
             artifacts[f"importance/{name}.png"] = render_token_fate(
-                sample.image, fate, caption=caption
+                np.asarray(sample.image), fate, caption=caption
             )
     return artifacts
 

@@ -102,6 +102,41 @@ def test_decode_image_struct_raw_and_grey() -> None:
         decode_image({"bytes": None, "path": "x.png"})
 
 
+def test_samples_hold_their_images_encoded_until_used(tmp_path: Path) -> None:
+    """A listed sample keeps its image's encoded bytes (a trial's samples hold compressed
+    images, not pixels) and decodes them when used; a cell that is no image fails the listing,
+    pixel data that fails to decode fails where it is used, each naming the path and row."""
+    import io
+
+    from PIL import Image
+
+    from prunelab.workers.benchmarks.lmms import EncodedImage
+
+    rows = pope_rows(3)
+    big = io.BytesIO()
+    Image.new("RGB", (300, 200), (7, 8, 9)).save(big, format="PNG")
+    rows[1]["image"] = big.getvalue()
+    data = write(tmp_path / "POPE" / "test-00000-of-00001.parquet", rows, raw_image=True)
+    samples = bench("pope", data.parent).samples(None, 0)
+    image = samples[1].image
+    assert isinstance(image, EncodedImage) and image.shape == (200, 300, 3)
+    assert len(image.data) < 300 * 200 * 3 // 10  # compressed, not pixels
+    pixels = np.asarray(image)
+    assert pixels.shape == (200, 300, 3) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels, decode_image(rows[1]["image"]))
+    assert np.asarray(image, dtype=np.float32).dtype == np.float32
+
+    garbage = pope_rows(2)
+    garbage[1]["image"] = b"not an image at all"
+    path = write(tmp_path / "bad" / "test-00000-of-00001.parquet", garbage, raw_image=True)
+    with pytest.raises(DatasetError, match=r"row 1: the image cell does not decode"):
+        bench("pope", path.parent).samples(None, 0)
+    truncated = EncodedImage.from_cell(big.getvalue()[:200], "somewhere.parquet: row 5")
+    assert truncated.shape == (200, 300, 3)  # the header reads
+    with pytest.raises(DatasetError, match=r"somewhere.parquet: row 5: the image does not"):
+        np.asarray(truncated)
+
+
 def test_metric_key_is_mlflow_safe() -> None:
     assert metric_key("science & technology") == "score.science _ technology"
     assert metric_key("Doc-oriented VQA") == "score.Doc-oriented VQA"
@@ -137,7 +172,7 @@ def test_limit_and_seeded_sampling(tmp_path: Path) -> None:
     assert ids == sorted(np.random.default_rng(0).choice(10, 4, replace=False).tolist())
     for sample in first:  # the image of each row (row groups read selectively) is its own
         i = int(sample.id)
-        assert tuple(sample.image[0, 0]) == colour(i)
+        assert tuple(np.asarray(sample.image)[0, 0]) == colour(i)
         assert sample.question == f"Is there a thing {i} in the image?{VQA_PROMPT}"
         assert sample.category == ("adversarial", "popular", "random")[i % 3]
     assert len(pope.samples(50, 0)) == 10
@@ -148,7 +183,7 @@ def test_shards_are_read_in_order(tmp_path: Path) -> None:
     write(tmp_path / "POPE" / "test-00000-of-00002.parquet", rows[:4])
     write(tmp_path / "POPE" / "test-00001-of-00002.parquet", rows[4:])
     samples = bench("pope", tmp_path / "POPE").samples(None, 0)
-    assert [tuple(s.image[0, 0]) for s in samples] == [colour(i) for i in range(6)]
+    assert [tuple(np.asarray(s.image)[0, 0]) for s in samples] == [colour(i) for i in range(6)]
 
 
 # -- checks and identity -----------------------------------------------------------------------
@@ -328,7 +363,8 @@ def test_gqa_joins_images_by_id(tmp_path: Path) -> None:
     gqa = bench("gqa", root / "testdev_balanced_instructions")  # images: the sibling dir
     gqa.check()
     first, second = gqa.samples(None, 0)
-    assert tuple(first.image[0, 0]) == colour(2) and tuple(second.image[0, 0]) == colour(1)
+    assert tuple(np.asarray(first.image)[0, 0]) == colour(2)
+    assert tuple(np.asarray(second.image)[0, 0]) == colour(1)
     assert gqa.score("Left.", second) == 1.0 and gqa.score("the left", second) == 0.0
     assert gqa.score(" left ", second) == 1.0  # lmms-eval strips the response
     assert gqa.score("left .", second) == 0.0  # ... but keeps inner spaces (HF exact match)
@@ -514,7 +550,7 @@ def test_mmbench_cn_config_reads_the_cn_dev_files(tmp_path: Path, monkeypatch) -
     assert samples[0].question == f"一个农场。 图中是哪种动物？ {options}\n{prompt}"
     assert samples[2].question == f"有几个？ There are several options:\nA. 1\nB. 2\n{prompt}"
     assert samples[0].category == animal
-    assert tuple(samples[1].image[0, 0]) == colour(1)
+    assert tuple(np.asarray(samples[1].image)[0, 0]) == colour(1)
     predictions = ["B", "C", "B"]  # question 3 right in both orders, question 4 wrong
     results = [(s, p, mmbench_cn.score(p, s)) for s, p in zip(samples, predictions, strict=True)]
     assert [r[2] for r in results] == [1.0, 1.0, 0.0]

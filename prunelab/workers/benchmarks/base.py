@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
 __all__ = [
     "SCORING_RULES",
     "AggregatingBenchmark",
@@ -42,7 +40,9 @@ def cut_at_stops(text: str, until: Sequence[str]) -> str:
 @dataclass
 class Sample:
     id: str
-    image: np.ndarray  # (H, W, 3) uint8 RGB
+    # (H, W, 3) uint8 RGB, or an object that decodes to it (``np.asarray(sample.image)``; the
+    # lmms-eval benchmarks keep each image encoded until it is prepared: EncodedImage)
+    image: Any
     question: str
     answers: list[str]  # accepted answers (scorer-specific meaning)
     category: str = ""

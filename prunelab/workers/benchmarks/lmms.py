@@ -170,11 +170,53 @@ def _footer_hash(path: Path) -> str:
 
 def decode_image(value: Any) -> np.ndarray:
     """An image cell (``{"bytes": b"...", "path": ...}`` or bytes) as (H, W, 3) uint8 RGB."""
+    with Image.open(io.BytesIO(_cell_bytes(value))) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _cell_bytes(value: Any) -> bytes:
     data = value.get("bytes") if isinstance(value, dict) else value
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise DatasetError(f"image cell holds no encoded bytes ({type(value).__name__})")
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return bytes(data)
+
+
+class EncodedImage:
+    """A sample's image as its encoded bytes, decoded to (H, W, 3) uint8 RGB when used
+    (``np.asarray(image)``): a trial holds its samples' compressed images, not their pixels,
+    and the decoding runs where the sample is prepared (on the worker's prefetch thread).
+
+    Built by :meth:`from_cell`, which reads the header only, so a cell that is not an image
+    is a :class:`DatasetError` when the samples are listed; pixel data that fails to decode
+    later raises one naming ``where``.
+    """
+
+    __slots__ = ("data", "shape", "where")
+
+    def __init__(self, data: bytes, shape: tuple[int, int, int], where: str) -> None:
+        self.data, self.shape, self.where = data, shape, where
+
+    @classmethod
+    def from_cell(cls, value: Any, where: str) -> EncodedImage:
+        try:
+            data = _cell_bytes(value)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except DatasetError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
+        except (OSError, ValueError) as exc:  # PIL: not an image it can read
+            raise DatasetError(f"{where}: the image cell does not decode: {exc}") from None
+        return cls(data, (height, width, 3), where)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        try:
+            pixels = decode_image(self.data)
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"{self.where}: the image does not decode: {exc}") from None
+        return pixels if dtype is None else pixels.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({self.where}, {len(self.data)} bytes, shape={self.shape})"
 
 
 def _read_rows(files: Sequence[Path], column: str, indices: Sequence[int]) -> list[Any]:
@@ -416,17 +458,19 @@ class ParquetBenchmark:
         samples = []
         for i, image in zip(indices, images, strict=True):
             try:
-                samples.append(self.sample_from_row(rows[i], str(i), decode_image(image)))
+                encoded = EncodedImage.from_cell(image, f"{self.path}: row {i}")
+                samples.append(self.sample_from_row(rows[i], str(i), encoded))
             except ColumnError as exc:
                 raise DatasetError(f"{self.path}: row {i}: {exc}") from None
         return samples
 
     def sample_from_row(
-        self, row: Mapping[str, Any], sample_id: str, image: np.ndarray | None = None
+        self, row: Mapping[str, Any], sample_id: str, image: np.ndarray | EncodedImage | None = None
     ) -> Sample:
-        """The sample of one row (its columns by name, the image decoded or None for a 1x1
-        placeholder): prompt, answers, category and what the scorer needs. Raises
-        :class:`ColumnError` for a missing required column or an unreadable value."""
+        """The sample of one row (its columns by name, the image decoded or encoded
+        (:class:`EncodedImage`), or None for a 1x1 placeholder): prompt, answers, category and
+        what the scorer needs. Raises :class:`ColumnError` for a missing required column or an
+        unreadable value."""
         for column in self.required:
             if column not in row:
                 raise ColumnError(column)
