@@ -598,8 +598,8 @@ def tower_features(model: nn.Module, pixel_values: torch.Tensor, chunk: int = 25
 
 def _turns(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The filled turns of a packed batch, one per row: ``row`` and ``slot`` (which answer of
-    which image), ``ids`` (n, Lt) right-padded, ``valid`` (n, Lt), and ``answer`` (n,) the
-    answer word's index within the turn."""
+    which image), ``ids`` and ``position_ids`` (n, Lt) right-padded (as ``_token_rows`` numbered
+    them), ``valid`` (n, Lt), and ``answer`` (n,) the answer word's index within the turn."""
     segments, filled = batch["segments"], batch["answer_mask"]
     row, slot = filled.nonzero(as_tuple=True)  # turn t of an image is segment t + 1
     member = segments[row] == (slot + 1).unsqueeze(1)  # (n, L)
@@ -609,8 +609,16 @@ def _turns(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     order = torch.sort((~member).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
     valid = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)
     ids = batch["input_ids"][row.unsqueeze(1), order]
+    position_ids = batch["position_ids"][row.unsqueeze(1), order]  # padding: masked, unused
     answer = batch["answer_pos"][row, slot] - order[:, 0]
-    return {"row": row, "slot": slot, "ids": ids, "valid": valid, "answer": answer}
+    return {
+        "row": row,
+        "slot": slot,
+        "ids": ids,
+        "position_ids": position_ids,
+        "valid": valid,
+        "answer": answer,
+    }
 
 
 def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -648,14 +656,14 @@ def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     cache = llm(inputs_embeds=prompt, use_cache=True).cache
     turns = _turns(batch)
     cache.batch_select_indices(turns["row"])
-    count, longest = turns["ids"].shape
+    count = turns["ids"].shape[0]
     hidden = llm(
         inputs_embeds=embed(turns["ids"]),
         cache=cache,
         attention_mask=torch.cat(
             [torch.ones(count, shared, dtype=torch.long), turns["valid"].long()], dim=1
         ),
-        position_ids=(shared + torch.arange(longest)).expand(count, -1),
+        position_ids=turns["position_ids"],
     ).last_hidden_state
     at = turns["answer"].unsqueeze(1) + torch.tensor([-1, 0])  # (n, 2)
     logits = model.lm_head(hidden[torch.arange(count).unsqueeze(1), at])  # (n, 2, V)
