@@ -60,7 +60,7 @@ def test_each_worker_loads_the_model_of_its_first_trial_before_running_it(
     it there and runs every trial once. A worker class without ``prepare`` (a test's) loads
     nothing ahead and runs as before."""
 
-    class Calls:  # defined here so that Ray ships it by value to the worker process
+    class Plain:  # identity and run only; defined here so that Ray ships it by value
         """A worker that lists, with each result, what it was asked so far."""
 
         def __init__(self, name: str, threads: int = 1) -> None:
@@ -69,26 +69,15 @@ def test_each_worker_loads_the_model_of_its_first_trial_before_running_it(
         def identity(self) -> dict[str, Any]:
             return {"pid": os.getpid(), "node": "here"}
 
+        def run(self, trial: Trial) -> TrialResult:
+            self.calls.append(f"run {trial.model}")
+            listed = {f"{i:02d}": call for i, call in enumerate(self.calls)}
+            return TrialResult(metrics={}, worker=self.name, environment=listed)
+
+    class Calls(Plain):  # and prepare
         def prepare(self, trial: Trial) -> bool:
             self.calls.append(f"prepare {trial.model}")
             return True
-
-        def run(self, trial: Trial) -> TrialResult:
-            self.calls.append(f"run {trial.model}")
-            listed = {f"{i:02d}": call for i, call in enumerate(self.calls)}
-            return TrialResult(metrics={}, worker=self.name, environment=listed)
-
-    class Plain:  # identity and run only
-        def __init__(self, name: str, threads: int = 1) -> None:
-            self.name, self.calls = name, []
-
-        def identity(self) -> dict[str, Any]:
-            return {"pid": os.getpid(), "node": "here"}
-
-        def run(self, trial: Trial) -> TrialResult:
-            self.calls.append(f"run {trial.model}")
-            listed = {f"{i:02d}": call for i, call in enumerate(self.calls)}
-            return TrialResult(metrics={}, worker=self.name, environment=listed)
 
     trials = [dispatch(0, "B"), dispatch(1, "A", "none"), dispatch(2, "B"), dispatch(3, "A")]
     for calls in preload_and_run(Calls, trials).values():
