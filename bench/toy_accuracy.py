@@ -82,7 +82,8 @@ def trial(
     vision_positions: str | None = None,
 ) -> Trial:
     """A trial on the benchmark's test split (the method's default layer unless
-    ``prune_layer``, seed 0, no heatmaps)."""
+    ``prune_layer``, seed 0, no heatmaps; batches of 8 where the method batches, which gives
+    the outputs of batch 1: ``tests/workers/test_batched_eval.py``)."""
     cls = methods.get(method)
     layer = None
     if cls.uses_layer:
@@ -99,7 +100,9 @@ def trial(
         vision_positions=vision_positions if cls.uses_budget else None,
         model_config=group_config("model", model),
         benchmark_config={"name": benchmark, "kind": benchmark, "split": "test"},
-        eval=EvalConfig(limit=limit, sample_seed=0, max_new_tokens=3, warmup=0, heatmaps=0),
+        eval=EvalConfig(
+            limit=limit, sample_seed=0, max_new_tokens=3, warmup=0, heatmaps=0, batch_size=8
+        ),
     )
 
 
