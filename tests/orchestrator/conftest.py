@@ -40,7 +40,13 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ[FAULTS_ENV] = previous
 
 
-FINISHED_SWEEP = ["quickstart", "keep_ratio=0.111,0.333", "eval.limit=4", "eval.warmup=0"]
+FINISHED_SWEEP = [
+    "quickstart",
+    "method=none,random,fastv",
+    "keep_ratio=0.111,0.333",
+    "eval.limit=4",
+    "eval.warmup=0",
+]
 """The finished sweep's spec and overrides (``test_cli_sweep.ARGS``): 1 none + 2 random +
 2 fastv trials on the shipped toy model, four samples each, on the spec's two workers."""
 

@@ -116,7 +116,7 @@ OVERRIDES: dict[str, Case] = {
     "zero step range": quick("seed=range(0,10,0)"),
     "million-value axis": quick("seed=range(0,1000000)"),
     "grid too large": quick(
-        "seed=range(0,1000)", "keep_ratio=range(0.01,1,0.001)", value="2,970,000 points"
+        "seed=range(0,1000)", "keep_ratio=range(0.01,1,0.001)", value="5,940,000 points"
     ),
     "interval": quick("keep_ratio=interval(0,1)"),
     "glob on a number axis": quick("keep_ratio=glob(*)"),

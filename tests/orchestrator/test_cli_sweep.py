@@ -45,7 +45,13 @@ EVAL_PARAMS = {
 }  # fmt: skip
 MODEL_PARAMS = {"model.dtype", "model.attn_implementation"}
 # 1 none + 2 random + 2 fastv; tiny budgets so the sweep takes seconds (finished_sweep's too)
-ARGS = ["quickstart", "keep_ratio=0.111,0.333", "eval.limit=4", "eval.warmup=0"]
+ARGS = [
+    "quickstart",
+    "method=none,random,fastv",
+    "keep_ratio=0.111,0.333",
+    "eval.limit=4",
+    "eval.warmup=0",
+]
 
 
 def prunelab(*args: str, cwd: Path, env: dict | None = None, check: bool = True):
@@ -91,7 +97,7 @@ def check_mlflow(tracking_uri: str, trials: int) -> None:
         method = child.data.params["method"]
         assert set(child.data.params) == TRIAL_PARAMS[method] | EVAL_PARAMS | MODEL_PARAMS
         assert child.data.params["eval.scoring"] == "lmms_eval"
-        assert child.data.params["eval.max_new_tokens"] == "4"  # unset: the benchmark's (shapes)
+        assert child.data.params["eval.max_new_tokens"] == "4"  # unset: the benchmark's (scenes)
         assert child.data.params["model.dtype"] == "float32"
         assert tags["prunelab.version"] == PRUNELAB_VERSION
         assert tags["prunelab.env.torch"] == torch.__version__
@@ -116,7 +122,7 @@ def test_quickstart_on_sqlite_then_rerun_runs_nothing(
     assert finished_sweep.args == ARGS
     first = finished_sweep.stdout  # `prunelab sweep ARGS` in a new directory
     assert "5 trials, 0 already finished, 5 to run" in first
-    assert "| model | method | budget | shapes | mean score ratio (%) |" in first
+    assert "| model | method | budget | scenes | mean score ratio (%) |" in first
     assert "| toy-llava | fastv | 11.1%" in first  # then the average kept, if shown
     runs = finished_sweep.copy_to(tmp_path)
     assert (runs / "mlflow.db").exists() and (runs / "prunelab.db").exists()
@@ -139,7 +145,7 @@ def test_quickstart_on_sqlite_then_rerun_runs_nothing(
     csv_out = tmp_path / "t.csv"
     here(capsys, "report", "quickstart", "--format", "csv", "--out", str(csv_out))
     assert csv_out.read_text().splitlines()[0] == (
-        "model,method,budget,shapes,shapes_ci_low,shapes_ci_high,mean score ratio (%),"
+        "model,method,budget,scenes,scenes_ci_low,scenes_ci_high,mean score ratio (%),"
         "mean score ratio (%)_ci_low,mean score ratio (%)_ci_high,TFLOPs"
     )
     latex = here(capsys, "report", "quickstart", "--format", "latex")

@@ -66,11 +66,14 @@ def test_spec_composes_and_expands(name: str, tmp_path, monkeypatch) -> None:
     assert all(t.is_baseline for t in plan.trials if t.method == "none")
 
 
-def test_quickstart_has_seven_trials() -> None:
+def test_quickstart_has_sixteen_trials() -> None:
+    """The unpruned model once, then five methods at the papers' three budgets, on scenes."""
     plan = load_sweep("quickstart", [])
     methods = [t.method for t in plan.trials]
-    assert len(plan.trials) == 7
-    assert (methods.count("none"), methods.count("random"), methods.count("fastv")) == (1, 3, 3)
+    assert len(plan.trials) == 16 and {t.benchmark for t in plan.trials} == {"scenes"}
+    assert methods.count("none") == 1
+    for method in ("random", "fastv", "visionzip", "divprune", "infoprune"):
+        assert methods.count(method) == 3, method
 
 
 @pytest.mark.parametrize("name", group_names("model"))

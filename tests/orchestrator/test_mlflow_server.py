@@ -162,7 +162,7 @@ def test_server_serves_a_finished_sweep(finished_sweep, tmp_path):
             f["path"] for f in listed["files"]
         }
         table = _get(base, "/get-artifact", path="table.md", run_uuid=parent_id).decode()
-        assert table.startswith("| model | method | budget | shapes | mean score ratio (%) |")
+        assert table.startswith("| model | method | budget | scenes | mean score ratio (%) |")
         assert "| toy-llava | none | upper bound |" in table
         png = _get(base, "/get-artifact", path="pareto.png", run_uuid=parent_id)
         assert Image.open(io.BytesIO(png)).format == "PNG"

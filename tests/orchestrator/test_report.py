@@ -309,7 +309,9 @@ def test_per_trial_table_exact():
 
 # -- estimates ----------------------------------------------------------------------------------
 def _quickstart_trials() -> list[Trial]:
-    plan = load_sweep("quickstart", ["keep_ratio=0.111,0.333", "eval.limit=4"])
+    plan = load_sweep(
+        "quickstart", ["method=none,random,fastv", "keep_ratio=0.111,0.333", "eval.limit=4"]
+    )
     return list(plan.trials)
 
 
@@ -335,7 +337,9 @@ def test_measured_throughput_from_earlier_trials():
 def _fake_db(tmp_path, statuses: list[str], metrics: dict | None = None):
     """A database with a quickstart sweep whose trials are in ``statuses``."""
     url = f"sqlite:///{tmp_path}/prunelab.db"
-    plan = load_sweep("quickstart", ["keep_ratio=0.111,0.333", "eval.limit=4"])
+    plan = load_sweep(
+        "quickstart", ["method=none,random,fastv", "keep_ratio=0.111,0.333", "eval.limit=4"]
+    )
     sessions = session_factory(init_db(url))
     with sessions.begin() as session:
         sweep = repo.create_sweep(session, "quickstart", plan.spec, plan.spec_yaml, "host:1:x")
@@ -356,7 +360,8 @@ def test_dry_run_estimates_time_from_earlier_trials(tmp_path, capsys):
     url, plan = _fake_db(
         tmp_path, ["finished"] * 2 + ["pending"] * 3, {"latency_ms": 500.0, "samples": 4.0}
     )
-    args = ["sweep", "quickstart", "keep_ratio=0.111,0.333", "eval.limit=4", "--dry-run",
+    args = ["sweep", "quickstart", "method=none,random,fastv", "keep_ratio=0.111,0.333",
+            "eval.limit=4", "--dry-run",
             "--db-url", url, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -395,7 +400,8 @@ def test_dry_run_estimate_adds_the_fixed_costs_of_earlier_sweeps(tmp_path, capsy
     # model time 0.5 s x 4 samples = 2 s: overheads 8 s and 10 s; the first trial at 30 s
     assert (fixed.startup_s, fixed.per_trial_s, fixed.sweeps, fixed.trials) == (30.0, 9.0, 1, 2)
     assert fixed.seconds(trials=3, workers=2) == 30.0 + 9.0 * 3 / 2
-    args = ["sweep", "quickstart", "keep_ratio=0.111,0.333", "eval.limit=4", "--dry-run",
+    args = ["sweep", "quickstart", "method=none,random,fastv", "keep_ratio=0.111,0.333",
+            "eval.limit=4", "--dry-run",
             "--db-url", url, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -443,7 +449,7 @@ def test_report_command_on_a_partial_sweep(tmp_path, capsys):
     # the quickstart's trials in sweep order: none, random 11.1%, random 33.3%, fastv 11.1%,
     # fastv 33.3%; unfinished ones show their status, and nothing competes with them for bold
     assert capsys.readouterr().out.splitlines() == [
-        "| model | method | budget | shapes | mean score ratio (%) |",
+        "| model | method | budget | scenes | mean score ratio (%) |",
         "|---|---|---|---:|---:|",
         "| toy-llava | none | upper bound | 50.0 | 100.0 |",
         "| toy-llava | fastv | 33.3% | failed | - |",

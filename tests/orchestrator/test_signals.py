@@ -34,7 +34,15 @@ from prunelab.workers.faults import FAULTS_ENV
 pytestmark = pytest.mark.slow
 
 # 1 none + 2 random + 2 fastv on the shipped toy model, two samples each
-ARGS = ["quickstart", "keep_ratio=0.111,0.333", "eval.limit=2", "eval.warmup=0", "--workers", "1"]
+ARGS = [
+    "quickstart",
+    "method=none,random,fastv",
+    "keep_ratio=0.111,0.333",
+    "eval.limit=2",
+    "eval.warmup=0",
+    "--workers",
+    "1",
+]
 TRIALS = 5
 MESSAGE = re.compile(
     r"prunelab: interrupted after (\d+)/(\d+) trials; resume with `prunelab resume quickstart`"

@@ -66,22 +66,24 @@ def summary(plan: SweepPlan) -> list[tuple]:
 def test_quickstart_expands_canonical_trials() -> None:
     plan = load_sweep("quickstart", [])
     assert plan.name == "quickstart"
+    # each method at its default layer: random before the LLM (layer 0), fastv after layer 2
     assert summary(plan) == [
         ("none", None, None, None, None, True),
-        ("random", 0.111, None, 2, 0, False),
-        ("random", 0.222, None, 2, 0, False),
-        ("random", 0.333, None, 2, 0, False),
-        ("fastv", 0.111, None, 2, None, False),
-        ("fastv", 0.222, None, 2, None, False),
-        ("fastv", 0.333, None, 2, None, False),
+        *[("random", r, None, 0, 0, False) for r in (0.111, 0.222, 0.333)],
+        *[("fastv", r, None, 2, None, False) for r in (0.111, 0.222, 0.333)],
+        *[
+            (method, r, None, None, None, False)
+            for method in ("visionzip", "divprune", "infoprune")
+            for r in (0.111, 0.222, 0.333)
+        ],
     ]
-    assert len({t.key for t in plan.trials}) == 7
-    assert plan.eval.limit == 32
+    assert len({t.key for t in plan.trials}) == 16
+    assert plan.eval.limit == 200 and plan.eval.batch_size == "auto"
     assert plan.workers == WorkersConfig(
         count=2, gpus_per_worker=0.0, cpus_per_worker=1.0, max_attempts=3, trial_timeout_s=None
     )
-    assert set(plan.models) == {"toy-llava"} and set(plan.benchmarks) == {"shapes"}
-    assert plan.spec["grid"]["method"] == "none,random,fastv"
+    assert set(plan.models) == {"toy-llava"} and set(plan.benchmarks) == {"scenes"}
+    assert plan.spec["grid"]["method"] == "none,random,fastv,visionzip,divprune,infoprune"
     assert "name: quickstart" in plan.spec_yaml
 
 
@@ -198,8 +200,8 @@ def test_random_keeps_seed_and_fastv_drops_it() -> None:
     plan = load_sweep("quickstart", ["method=random,fastv", "keep_ratio=0.5", "seed=0,1"])
     assert summary(plan) == [
         ("none", None, None, None, None, True),
-        ("random", 0.5, None, 2, 0, False),
-        ("random", 0.5, None, 2, 1, False),
+        ("random", 0.5, None, 0, 0, False),
+        ("random", 0.5, None, 0, 1, False),
         ("fastv", 0.5, None, 2, None, False),
     ]
 
@@ -267,7 +269,7 @@ def test_vision_only_method_drops_the_layer_axis(monkeypatch: pytest.MonkeyPatch
     assert vision.hparams == {"strength": 2.0}  # int given to a float field is canonical float
     assert vision.params() == {
         "model": "toy-llava",
-        "benchmark": "shapes",
+        "benchmark": "scenes",
         "method": "test-vision-only",
         "keep_ratio": 0.25,
         "keep_tokens": None,
@@ -277,9 +279,9 @@ def test_vision_only_method_drops_the_layer_axis(monkeypatch: pytest.MonkeyPatch
     }
     assert vision.run_params() == {
         **vision.params(),
-        "eval.limit": 32,
+        "eval.limit": 200,
         "eval.sample_seed": 0,
-        "eval.max_new_tokens": 4,  # unset: the benchmark's (shapes: 4)
+        "eval.max_new_tokens": 4,  # unset: the benchmark's (scenes: 4)
         "eval.fidelity": True,
         "eval.flops_convention": "pdrop",
         "eval.scoring": "lmms_eval",
@@ -318,18 +320,18 @@ def test_baseline_in_the_grid_is_not_duplicated() -> None:
 
 # -- trial config and identity ---------------------------------------------------------------
 def test_trial_config_holds_everything_a_worker_needs() -> None:
-    plan = load_sweep("quickstart", [])
+    plan = load_sweep("quickstart", ["method=none,random,fastv"])
     trial = plan.trials[-1]
     config = trial.to_dict()
     assert config["key"] == trial.key
     assert (config["model"], config["benchmark"], config["method"]) == (
         "toy-llava",
-        "shapes",
+        "scenes",
         "fastv",
     )
     assert config["model_config"]["family"] == "llava"
-    assert config["benchmark_config"]["kind"] == "shapes"
-    assert config["eval"]["limit"] == 32
+    assert config["benchmark_config"]["kind"] == "scenes"
+    assert config["eval"]["limit"] == 200
     assert (config["keep_ratio"], config["prune_layer"], config["seed"]) == (0.333, 2, None)
     config["model_config"]["family"] = "changed"
     assert trial.to_dict()["model_config"]["family"] == "llava"  # a fresh copy each time
@@ -437,7 +439,7 @@ def test_keep_tokens_out_of_range() -> None:
         "keep_tokens=0 from the command line: must be an integer >= 1"
     ]
     assert problems_of("quickstart", ["keep_tokens=145"]) == [
-        "keep_tokens=145 from the command line: must be <= 36, "
+        "keep_tokens=145 from the command line: must be <= 144, "
         "the visual tokens of model 'toy-llava'"
     ]
 
@@ -491,7 +493,8 @@ def test_bad_hyperparameter_in_a_preset(write_spec: SpecWriter) -> None:
 
 def test_pruning_method_without_budget() -> None:
     assert problems_of("quickstart", ["~keep_ratio"]) == [
-        "method(s) fastv, random prune but the grid has neither keep_ratio nor keep_tokens: "
+        "method(s) divprune, fastv, infoprune, random, visionzip prune but the grid has neither "
+        "keep_ratio nor keep_tokens: "
         "add one in sweeps/quickstart.yaml grid or on the command line (e.g. keep_ratio=0.25)"
     ]
 

@@ -65,8 +65,8 @@ def test_settings_reach_the_plan() -> None:
     default = load_sweep("quickstart", [])
     assert {t.eval.timed_samples for t in default.trials} == {32}
     assert default.workers.vision_cache_mb == 2048
-    assert {t.eval.batch_size for t in default.trials} == {1}
+    assert {t.eval.batch_size for t in default.trials} == {"auto"}  # the quickstart's
     plan = load_sweep("quickstart", ["eval.batch_size=4"])
     assert {t.eval.batch_size for t in plan.trials} == {4}
-    plan = load_sweep("quickstart", ["eval.batch_size=auto"])
-    assert {t.eval.batch_size for t in plan.trials} == {"auto"}
+    plan = load_sweep("quickstart", ["eval.batch_size=1"])  # base.yaml's default
+    assert {t.eval.batch_size for t in plan.trials} == {1}
