@@ -237,7 +237,8 @@ def test_sweep_records_attempts_and_retries_only_infrastructure_faults(
          "match": {"method": "random", "keep_ratio": 0.333}},
     ]))  # fmt: skip
     stores = _stores(tmp_path)
-    args = ["model=tiny-llava", "keep_ratio=0.111,0.333", "eval.limit=2", "eval.warmup=0",
+    args = ["model=tiny-llava", "benchmark=shapes", "method=none,random,fastv",
+            "keep_ratio=0.111,0.333", "eval.limit=2", "eval.warmup=0",
             "workers.count=1", "workers.max_attempts=3"]  # fmt: skip
     try:
         assert submit_sweep(load_sweep("quickstart", args), stores) == 1  # one trial failed

@@ -36,7 +36,14 @@ from prunelab.workers.faults import FAULTS_ENV
 pytestmark = pytest.mark.slow
 
 # 1 none + 2 random + 2 fastv on the tiny model, two samples each
-ARGS = ["model=tiny-llava", "keep_ratio=0.111,0.333", "eval.limit=2", "eval.warmup=0"]
+ARGS = [
+    "model=tiny-llava",
+    "benchmark=shapes",
+    "method=none,random,fastv",
+    "keep_ratio=0.111,0.333",
+    "eval.limit=2",
+    "eval.warmup=0",
+]
 TRIALS = 5
 GPU_WORKERS = ["workers.count=2", "workers.gpus_per_worker=1"]
 FASTV_LOW = {"method": "fastv", "keep_ratio": 0.111}

@@ -117,8 +117,8 @@ def test_missing_data_is_an_error_without_dry_run(empty_data: Path, capsys, tmp_
 def test_dry_run_counts_the_samples_of_present_data(capsys) -> None:
     assert main(["sweep", "quickstart", "--dry-run", "eval.limit=5000"]) == 0
     out = capsys.readouterr().out
-    # shapes' test split has 1000 samples: 7 trials evaluate 1000 each, not eval.limit
-    assert "to run: 7 trials, 7,000 samples," in out
+    # scenes' test split has 1000 samples: 16 trials evaluate 1000 each, not eval.limit
+    assert "to run: 16 trials, 16,000 samples," in out
 
 
 # -- budget_mode in plans -----------------------------------------------------------------------

@@ -38,7 +38,14 @@ from prunelab.orchestrator.sweep import Stores, resume_sweep, submit_sweep
 from prunelab.trial import Trial, TrialResult
 
 # 1 none + 2 random + 2 fastv on the tiny model, two samples each
-ARGS = ["model=tiny-llava", "keep_ratio=0.111,0.333", "eval.limit=2", "eval.warmup=0"]
+ARGS = [
+    "model=tiny-llava",
+    "benchmark=shapes",
+    "method=none,random,fastv",
+    "keep_ratio=0.111,0.333",
+    "eval.limit=2",
+    "eval.warmup=0",
+]
 TRIALS = 5
 
 
