@@ -21,6 +21,7 @@ import pytest
 import ray
 import torch
 from ray.cluster_utils import Cluster
+from test_faults import ARGS, TRIALS  # the same 5-trial sweep of the tiny model
 
 import prunelab.orchestrator.scheduler as scheduler
 from prunelab.db import Trial as TrialRow
@@ -36,18 +37,6 @@ from prunelab.orchestrator.scheduler import (
 from prunelab.orchestrator.spec import load_sweep
 from prunelab.orchestrator.sweep import Stores, resume_sweep, submit_sweep
 from prunelab.trial import Trial, TrialResult
-
-# 1 none + 2 random + 2 fastv on the tiny model, two samples each
-ARGS = [
-    "model=tiny-llava",
-    "benchmark=shapes",
-    "method=none,random,fastv",
-    "keep_ratio=0.111,0.333",
-    "eval.limit=2",
-    "eval.warmup=0",
-]
-TRIALS = 5
-
 
 # --------------------------------------------------------------------------- the check itself
 
