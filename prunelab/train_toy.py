@@ -11,7 +11,7 @@ Architecture (LLaVA-1.5 semantics at toy width): a CLIP vision tower with CLS ov
 ``scenes`` image in 8 x 8 patches (144 visual tokens; ``--benchmark shapes``: 48 x 48, 36
 tokens, a 3 x 3 ``shapes`` cell being a 2 x 2 block of patches), features from encoder layer -2
 with CLS dropped, a 2-layer GELU projector, and a 4-layer Llama (width 64); ``toy-llava-small``
-has a 2-layer Llama of width 32.
+has a 3-layer Llama of width 48 (``shapes``: 2 layers of width 32).
 
 Training, deterministic by seed (deterministic algorithms, a fixed thread count: the recipe's,
 2 on ``scenes``, so the result does not depend on the machine's core count; more threads than
